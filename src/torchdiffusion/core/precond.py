@@ -1,0 +1,91 @@
+"""Preconditioners and the `Preconditioned` denoiser module.
+
+Notation (Karras et al. 2022, eq. 7): D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)),
+where F is the backbone and x = x0 + sigma n is in the one frame. Each output head is one choice of
+(c_skip, c_out, c_in); the noise label c_noise comes from the noise process the model was trained with.
+
+| head | c_skip            | c_out                      | c_in                 | F predicts |
+|------|-------------------|----------------------------|----------------------|------------|
+| eps  | 1                 | -sigma                     | s(sigma)             | n (Ho et al. 2020) |
+| x0   | 0                 | 1                          | s(sigma)             | x0 |
+| v    | sd^2/(sigma^2+sd^2) | -sigma sd/sqrt(sigma^2+sd^2) | 1/sqrt(sigma^2+sd^2) | v = alpha n - sigma_t x0 (Salimans & Ho 2022) |
+| edm  | sd^2/(sigma^2+sd^2) | sigma sd/sqrt(sigma^2+sd^2)  | 1/sqrt(sigma^2+sd^2) | EDM's scaled target (Karras et al. 2022, eq. 7) |
+
+With s(sigma) = 1/sqrt(1 + sigma^2) for VP processes (so c_in x = x_t) and 1 for VE/EDM. For sd = 1 the v head's
+c_in equals the VP scale, which is why v-prediction and EDM differ only in the sign of F.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..protocols import Cond
+from .processes import NoiseProcess
+
+HEADS = ("eps", "x0", "v", "edm")
+
+
+@dataclass(frozen=True)
+class Preconditioner:
+    """sigma -> (c_skip, c_out, c_in, c_noise), all float32 of sigma's shape."""
+
+    head: str = "eps"
+    sigma_data: float = 0.5  # Karras et al. 2022; used by the v and edm heads
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"unknown output head {self.head!r}; valid: {', '.join(HEADS)}")
+
+    def coefficients(self, sigma: Tensor, process: NoiseProcess) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        s = sigma.double()
+        sd = self.sigma_data
+        if self.head == "eps":
+            c_skip, c_out, c_in = torch.ones_like(s), -s, process.scale(s)
+        elif self.head == "x0":
+            c_skip, c_out, c_in = torch.zeros_like(s), torch.ones_like(s), process.scale(s)
+        else:
+            norm = (s**2 + sd**2).sqrt()
+            c_skip, c_in = sd**2 / norm**2, 1 / norm
+            c_out = (s * sd / norm) * (-1.0 if self.head == "v" else 1.0)
+        c_noise = process.c_noise(s)
+        return tuple(c.to(torch.float32) for c in (c_skip, c_out, c_in, c_noise))
+
+
+def _bcast(c: Tensor, x: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) matching x's rank (DESIGN style 6: broadcast by rank)."""
+    return c.reshape(c.shape + (1,) * (x.ndim - 1))
+
+
+class Preconditioned(nn.Module):
+    """The module that implements the Denoiser contract for a backbone F(x, c_noise, cond).
+
+    The one place that casts dtypes: inputs and outputs are float32, autocast (if any) wraps only the backbone.
+    """
+
+    def __init__(self, backbone: nn.Module, process: NoiseProcess, precond: Preconditioner,
+                 autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.process = process
+        self.precond = precond
+        self.autocast_dtype = autocast_dtype
+
+    def raw(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (F, c_skip, c_out) with F the backbone output in float32; c_* broadcast to x."""
+        x = x.float()
+        sigma = torch.as_tensor(sigma, device=x.device).float().reshape(-1).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma, self.process)
+        c_skip, c_out, c_in = (_bcast(c.to(x.device), x) for c in (c_skip, c_out, c_in))
+        ctx = (torch.autocast(x.device.type, dtype=self.autocast_dtype)
+               if self.autocast_dtype is not None else nullcontext())
+        with ctx:
+            F = self.backbone(c_in * x, c_noise.to(x.device), cond)
+        return F.float(), c_skip, c_out
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+        """x: (B, ...) in the frame; sigma: (B,) or scalar; returns the (B, ...) float32 estimate of E[x0 | x]."""
+        F, c_skip, c_out = self.raw(x, sigma, cond)
+        return c_skip * x.float() + c_out * F
