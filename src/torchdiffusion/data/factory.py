@@ -1,7 +1,8 @@
 """`build_dataset(kind, **options)`: one entry point from a config's data section to a data set.
 
 kinds and their options (defaults in brackets):
-  mnist          split [train] | channels [L] (L, RGB) | resolution [28] (>= 28, padded with 0) | path
+  mnist          split [train] | channels [L] (L, RGB) | resolution [28] (>= 28, padded with 0) | path |
+                 cache_dir (a folder for the decoded uint8 arrays)
   fashion-mnist  split [train] | channels [L] (L, RGB) | resolution [28] | path (idx folder)
   folder         path (required, folder or .zip) | channels [auto] (auto, L, RGB, RGBA) |
                  resolution [None] | bad_files [error] (error, skip) | labels [none] (none, folder) |
@@ -28,7 +29,7 @@ _LOADERS: dict[str, Callable[..., ImageArrayDataset]] = {
 }
 DATASET_KINDS = tuple(_LOADERS)
 DATASET_OPTIONS: dict[str, tuple[str, ...]] = {
-    "mnist": ("split", "channels", "resolution", "path"),
+    "mnist": ("split", "channels", "resolution", "path", "cache_dir"),
     "fashion-mnist": ("split", "channels", "resolution", "path"),
     "folder": ("path", "channels", "resolution", "bad_files", "labels", "alpha_background",
                "min_size", "max_pixels", "max_bytes"),

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from torchdiffusion.data.dataset import ImageArrayDataset
-from torchdiffusion.data.splits import assemble_28x28, check_split
+from torchdiffusion.data.splits import assemble_28x28, check_options
 from torchdiffusion.errors import DataError
 
 __all__ = ["load_fashion_mnist", "read_idx", "DEFAULT_ROOT", "INSTALL_HINT"]
@@ -76,7 +76,7 @@ def load_fashion_mnist(split: str = "train", *, channels: str = "L", resolution:
     split: train (first 50k of the training file) | val (its last 10k) | test (t10k) | train+val;
     channels: L | RGB; resolution >= 28 pads with 0. path: folder of the idx files.
     """
-    check_split("fashion-mnist", split)
+    check_options("fashion-mnist", split, channels, resolution)
     root = Path(path) if path is not None else DEFAULT_ROOT
     parts = {}
     if split != "test":

@@ -23,9 +23,15 @@ GRAY_CHANNELS = ("L", "RGB")
 NATIVE_SIZE = 28
 
 
-def check_split(name: str, split: str) -> None:
+def check_options(name: str, split: str, channels: str, resolution: int) -> None:
+    """Validate the options before any file is read, so a typo fails at once."""
     if split not in SPLITS:
         raise DataError(f"{name}: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if channels not in GRAY_CHANNELS:
+        raise DataError(f"{name}: unknown channels {channels!r}; valid: {', '.join(GRAY_CHANNELS)}")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < NATIVE_SIZE:
+        raise DataError(f"{name}: resolution must be an integer >= {NATIVE_SIZE} (images are padded "
+                        f"with background 0), got {resolution!r}; use the folder loader to resize")
 
 
 def assemble_28x28(parts: Mapping[str, tuple[np.ndarray, np.ndarray]], *, name: str, split: str,
@@ -36,12 +42,7 @@ def assemble_28x28(parts: Mapping[str, tuple[np.ndarray, np.ndarray]], *, name: 
     Returns the chosen split as (N, C, resolution, resolution), padded with the background 0
     when resolution > 28 (e.g. 32 for U-Nets that halve the size several times).
     """
-    check_split(name, split)
-    if channels not in GRAY_CHANNELS:
-        raise DataError(f"{name}: unknown channels {channels!r}; valid: {', '.join(GRAY_CHANNELS)}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < NATIVE_SIZE:
-        raise DataError(f"{name}: resolution must be an integer >= {NATIVE_SIZE} (images are padded "
-                        f"with background 0), got {resolution!r}; use the folder loader to resize")
+    check_options(name, split, channels, resolution)
     names = ("train", "val") if split == "train+val" else (split,)
     x = np.concatenate([parts[k][0] for k in names]) if len(names) > 1 else parts[names[0]][0]
     y = np.concatenate([parts[k][1] for k in names]) if len(names) > 1 else parts[names[0]][1]
