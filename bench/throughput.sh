@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Training/sampling throughput of torchdiffusion's UNet beside diffusers' UNet2DModel, side by side
+# in one run, with the shared referee script (throughput_bench.py) on the presets `s` and
+# `ddpm-cifar10` (32x32, batch 16, fp32). Results land in bench/results/ (never in the shared folder).
+#
+# usage: bash bench/throughput.sh [PEERS_VENV] [SHARED_BENCH_DIR]
+#   PEERS_VENV        the venv built by the shared setup_peers_venv.sh, with this package installed
+#                     into it (pip install --no-deps -e .); default ../peers-venv
+#   SHARED_BENCH_DIR  the referee scripts; default ../shared/bench
+# environment: THREADS (2), WAIT_IDLE seconds to wait for an idle machine (120), PRESETS ("s ddpm-cifar10"),
+#              ROUNDS (1): ours and the peer alternate this many times per preset, so drifting load
+#              hits both alike.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${1:-$ROOT/../peers-venv}"
+REF="${2:-$ROOT/../shared/bench}"
+THREADS="${THREADS:-2}"
+WAIT_IDLE="${WAIT_IDLE:-120}"
+PRESETS="${PRESETS:-s ddpm-cifar10}"
+ROUNDS="${ROUNDS:-1}"
+OUT="$ROOT/bench/results"
+PY="$VENV/bin/python"
+[ -x "$PY" ] || { echo "no python at $PY: build the peers venv (setup_peers_venv.sh) and pass its path" >&2; exit 2; }
+[ -f "$REF/throughput_bench.py" ] || { echo "no throughput_bench.py in $REF: pass the shared bench folder" >&2; exit 2; }
+mkdir -p "$OUT"
+for preset in $PRESETS; do
+  for round in $(seq 1 "$ROUNDS"); do
+    "$PY" "$REF/throughput_bench.py" --adapter "$ROOT/bench/adapters/torchdiffusion_unet.py" --preset "$preset" \
+      --threads "$THREADS" --wait-idle "$WAIT_IDLE" --tag "torchdiffusion_r$round" --out-dir "$OUT"
+    "$PY" "$REF/throughput_bench.py" --adapter "$REF/adapters/diffusers_unet.py" --preset "$preset" \
+      --threads "$THREADS" --wait-idle "$WAIT_IDLE" --tag "diffusers_r$round" --out-dir "$OUT"
+  done
+done
+"$PY" "$ROOT/bench/throughput_compare.py" "$OUT" | tee "$OUT/throughput_compare.md"

@@ -1,0 +1,258 @@
+"""The U-Net backbone: forward(x, c_noise, cond) -> tensor of x's shape.
+
+Notation: x (B, C_in, H, W) the network input; c_noise (B,) a real number per sample (what it
+means is the preconditioner's business, the network only embeds it); cond a mapping with
+optional keys
+    "label"   (B,) int64 in [0, num_classes]; num_classes is the "null" (unconditional) label
+    "context" (B, M, context_dim) float, attended to by cross-attention
+    "concat"  (B, concat_channels, H, W) float, concatenated to x along channels
+Levels l = 0 .. len(channel_mult) - 1 run at H / 2^l with model_channels * channel_mult[l] channels.
+
+Architecture: DDPM's U-Net (Ho et al. 2020) with the improvements of Dhariwal & Nichol 2021
+(multi-head attention, AdaGN residual blocks, zero-initialised residual and output convs) and
+Rombach et al. 2022 (cross-attention to a context sequence). The blocks are in resblock.py and
+attention.py.
+
+Speed (CPU training, fp32): the feature maps are channels-last, which lets oneDNN run the
+convolutions without layout reorders and makes the attention token view free; GroupNorm's
+affine parameters are folded into AdaGN's per-sample scale and shift, so the modulation is one
+fused multiply-add.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from torchdiffusion.errors import ConfigError, TorchDiffusionError
+from torchdiffusion.nn.attention import CrossAttention, SelfAttention, num_heads_for
+from torchdiffusion.nn.embedding import make_noise_embedding
+from torchdiffusion.nn.resblock import Downsample, ResBlock, Upsample, check_groups, conv_nd
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 28                    # H == W
+    in_channels: int = 1
+    out_channels: int = 1
+    model_channels: int = 64                # base width; level l has model_channels * channel_mult[l]
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2                 # per level on the way down (one more on the way up)
+    attn_resolutions: tuple[int, ...] = (7,)  # feature-map sizes that get self-attention
+    num_heads: int = 4
+    head_channels: int = 0                  # > 0: heads = width // head_channels (overrides num_heads)
+    dropout: float = 0.0
+    num_classes: int = 0                    # > 0: class embedding; label num_classes is the "null" label
+    context_dim: int = 0                    # > 0: cross-attention to cond["context"] at attention resolutions
+    concat_channels: int = 0                # > 0: cond["concat"] is concatenated to the input
+    noise_embedding: str = "positional"     # or "fourier" (Song et al. 2021)
+    scale_shift_norm: bool = True           # AdaGN (Dhariwal & Nichol 2021); False: additive (Ho et al. 2020)
+    resample_with_conv: bool = True         # conv in down/up-sampling (Ho et al. 2020)
+    norm_groups: int = 32                   # GroupNorm groups (Wu & He 2018; 32 as in Ho et al. 2020)
+    mid_attention: bool = True              # self-attention in the middle block
+    emb_mult: int = 4                       # embedding width = emb_mult * model_channels (Ho et al. 2020)
+    channels_last: bool = True              # memory layout of the feature maps; speed only, same math
+
+    def __post_init__(self):
+        for name in ("channel_mult", "attn_resolutions"):  # accept lists (e.g. from YAML)
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        for name in ("image_size", "in_channels", "out_channels", "model_channels", "num_res_blocks", "emb_mult"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"UNetConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_classes", "context_dim", "concat_channels", "head_channels"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"UNetConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ConfigError(f"UNetConfig.channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_spatial_size(self.image_size, len(self.channel_mult))
+        sizes = self.resolutions
+        missing = [r for r in self.attn_resolutions if r not in sizes]
+        if missing:
+            raise ConfigError(f"UNetConfig.attn_resolutions {missing} are not feature-map sizes of this U-Net; "
+                              f"valid sizes are {sizes}")
+        for m in sorted(set(self.channel_mult)):
+            check_groups(self.model_channels * m, self.norm_groups)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Feature-map size at each level: image_size / 2^l."""
+        return tuple(self.image_size >> level for level in range(len(self.channel_mult)))
+
+
+def check_spatial_size(size: int, levels: int) -> None:
+    """A size must halve into integers at each of the (levels - 1) downsamplings: 28 -> 14 -> 7 is fine."""
+    factor = 2 ** (levels - 1)
+    if size % factor:
+        chain, s = [str(size)], float(size)
+        for _ in range(levels - 1):
+            s /= 2
+            chain.append(f"{s:g}")
+        raise ConfigError(f"size {size} cannot be halved {levels - 1} times into integers "
+                          f"({' -> '.join(chain)}); use a multiple of {factor} or fewer levels (len(channel_mult))")
+
+
+class _Layer(nn.Module):
+    """One U-Net layer: a residual block, then self- and cross-attention where configured."""
+
+    def __init__(self, res: ResBlock, attn: Optional[SelfAttention], xattn: Optional[CrossAttention]):
+        super().__init__()
+        self.res, self.attn, self.xattn = res, attn, xattn
+
+    def forward(self, h: Tensor, e: Tensor, context: Optional[Tensor]) -> Tensor:
+        h = self.res(h, e)
+        if self.attn is not None:
+            h = self.attn(h)
+        if self.xattn is not None:
+            h = self.xattn(h, context)
+        return h
+
+
+class UNet(nn.Module):
+    """U-Net backbone conditioned on c_noise (and optionally a label, a context sequence or an
+    image to concatenate); see the module docstring for shapes. The output starts at exactly 0."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        if not isinstance(cfg, UNetConfig):
+            raise ConfigError(f"UNet expects a UNetConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        mc, g = cfg.model_channels, cfg.norm_groups
+        emb_dim = cfg.emb_mult * mc
+        self.noise_embed = make_noise_embedding(cfg.noise_embedding, mc)
+        self.noise_mlp = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes > 0 else None
+
+        def layer(c_in: int, c_out: int, size: int) -> _Layer:
+            res = ResBlock(c_in, c_out, emb_dim, groups=g, dropout=cfg.dropout,
+                           scale_shift_norm=cfg.scale_shift_norm)
+            attn = xattn = None
+            if size in cfg.attn_resolutions:
+                heads = num_heads_for(c_out, cfg.num_heads, cfg.head_channels)
+                attn = SelfAttention(c_out, heads, g)
+                if cfg.context_dim > 0:
+                    xattn = CrossAttention(c_out, cfg.context_dim, heads, g)
+            return _Layer(res, attn, xattn)
+
+        self.conv_in = conv_nd(2, cfg.in_channels + cfg.concat_channels, mc, 3)
+        widths = [mc * m for m in cfg.channel_mult]
+        sizes = cfg.resolutions
+        skip_widths = [mc]                               # widths of the tensors kept for the skips
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        ch = mc
+        for level, (w, size) in enumerate(zip(widths, sizes)):
+            layers = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                layers.append(layer(ch, w, size))
+                ch = w
+                skip_widths.append(ch)
+            self.down.append(layers)
+            if level < len(widths) - 1:
+                self.downsample.append(Downsample(ch, with_conv=cfg.resample_with_conv))
+                skip_widths.append(ch)
+
+        heads = num_heads_for(ch, cfg.num_heads, cfg.head_channels)
+        self.mid = _Layer(ResBlock(ch, ch, emb_dim, groups=g, dropout=cfg.dropout,
+                                   scale_shift_norm=cfg.scale_shift_norm),
+                          SelfAttention(ch, heads, g) if cfg.mid_attention else None,
+                          CrossAttention(ch, cfg.context_dim, heads, g) if cfg.context_dim > 0 else None)
+        self.mid2 = ResBlock(ch, ch, emb_dim, groups=g, dropout=cfg.dropout, scale_shift_norm=cfg.scale_shift_norm)
+
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            layers = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                skip = skip_widths.pop()
+                check_groups(ch + skip, g)
+                layers.append(layer(ch + skip, widths[level], sizes[level]))
+                ch = widths[level]
+            self.up.append(layers)
+            if level > 0:
+                self.upsample.append(Upsample(ch, with_conv=cfg.resample_with_conv))
+        assert not skip_widths
+
+        self.norm_out = nn.GroupNorm(g, ch)
+        self.conv_out = conv_nd(2, ch, cfg.out_channels, 3)
+        nn.init.zeros_(self.conv_out.weight)   # output starts at 0 (Dhariwal & Nichol 2021)
+        nn.init.zeros_(self.conv_out.bias)
+        if cfg.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    # ---------------------------------------------------------------- forward
+    def embed(self, c_noise: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """SiLU of the conditioning embedding: noise level (+ class label), (B, emb_dim)."""
+        emb = self.noise_mlp(self.noise_embed(c_noise))
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(cond["label"])
+        return F.silu(emb)
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Optional[Mapping[str, Tensor]] = None) -> Tensor:
+        """x (B, in_channels, H, W), c_noise (B,) float, cond see module docstring -> (B, out_channels, H, W)."""
+        cond = {} if cond is None else cond
+        self._check_inputs(x, c_noise, cond)
+        e = self.embed(c_noise, cond)
+        context = cond.get("context") if self.cfg.context_dim > 0 else None
+        if self.cfg.concat_channels > 0:
+            x = torch.cat([x, cond["concat"].to(x.dtype)], dim=1)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        h = self.conv_in(x)
+        hs = [h]
+        for level, layers in enumerate(self.down):
+            for lay in layers:
+                h = lay(h, e, context)
+                hs.append(h)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)
+                hs.append(h)
+        h = self.mid2(self.mid(h, e, context), e)
+        for level, layers in enumerate(self.up):
+            for lay in layers:
+                h = lay(torch.cat([h, hs.pop()], dim=1), e, context)
+            if level < len(self.upsample):
+                h = self.upsample[level](h)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out.contiguous()
+
+    def _check_inputs(self, x: Tensor, c_noise: Tensor, cond: Mapping[str, Tensor]) -> None:
+        cfg = self.cfg
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise TorchDiffusionError(f"UNet input x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        b = x.shape[0]
+        for size in x.shape[2:]:
+            check_spatial_size(size, len(cfg.channel_mult))
+        if c_noise.shape != (b,):
+            raise TorchDiffusionError(f"c_noise must have shape (B,) = ({b},), got {tuple(c_noise.shape)}")
+        unknown = set(cond) - {"label", "context", "concat"}
+        if unknown:
+            raise TorchDiffusionError(f"unknown cond keys {sorted(unknown)}; valid keys are 'label', 'context', 'concat'")
+        for key, field in (("label", "num_classes"), ("context", "context_dim"), ("concat", "concat_channels")):
+            if key in cond and getattr(cfg, field) == 0:
+                raise TorchDiffusionError(f"cond[{key!r}] was given but this UNet has {field}=0; "
+                                          f"set {field} > 0 to use it, or leave the key out")
+        if cfg.num_classes > 0:
+            y = cond.get("label")
+            if y is None or y.shape != (b,) or y.dtype not in (torch.int32, torch.int64):
+                got = "nothing" if y is None else f"{tuple(y.shape)} {y.dtype}"
+                raise TorchDiffusionError(f"num_classes={cfg.num_classes}: cond['label'] must be ({b},) int64 in "
+                                          f"[0, {cfg.num_classes}] ({cfg.num_classes} = null label), got {got}")
+            if b and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
+                raise TorchDiffusionError(f"cond['label'] values must be in [0, {cfg.num_classes}] "
+                                          f"({cfg.num_classes} = null label), got [{int(y.min())}, {int(y.max())}]")
+        if cfg.context_dim > 0:
+            c = cond.get("context")
+            if c is None or c.ndim != 3 or c.shape[0] != b or c.shape[2] != cfg.context_dim:
+                got = "nothing" if c is None else str(tuple(c.shape))
+                raise TorchDiffusionError(f"context_dim={cfg.context_dim}: cond['context'] must be "
+                                          f"({b}, M, {cfg.context_dim}), got {got}")
+        if cfg.concat_channels > 0:
+            c = cond.get("concat")
+            want = (b, cfg.concat_channels, *x.shape[2:])
+            if c is None or tuple(c.shape) != want:
+                got = "nothing" if c is None else str(tuple(c.shape))
+                raise TorchDiffusionError(f"concat_channels={cfg.concat_channels}: cond['concat'] must be {want}, got {got}")
