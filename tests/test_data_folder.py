@@ -1,7 +1,6 @@
 """Image folder / ZIP loading and the checker (RELIABILITY 17, 19-22)."""
 from __future__ import annotations
 
-import io
 import zipfile
 
 import numpy as np
@@ -197,3 +196,27 @@ def test_build_dataset_folder_validation(messy):
         build_dataset("folder", path=str(messy), channels="rgb")
     with pytest.raises(DataError, match="valid: error, skip"):
         build_dataset("folder", path=str(messy), bad_files="ignore")
+
+
+@pytest.mark.parametrize("ext,fmt,kw", [("bmp", "BMP", {}), ("tif", "TIFF", {}), ("TIFF", "TIFF", {}),
+                                        ("webp", "WEBP", {"lossless": True}), ("gif", "GIF", {}),
+                                        ("JPEG", "JPEG", {"quality": 100, "subsampling": 0})])
+def test_every_listed_format_decodes(tmp_path, ext, fmt, kw):
+    img = noise_rgb(5).quantize(32).convert("RGB")  # 32 colours, so GIF is lossless too
+    write_files(tmp_path, {f"a.{ext}": encode(img, fmt, **kw)})
+    x = load_image_folder(tmp_path, channels="RGB").x[0].permute(1, 2, 0).numpy().astype(int)
+    tol = 3 if fmt == "JPEG" else 0
+    assert np.abs(x - np.asarray(img, dtype=int)).mean() <= tol
+
+
+def test_traits_of_alpha_palette_and_unsupported_modes(tmp_path):
+    p = Image.new("P", (SIZE, SIZE), 1)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    la = Image.new("LA", (SIZE, SIZE), (90, 0))
+    write_files(tmp_path, {"p.png": encode(p, "PNG", transparency=1), "la.png": encode(la, "PNG"),
+                           "f.tif": encode(Image.new("F", (SIZE, SIZE), 0.5), "TIFF")})
+    r = check(tmp_path)
+    assert (r.counts["ok"], r.counts["unsupported"]) == (2, 1)
+    assert (r.counts["palette"], r.counts["rgba"], r.counts["grayscale"]) == (1, 2, 1)
+    ds = load_image_folder(tmp_path, bad_files="skip", alpha_background=10)
+    assert ds.channels == 1 and (ds.x == 10).all()  # both fully transparent -> the background
