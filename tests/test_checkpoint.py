@@ -6,7 +6,6 @@ full), 13 (a format-1 checkpoint keeps loading), 23 (no non-finite tensors on di
 from __future__ import annotations
 
 import base64
-import copy
 import errno
 import json
 import math
@@ -464,3 +463,57 @@ def test_format_version_1_checkpoint_still_loads(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt.load_state_dict(unflatten_optimizer_state(c.tensors["optim"], c.meta["optim"]))
     assert opt.state_dict()["state"][0]["step"].item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# a real kill (no cleanup runs) in every phase of a save (RELIABILITY 3)
+# ---------------------------------------------------------------------------------------------
+
+def _killed_save(run: Path, model, opt, ema, target, name: str, n: int) -> None:
+    """Fork; the child SIGKILLs itself at the n-th call of target.name while saving step 20."""
+    import signal
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork in a threaded process: the child only saves
+        pid = os.fork()
+    if pid == 0:
+        try:
+            real, seen = getattr(target, name), [0]
+
+            def dying(*a, **k):
+                seen[0] += 1
+                if seen[0] == n:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(*a, **k)
+
+            setattr(target, name, dying)
+            _save(run, 20, model, opt, ema)
+        finally:
+            os._exit(0)  # reached only when the kill point was never hit
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status), (name, n)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_sigkill_in_every_phase_of_a_save_leaves_a_complete_latest(tmp_path, monkeypatch):
+    model, opt, ema = _trained(1)
+    probe = tmp_path / "probe"
+    _save(probe, 1, model, opt, ema)
+    n_fsync = _count_calls(monkeypatch, os, "fsync", lambda: _save(probe, 2, model, opt, ema))
+    n_replace = _count_calls(monkeypatch, os, "replace", lambda: _save(probe, 3, model, opt, ema))
+    for target, name, count in [(os, "fsync", n_fsync), (os, "replace", n_replace)]:
+        for n in range(1, count + 1):
+            run = tmp_path / f"{name}{n}"
+            previous = _save(run, 10, model, opt, ema)
+            _killed_save(run, model, opt, ema, target, name, n)
+            search = ck.find_latest(run)
+            assert search.path in (previous, run / "step_00000020"), (name, n, search)
+            ck.load_checkpoint(search.path)
+            debris = [p.name for p in run.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+            assert sorted(debris) == sorted(s for s, _ in search.skipped), (name, n)  # each one named
+            pointer = (run / "latest").read_text().strip()
+            assert (run / pointer / "MANIFEST.json").is_file(), (name, n)  # never dangling
+            _save(run, 30, model, opt, ema)  # the next save clears the dead process's debris
+            assert _listing(run) == sorted(["latest", previous.name, "step_00000030"]
+                                           + (["step_00000020"] if search.path.name == "step_00000020" else []))

@@ -163,7 +163,8 @@ def inspect_safetensors(path: Path | str) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _fail(path, f"header is not valid JSON ({type(e).__name__}: {str(e)[:120]}); corrupt or not safetensors") from None
+        raise _fail(path, f"header is not valid JSON ({type(e).__name__}: {str(e)[:120]}); "
+                          "corrupt or not safetensors") from None
     _check_header(path, header, data_len=size - 8 - n)
     return header
 
@@ -214,7 +215,8 @@ def _check_header(path: Path, header: Any, data_len: int) -> None:
             raise _fail(path, f"{begin - end} unaccounted bytes before tensor '{name}' in the data area")
         end, last = stop, name
     if end > data_len:
-        raise _fail(path, f"truncated: tensor '{last}' ends at data byte {end} but the file holds {data_len} data bytes")
+        raise _fail(path, f"truncated: tensor '{last}' ends at data byte {end} but the file holds "
+                          f"{data_len} data bytes")
     if end < data_len:
         raise _fail(path, f"{data_len - end} unexpected bytes after the last tensor; corrupt file")
 
@@ -277,7 +279,8 @@ def read_manifest(ckpt: Path | str) -> dict[str, Any]:
     if not mpath.exists():
         inner = sorted((p for p in ckpt.iterdir() if _STEP_RE.match(p.name)), reverse=True)
         if inner:
-            raise _fail(ckpt, f"is a folder of checkpoints, not one checkpoint; pass one of them (newest: {inner[0].name})")
+            raise _fail(ckpt, "is a folder of checkpoints, not one checkpoint; pass one of them "
+                              f"(newest: {inner[0].name})")
         raise _fail(ckpt, f"has no {MANIFEST}: an interrupted save, or not a torchdiffusion checkpoint")
     m = _read_json(mpath)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -295,7 +298,8 @@ def read_manifest(ckpt: Path | str) -> dict[str, Any]:
         raise _fail(mpath, "\"files\" must map file names to {sha256, size}")
     for name, entry in files.items():
         if not _FILE_RE.match(name):
-            raise _fail(mpath, f"lists an unexpected file name {name[:80]!r} (plain names ending in .safetensors or .json)")
+            raise _fail(mpath, f"lists an unexpected file name {name[:80]!r} "
+                               "(plain names ending in .safetensors or .json)")
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _SHA_RE.match(entry["sha256"])
                 and _is_int(entry.get("size")) and entry["size"] >= 0):
             raise _fail(mpath, f"entry for {name} must be {{\"sha256\": 64 hex digits, \"size\": bytes}}")

@@ -180,7 +180,8 @@ def restore_rng(
     saved_np = meta.get("numpy_generators", {})
     for name, g in (numpy_generators or {}).items():
         if name not in saved_np:
-            raise CheckpointError(f"RNG state has no numpy generator '{name}' (saved: {', '.join(sorted(saved_np)) or 'none'})")
+            saved = ", ".join(sorted(saved_np)) or "none"
+            raise CheckpointError(f"RNG state has no numpy generator '{name}' (saved: {saved})")
         g.bit_generator.state = _json_to_np(saved_np[name])
 
     skipped = []
