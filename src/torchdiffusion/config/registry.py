@@ -1,0 +1,33 @@
+"""The one registry: names in configs and on the command line -> classes and functions."""
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from ..core import processes
+from ..errors import ConfigError
+from ..sampling.ancestral import sample_ddim, sample_ddpm
+from ..sampling.ode import sample_euler, sample_heun
+
+PROCESSES: dict[str, type] = {
+    "vp_discrete": processes.VPDiscrete,
+    "vp_continuous": processes.VPContinuous,
+    "ve": processes.VE,
+    "edm": processes.EDM,
+}
+
+#: name -> (sampler function, NFE of an n-step grid)
+SAMPLERS: dict[str, tuple[Callable, Callable[[int], int]]] = {
+    "euler": (sample_euler, lambda n: n),
+    "heun": (sample_heun, lambda n: 2 * n - 1),
+    "ddim": (sample_ddim, lambda n: n),
+    "ddpm": (sample_ddpm, lambda n: n),
+}
+
+
+def lookup(table: dict, name: str, what: str):
+    if name in table:
+        return table[name]
+    close = difflib.get_close_matches(name, list(table), n=1, cutoff=0.4)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"unknown {what} '{name}'{hint}; valid: {', '.join(table)}")

@@ -1,0 +1,69 @@
+"""Per-seed generation: noise from one generator per seed, so each seed's image is the same at any batch size
+(RELIABILITY 27), and image grids for looking at the results.
+
+Shapes: images are uint8 (N, C, H, W); a grid is uint8 (C, H', W').
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..data.convert import to_uint8
+from ..protocols import Cond, Denoiser
+from ..sampling.noise import randn
+
+
+def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+@torch.no_grad()
+def generate(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, ...], sampler: Callable, sigmas: Tensor, *,
+             batch: int = 16, cond_for: Callable[[Sequence[int]], Cond] | None = None,
+             device: torch.device = torch.device("cpu"),
+             on_batch: Callable[[Sequence[int], Tensor], None] | None = None) -> Tensor:
+    """Sample one image per seed; returns uint8 (N, *shape). `shape` excludes the batch dimension.
+
+    The initial noise and every later noise draw of row b come from torch.Generator().manual_seed(seeds[b]) (CPU),
+    so the result of a seed does not depend on `batch` or on which process draws it."""
+    out = []
+    for start in range(0, len(seeds), batch):
+        chunk = list(seeds[start:start + batch])
+        gens = seed_generators(chunk)
+        noise = randn((len(chunk), *shape), gens).to(device)
+        cond = cond_for(chunk) if cond_for is not None else None
+        x = sampler(denoiser, noise, sigmas, cond=cond, generator=gens)
+        images = to_uint8(x.cpu())
+        if on_batch is not None:
+            on_batch(chunk, images)
+        out.append(images)
+    return torch.cat(out) if out else torch.empty((0, *shape), dtype=torch.uint8)
+
+
+def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2) -> Tensor:
+    """uint8 (N, C, H, W) -> uint8 (C, rows*(H+p)+p, nrow*(W+p)+p) with a black border of `padding` pixels."""
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + k * (w + padding)
+        grid[:, y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def save_png(image: Tensor, path: Path) -> None:
+    """uint8 (C, H, W) with C in {1, 3} -> PNG, written atomically (temp file + rename)."""
+    arr = image.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else np.ascontiguousarray(arr))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pil.save(tmp, format="PNG")
+    tmp.replace(path)

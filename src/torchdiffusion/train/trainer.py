@@ -1,0 +1,321 @@
+"""The training loop: iteration, accumulation, precision, DDP, EMA, cadence, logging, checkpoints, resume.
+
+Determinism (RELIABILITY 1, 2, 7): the batch of global step k comes from the data order function of (seed, epoch,
+position), and its training noise (sigma and n) from a generator seeded by (seed, k). Nothing depends on how many
+steps this process has run, so an interrupted and resumed run consumes exactly the same samples and noise as an
+uninterrupted one, and a run on W processes draws the same global batch as a run on one.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..core.objectives import Objective
+from ..core.precond import Preconditioned
+from ..data.convert import to_model_range
+from ..data.order import iterate_batches
+from ..errors import TorchDiffusionError
+from ..protocols import Cond
+from . import checkpoint as ckpt
+from .distributed import DistInfo, barrier, mean_across
+from .ema import ema_beta, ema_update
+from .logger import RunLogger
+from .state import capture_rng, flatten_optimizer_state, restore_rng, unflatten_optimizer_state
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 128  # global: images per optimiser step over all processes and accumulation rounds
+    grad_accum: int = 1
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    ema_halflife_images: float = 50_000.0  # EDM uses 500k images on CIFAR-10; shorter runs want less
+    ema_rampup: Optional[float] = 0.05  # Karras et al. 2022, Appendix F.3
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_minutes: float = 0.0  # stop (and checkpoint) after this much training time; 0 = no limit
+    log_every: int = 50
+    val_every: int = 500
+    val_images: int = 512
+    sample_every: int = 1000
+    ckpt_every: int = 1000
+    keep_last: int = 2
+    nan_policy: Literal["stop", "skip"] = "stop"
+    max_nan_skips: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "val_every", "sample_every", "ckpt_every",
+                     "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
+                             f"({self.grad_accum})")
+
+
+class TrainingError(TorchDiffusionError):
+    pass
+
+
+#: exit code after a SIGTERM/SIGINT stop that saved a resumable checkpoint (documented in the README)
+EXIT_PREEMPTED = 75
+
+#: config keys that may change between a checkpoint and its resumption (cadence and budgets, not the maths)
+RESUMABLE_CHANGES = ("train.steps", "train.max_minutes", "train.log_every", "train.val_every", "train.sample_every",
+                     "train.ckpt_every", "train.keep_last", "train.nan_policy", "train.max_nan_skips",
+                     "sample.", "runtime.")
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of the training-noise generator of global step `step` (a fixed 64-bit mix, SplitMix64 constants)."""
+    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2**63 - 1)
+    return z
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to cfg.lr, then constant or cosine decay to 0 at cfg.steps."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_schedule == "cosine":
+        progress = min(1.0, max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * warm
+
+
+def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_configs(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    stopped: str  # "done", "time", "signal"
+    checkpoint: Optional[Path]
+
+
+class Trainer:
+    """One loop for every model; `model` implements the denoiser contract, `objective` gives per-sample losses."""
+
+    def __init__(self, cfg: TrainConfig, *, model: Preconditioned, objective: Objective, train_set, val_set,
+                 run_dir: Path, seed: int, resolved_config: dict, data_fingerprint: str,
+                 make_cond: Callable[[dict], Cond] | None = None,
+                 sample_grid: Callable[[nn.Module, int], None] | None = None,
+                 dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"),
+                 should_stop: Callable[[], bool] | None = None, progress: bool | None = None):
+        self.cfg, self.model, self.objective = cfg, model.to(device), objective
+        self.train_set, self.val_set = train_set, val_set
+        self.run_dir, self.seed, self.resolved_config = Path(run_dir), seed, resolved_config
+        self.data_fingerprint = data_fingerprint
+        self.make_cond = make_cond or (lambda batch: None)
+        self.sample_grid = sample_grid
+        self.dist, self.device = dist, device
+        self.should_stop = should_stop or (lambda: False)
+        self.progress = progress
+        per_rank = cfg.batch_size // dist.world_size
+        if cfg.batch_size % dist.world_size or per_rank % cfg.grad_accum:
+            raise TrainingError(f"train.batch_size {cfg.batch_size} must split evenly over {dist.world_size} "
+                                f"process(es) x {cfg.grad_accum} accumulation round(s)")
+        self.per_rank = per_rank
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay)
+        self.objective_module = _ObjectiveModule(self.model, objective)
+        self.ddp = (DistributedDataParallel(self.objective_module,
+                                            device_ids=[device.index] if device.type == "cuda" else None)
+                    if dist.enabled else None)
+        # fp16 needs loss scaling; bf16 and fp32 do not (autocast itself is set on the model's backbone).
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.step = 0
+        self.nan_skips = 0
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ----------------------------------------------------------------- checkpoints
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            opt_tensors, opt_skeleton = flatten_optimizer_state(self.opt.state_dict())
+            rng_tensors, rng_json = capture_rng({})
+            path = ckpt.save_checkpoint(
+                self.ckpt_dir, self.step,
+                tensors={"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optim": opt_tensors,
+                         "rng": rng_tensors},
+                meta={"config": self.resolved_config, "optim": opt_skeleton, "rng": rng_json,
+                      "trainer": {"step": self.step, "nan_skips": self.nan_skips,
+                                  "images_seen": self.step * self.cfg.batch_size},
+                      "data_fingerprint": self.data_fingerprint})
+            ckpt.prune(self.ckpt_dir, self.cfg.keep_last)
+        barrier(self.dist)
+        return path
+
+    def restore(self, path: Path, allow_changes: bool = False) -> None:
+        c = ckpt.load_checkpoint(path)
+        changed = [k for k in _diff_configs(c.meta["config"], self.resolved_config)
+                   if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
+        if changed and not allow_changes:
+            raise TrainingError(f"{path}: cannot resume, the config changed in: {', '.join(changed)} "
+                                f"(pass --allow-config-change to resume anyway, or start a new run folder)")
+        if c.meta.get("data_fingerprint") not in (None, self.data_fingerprint) and not allow_changes:
+            raise TrainingError(f"{path}: cannot resume, the training data differ from the checkpoint's "
+                                f"(fingerprint {c.meta['data_fingerprint'][:12]} vs {self.data_fingerprint[:12]})")
+        self.model.load_state_dict(c.tensors["model"])
+        self.ema.load_state_dict(c.tensors["ema"])
+        self.opt.load_state_dict(unflatten_optimizer_state(c.tensors["optim"], c.meta["optim"]))
+        restore_rng(c.tensors.get("rng", {}), c.meta.get("rng"), {})
+        self.step = int(c.meta["trainer"]["step"])
+        self.nan_skips = int(c.meta["trainer"].get("nan_skips", 0))
+
+    # ----------------------------------------------------------------- one step
+    def _noise(self, step: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """The global batch's (sigma, n) for this step; each process takes its own rows."""
+        g = torch.Generator().manual_seed(step_seed(self.seed, step))
+        sigma = self.objective.sample_sigma(self.cfg.batch_size, self.model.process, g)
+        noise = torch.randn((self.cfg.batch_size,) + tuple(shape[1:]), generator=g)
+        rows = slice(self.dist.rank * self.per_rank, (self.dist.rank + 1) * self.per_rank)
+        return sigma[rows].to(self.device), noise[rows].to(self.device)
+
+    def _train_step(self, batch: dict) -> dict[str, float] | None:
+        cfg = self.cfg
+        x0 = to_model_range(batch["x"]).to(self.device)
+        cond = self.make_cond(batch)
+        sigma, noise = self._noise(self.step, tuple(x0.shape))
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, self.step)
+        self.opt.zero_grad(set_to_none=True)
+        micro = self.per_rank // cfg.grad_accum
+        net = self.ddp or self.objective_module
+        loss_sum = torch.zeros((), device=self.device)
+        for m in range(cfg.grad_accum):
+            rows = slice(m * micro, (m + 1) * micro)
+            mcond = None if cond is None else {k: v[rows] for k, v in cond.items()}
+            last = m == cfg.grad_accum - 1
+            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else nullcontext()
+            with sync:
+                loss = net(x0[rows], mcond, sigma[rows], noise[rows]).mean()
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        loss_mean = float(mean_across(loss_sum / cfg.grad_accum, self.dist))
+        self.scaler.unscale_(self.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = float(grad_norm)
+        if not math.isfinite(loss_mean) or (not math.isfinite(grad_norm) and not self.scaler.is_enabled()):
+            return None
+        self.scaler.step(self.opt)  # with fp16, an overflow skips the update and lowers the scale
+        self.scaler.update()
+        ema_update(self.ema, self.model, ema_beta(self.step, cfg.batch_size, cfg.ema_halflife_images, cfg.ema_rampup))
+        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": self.opt.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """EMA model's loss on fixed held-out images with fixed sigma and noise (comparable across steps and runs)."""
+        if self.val_set is None or len(self.val_set) == 0:
+            return None
+        n = min(self.cfg.val_images, len(self.val_set))
+        g = torch.Generator().manual_seed(step_seed(self.seed, -1) ^ 0x5EED)
+        total, bs = 0.0, 256
+        for start in range(0, n, bs):
+            idx = torch.arange(start, min(n, start + bs))
+            batch = self.val_set.batch(idx)
+            x0 = to_model_range(batch["x"]).to(self.device)
+            sigma = self.objective.sample_sigma(len(idx), self.model.process, g).to(self.device)
+            noise = torch.randn(x0.shape, generator=g).to(self.device)
+            total += float(self.objective.loss(self.ema, x0, self.make_cond(batch), sigma=sigma, noise=noise).sum())
+        return total / n
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self, resume_from: Path | None = None, allow_changes: bool = False) -> TrainResult:
+        cfg = self.cfg
+        if resume_from is not None:
+            self.restore(resume_from, allow_changes)
+        log = RunLogger(self.run_dir, cfg.steps, self.step, enabled=self.dist.is_main, progress=self.progress)
+        if resume_from is not None:
+            log.info(f"resumed from {resume_from} at step {self.step}")
+        else:
+            log.info(f"training from scratch: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                     f"{len(self.train_set):,} training images, global batch {cfg.batch_size} on "
+                     f"{self.dist.world_size} process(es)")
+        self.model.train()
+        t_start = time.perf_counter()
+        t_last, step_last = t_start, self.step
+        stopped, last_ckpt = "done", None
+        batches = iterate_batches(self.train_set, self.per_rank, self.seed, self.step,
+                                  rank=self.dist.rank, world_size=self.dist.world_size)
+        try:
+            while self.step < cfg.steps:
+                _, batch = next(batches)
+                out = self._train_step(batch)
+                if out is None:
+                    self.nan_skips += 1
+                    last = ckpt.resolve_latest(self.ckpt_dir)
+                    if cfg.nan_policy == "stop" or self.nan_skips > cfg.max_nan_skips:
+                        raise TrainingError(f"non-finite loss or gradient at step {self.step}; stopped without "
+                                            f"saving. Last good checkpoint: {last or 'none'}")
+                    log.info(f"step {self.step}: non-finite loss/gradient, update skipped "
+                             f"({self.nan_skips}/{cfg.max_nan_skips})")
+                    out = {"loss": float("nan"), "grad_norm": float("nan"), "lr": lr_at(cfg, self.step)}
+                self.step += 1
+                row = {"step": self.step, "images": self.step * cfg.batch_size, **out}
+                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                    row["val_loss"] = self.validation_loss() if self.dist.is_main else None
+                now = time.perf_counter()
+                row["wall_s"] = round(now - t_start, 3)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    row["images_per_s"] = round((self.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9), 2)
+                    log.info(f"step {self.step}/{cfg.steps} loss {out['loss']:.4f} grad_norm {out['grad_norm']:.3f} "
+                             f"lr {out['lr']:.2e} {row['images_per_s']} img/s"
+                             + (f" val_loss {row['val_loss']:.4f}" if row.get("val_loss") is not None else ""))
+                    t_last, step_last = now, self.step
+                log.metrics(row)
+                log.progress(self.step, {"loss": out["loss"]})
+                if self.sample_grid is not None and self.dist.is_main and (
+                        self.step % cfg.sample_every == 0 or self.step == cfg.steps):
+                    self.sample_grid(self.ema, self.step)
+                if cfg.max_minutes > 0 and (now - t_start) / 60 >= cfg.max_minutes and self.step < cfg.steps:
+                    stopped = "time"
+                if self.should_stop() and self.step < cfg.steps:
+                    stopped = "signal"
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopped != "done":
+                    last_ckpt = self.save()
+                    if last_ckpt is not None:
+                        log.info(f"checkpoint {last_ckpt}")
+                if stopped != "done":
+                    if stopped == "time" and self.sample_grid is not None and self.dist.is_main \
+                            and self.step % cfg.sample_every != 0:
+                        self.sample_grid(self.ema, self.step)
+                    log.info(f"stopped at step {self.step} ({'time budget' if stopped == 'time' else 'signal'}); "
+                             f"run the same command again to resume")
+                    break
+        finally:
+            log.close()
+        return TrainResult(self.step, stopped, last_ckpt)
+
+
+class _ObjectiveModule(nn.Module):
+    """model + objective as one module, so DDP sees the whole loss computation in its forward."""
+
+    def __init__(self, model: Preconditioned, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, x0: Tensor, cond: Cond, sigma: Tensor, noise: Tensor) -> Tensor:
+        return self.objective.loss(self.model, x0, cond, sigma=sigma, noise=noise)
