@@ -1,0 +1,71 @@
+"""DDIM and ancestral DDPM, written in the one frame x = x0 + sigma * n.
+
+A VP model (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps) sits in this frame as x = x_t / sqrt(abar_t),
+sigma_t = sqrt((1 - abar_t) / abar_t), i.e. abar = 1 / (1 + sigma^2). With s = sigma_t, s' = sigma_{t-1} < s,
+D = D(x, s) and eps_hat = (x - D) / s, both updates are x' = D + c_x (x - D) + std * z (steps.gaussian_step):
+
+- DDIM (Song et al. 2021a, eqs. 12 and 16, divided by sqrt(abar_{t-1})): x' = D + sqrt(s'^2 - v_eta) eps_hat + sqrt(v_eta) z
+  with v_eta = eta^2 * s'^2 (s^2 - s'^2) / s^2. eta = 0 is deterministic and gives x' = D + (s'/s)(x - D)
+  = x + (s' - s) (x - D) / s: exactly an Euler step of the probability-flow ODE, so deterministic DDIM *is*
+  `sample_euler` in this frame (Karras et al. 2022, sec. 3; tested). eta = 1 coincides with DDPM's "small"
+  variance step, and k-diffusion's `euler_ancestral(eta)` is this DDIM(eta) update.
+- DDPM (Ho et al. 2020, eqs. 6-7): the exact Gaussian posterior q(x_{s'} | x_s, x0 = D): mean D + (s'^2/s^2)(x - D),
+  variance "small" = s'^2 (s^2 - s'^2) / s^2 (beta-tilde / abar_{t-1}) or "large" = DDPM's beta_t choice,
+  beta_t / abar_{t-1} = (s^2 - s'^2)(1 + s'^2) / (1 + s^2) with beta_t = 1 - abar_t / abar_{t-1} read off
+  the same two sigmas (on a respaced grid this is the respaced beta, as in Nichol & Dhariwal 2021, sec. 4).
+  "large" is the VP choice; it never exceeds the forward variance s^2 - s'^2 of this frame, and it makes the
+  walk exact for N(0, I) data on any grid (the true reverse step of a unit-variance VP marginal has variance
+  beta_t; tested). It is used on the last step too: from s to 0 it is 1 - abar_t, which is beta_1 = 1e-4 on
+  the full DDPM grid (Ho et al. 2020 skip that draw at t = 1) but large on a "trailing" grid, as in diffusers'
+  fixed_large. "small" is 0 on the last step: the walk ends on D.
+
+NFE: n for an n-step grid, for both samplers. One standard-normal draw of x's shape per step with std > 0,
+from `generator` (a list of B generators makes each row depend on its own seed only; sampling.noise).
+"""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
+from torchdiffusion.sampling.steps import (BoundDenoiser, SamplerError, gaussian_step, posterior_variance,
+                                           sqrt_nonneg, walk)
+
+VARIANCES = ("small", "large")
+
+
+def sample_ddim(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
+                generator: Generators = None, callback: Callback = None, eta: float = 0.0) -> Tensor:
+    """DDIM (Song et al. 2021a) on any sigma grid; eta in [0, 1] scales the fresh noise (0: deterministic,
+    equal to `sample_euler`; 1: DDPM's "small" ancestral step). NFE = n."""
+    eta = float(eta)
+    if not (math.isfinite(eta) and 0.0 <= eta <= 1.0):
+        raise SamplerError(f"DDIM eta must be in [0, 1] (0 deterministic, 1 ancestral), got {eta!r}")
+
+    def step(x: Tensor, denoised: Tensor, s: float, s_next: float, denoise: BoundDenoiser) -> Tensor:
+        v_eta = eta * eta * posterior_variance(s, s_next)
+        return gaussian_step(x, denoised, sqrt_nonneg(s_next * s_next - v_eta) / s, math.sqrt(v_eta), generator)
+
+    return walk(denoiser, noise, sigmas, cond, generator, callback, step)
+
+
+def ddpm_variance(s: float, s_next: float, variance: str) -> float:
+    """Variance of the DDPM reverse step from s to s' in this frame ("small" or "large", see module notes)."""
+    if variance == "small":
+        return posterior_variance(s, s_next)
+    return (s * s - s_next * s_next) * (1 + s_next * s_next) / (1 + s * s)
+
+
+def sample_ddpm(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
+                generator: Generators = None, callback: Callback = None, variance: str = "small") -> Tensor:
+    """Ancestral DDPM (Ho et al. 2020, Alg. 2) on any sigma grid: sample q(x_{s'} | x_s, x0 = D(x_s, s)).
+    variance: "small" (posterior, beta-tilde) or "large" (beta_t), see the module notes. NFE = n."""
+    if variance not in VARIANCES:
+        raise SamplerError(f"unknown DDPM variance {variance!r}; valid: {', '.join(VARIANCES)}")
+
+    def step(x: Tensor, denoised: Tensor, s: float, s_next: float, denoise: BoundDenoiser) -> Tensor:
+        c_x = (s_next * s_next) / (s * s)
+        return gaussian_step(x, denoised, c_x, math.sqrt(ddpm_variance(s, s_next, variance)), generator)
+
+    return walk(denoiser, noise, sigmas, cond, generator, callback, step)
