@@ -210,6 +210,12 @@ def test_non_finite_tensors_are_refused_before_anything_is_written(tmp_path, bad
     assert _listing(tmp_path) == before
 
 
+def test_finite_tensors_whose_sum_overflows_are_saved(tmp_path):
+    big = {"a": torch.full((10,), 3e38), "h": torch.full((10,), 6e4, dtype=torch.float16)}
+    path = ck.save_checkpoint(tmp_path, 1, tensors={"model": big}, meta={})
+    assert _same(ck.load_checkpoint(path).tensors["model"], big)
+
+
 def test_bad_part_names_and_json_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="part name '../x'"):
         ck.save_checkpoint(tmp_path, 1, tensors={"../x": {}}, meta={})

@@ -437,8 +437,13 @@ def _check_finite(run_ckpt_dir: Path, name: str, tensors: Mapping[str, Mapping[s
     """RELIABILITY 23: never write a checkpoint holding NaN or Inf."""
     for group, sd in tensors.items():
         for key, t in sd.items():
-            if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
-                bad = int((~torch.isfinite(t.detach())).sum())
+            if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+                t = t.detach()
+                # Fast path: NaN/Inf propagate through a sum; a non-finite sum (also possible by
+                # overflow of finite values) triggers the exact count.
+                if bool(torch.isfinite(t.sum())):
+                    continue
+                bad = int((~torch.isfinite(t)).sum())
                 if bad:
                     last = resolve_latest(run_ckpt_dir, verify=False)
                     where = f"the last good checkpoint is {last}" if last else "there is no earlier checkpoint"
