@@ -4,20 +4,22 @@ A VP model (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps) sits in this frame as 
 sigma_t = sqrt((1 - abar_t) / abar_t), i.e. abar = 1 / (1 + sigma^2). With s = sigma_t, s' = sigma_{t-1} < s,
 D = D(x, s) and eps_hat = (x - D) / s, both updates are x' = D + c_x (x - D) + std * z (steps.gaussian_step):
 
-- DDIM (Song et al. 2021a, eqs. 12 and 16, divided by sqrt(abar_{t-1})): x' = D + sqrt(s'^2 - v_eta) eps_hat + sqrt(v_eta) z
-  with v_eta = eta^2 * s'^2 (s^2 - s'^2) / s^2. eta = 0 is deterministic and gives x' = D + (s'/s)(x - D)
-  = x + (s' - s) (x - D) / s: exactly an Euler step of the probability-flow ODE, so deterministic DDIM *is*
-  `sample_euler` in this frame (Karras et al. 2022, sec. 3; tested). eta = 1 coincides with DDPM's "small"
-  variance step, and k-diffusion's `euler_ancestral(eta)` is this DDIM(eta) update.
-- DDPM (Ho et al. 2020, eqs. 6-7): the exact Gaussian posterior q(x_{s'} | x_s, x0 = D): mean D + (s'^2/s^2)(x - D),
-  variance "small" = s'^2 (s^2 - s'^2) / s^2 (beta-tilde / abar_{t-1}) or "large" = DDPM's beta_t choice,
-  beta_t / abar_{t-1} = (s^2 - s'^2)(1 + s'^2) / (1 + s^2) with beta_t = 1 - abar_t / abar_{t-1} read off
-  the same two sigmas (on a respaced grid this is the respaced beta, as in Nichol & Dhariwal 2021, sec. 4).
-  "large" is the VP choice; it never exceeds the forward variance s^2 - s'^2 of this frame, and it makes the
-  walk exact for N(0, I) data on any grid (the true reverse step of a unit-variance VP marginal has variance
-  beta_t; tested). It is used on the last step too: from s to 0 it is 1 - abar_t, which is beta_1 = 1e-4 on
-  the full DDPM grid (Ho et al. 2020 skip that draw at t = 1) but large on a "trailing" grid, as in diffusers'
-  fixed_large. "small" is 0 on the last step: the walk ends on D.
+- DDIM (Song et al. 2021a, eqs. 12 and 16, divided by sqrt(abar_{t-1})):
+      x' = D + sqrt(s'^2 - v_eta) eps_hat + sqrt(v_eta) z,   v_eta = eta^2 s'^2 (s^2 - s'^2) / s^2.
+  eta = 0 is deterministic: x' = D + (s'/s)(x - D) = x + (s' - s)(x - D)/s, exactly an Euler step of the
+  probability-flow ODE, so deterministic DDIM *is* `sample_euler` in this frame (Karras et al. 2022,
+  sec. 3; tested). eta = 1 is DDPM's "small" step, and k-diffusion's `euler_ancestral(eta)` is DDIM(eta).
+- DDPM (Ho et al. 2020, eqs. 6-7): sample the Gaussian posterior q(x_{s'} | x_s, x0 = D):
+      mean D + (s'^2/s^2)(x - D),
+      variance "small" = s'^2 (s^2 - s'^2) / s^2                       (beta-tilde_t / abar_{t-1}),
+               "large" = (s^2 - s'^2)(1 + s'^2) / (1 + s^2)            (beta_t / abar_{t-1}),
+  with beta_t = 1 - abar_t / abar_{t-1} read off the same two sigmas (on a respaced grid, the respaced beta
+  of Nichol & Dhariwal 2021, sec. 4). "large" is DDPM's other choice translated to the frame; it never
+  exceeds this frame's forward variance s^2 - s'^2, and it makes the walk exact for N(0, I) data on any grid
+  (a unit-variance VP marginal's true reverse step has variance beta_t; tested). It applies on the last step
+  too: from s to 0 it is 1 - abar_t, i.e. beta = 1e-4 on the full DDPM grid (where Ho et al. skip the draw)
+  but much larger on a "trailing" grid, as in diffusers' fixed_large. "small" is 0 on the last step, so the
+  walk ends on D.
 
 NFE: n for an n-step grid, for both samplers. One standard-normal draw of x's shape per step with std > 0,
 from `generator` (a list of B generators makes each row depend on its own seed only; sampling.noise).

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Analytic sampler benchmark: torchdiffusion's samplers next to k-diffusion's and diffusers', all driven by
+# the same exact Gaussian-mixture denoiser (see bench/README_analytic.md).
+#
+#   bash bench/analytic.sh                       # all problems, all NFE targets (peers + ours)
+#   bash bench/analytic.sh --problems gmm64      # extra arguments go to analytic_bench.py
+#
+# Environment: BENCH_DIR (the referee bench folder, default ../shared/bench next to this repository),
+# PEERS_VENV (default ../peers-venv; built with the bench's setup script if missing), THREADS (default 1:
+# the quality metrics do not depend on it, and one thread keeps wall times sane on a shared machine).
+# Writes bench/results/analytic_torchdiffusion.{csv,md} and bench/results/analytic_parity.txt.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BENCH_DIR="${BENCH_DIR:-$REPO/../shared/bench}"
+PEERS_VENV="${PEERS_VENV:-$REPO/../peers-venv}"
+THREADS="${THREADS:-1}"
+OUT="$REPO/bench/results"
+
+if [ ! -f "$BENCH_DIR/analytic_bench.py" ]; then
+    echo "error: no analytic_bench.py in BENCH_DIR=$BENCH_DIR; set BENCH_DIR to the referee bench folder" >&2
+    exit 2
+fi
+if [ ! -x "$PEERS_VENV/bin/python" ] || ! "$PEERS_VENV/bin/python" -c "import diffusers" 2>/dev/null; then
+    echo "building the peers environment in $PEERS_VENV" >&2
+    bash "$BENCH_DIR/setup_peers_venv.sh" "$PEERS_VENV"
+fi
+PY="$PEERS_VENV/bin/python"
+"$PY" -m pip install -q --no-deps -e "$REPO"
+mkdir -p "$OUT"
+
+cd "$BENCH_DIR"
+"$PY" analytic_bench.py --threads "$THREADS" \
+    --adapter "$REPO/bench/adapters/torchdiffusion_analytic.py" \
+    --out-dir "$OUT" --tag torchdiffusion "$@"
+
+# Sample-by-sample parity with the same seed and grid: our euler/heun vs k-diffusion's, our DDIM/DDPM vs
+# diffusers' schedulers (T=1000 linear betas). Differences should be float32 round-off.
+"$PY" - "$BENCH_DIR" "$REPO" <<'PYEOF' | tee "$OUT/analytic_parity.txt"
+import os, sys
+import torch
+bench, repo = sys.argv[1], sys.argv[2]
+sys.path.insert(0, bench)
+torch.set_num_threads(1)
+from analytic_bench import Oracle
+from analytic_problems import make_problem
+from benchutil import load_adapter
+ours = load_adapter(os.path.join(repo, "bench/adapters/torchdiffusion_analytic.py")).get_samplers()
+peers = {"k-diffusion": load_adapter(os.path.join(bench, "adapters/kdiffusion_samplers.py")).get_samplers(),
+         "diffusers": load_adapter(os.path.join(bench, "adapters/diffusers_samplers.py")).get_samplers()}
+pairs = [("euler", "k-diffusion"), ("heun", "k-diffusion"), ("ddim", "diffusers"),
+         ("ddim_trailing", "diffusers"), ("ddpm", "diffusers")]
+print("problem gmm64, n=500, seed 0: |ours - peer| per coordinate, same generator")
+print(f"{'ours':14s} {'peer':26s} {'nfe':>4s} {'max|diff|':>10s} {'mean|diff|':>10s} {'mean|x|':>8s}")
+problem = make_problem("gmm64")
+for name, fw in pairs:
+    for nfe in (5, 20, 100):
+        xa = ours[name](Oracle(problem), 500, nfe, torch.Generator().manual_seed(0))
+        xb = peers[fw][name](Oracle(problem), 500, nfe, torch.Generator().manual_seed(0))
+        d = (xa - xb).abs()
+        print(f"{name:14s} {fw + '/' + name:26s} {nfe:4d} {d.max().item():10.3g} {d.mean().item():10.3g} "
+              f"{xb.abs().mean().item():8.3g}", flush=True)
+PYEOF
