@@ -80,7 +80,7 @@ def _device(name: str, local_rank: int) -> torch.device:
 @cli.command()
 @click.option("--preset", default=None, help="Preset name (mnist, fashion-mnist, folder, ...) or a YAML path.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override, e.g. train.steps=500.")
-@click.option("--run", "run_dir", default=None, type=click.Path(path_type=Path),
+@click.option("--run", "--run-dir", "run_dir", default=None, type=click.Path(path_type=Path),
               help="Run folder (default runs/<preset>). An existing run folder resumes.")
 @click.option("--resume", default="latest", show_default=True, help="PATH to a checkpoint, 'latest' or 'none'.")
 @click.option("--allow-config-change", is_flag=True, help="Resume even though the config or data changed.")
@@ -88,7 +88,10 @@ def _device(name: str, local_rank: int) -> torch.device:
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="tqdm bar (default: only on a terminal).")
-def train(preset, overrides, run_dir, resume, allow_config_change, print_config, threads, device, progress):
+@click.option("--until-step", type=int, default=None,
+              help="Stop with a checkpoint at this step (e.g. to fit a job's time slot); run again to continue.")
+def train(preset, overrides, run_dir, resume, allow_config_change, print_config, threads, device, progress,
+          until_step):
     """Train a model; running it again on the same run folder resumes."""
     import yaml
 
@@ -108,10 +111,10 @@ def train(preset, overrides, run_dir, resume, allow_config_change, print_config,
     if print_config:
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
         return
-    _train(cfg, run_dir, resume, allow_config_change, info, _device(device, info.local_rank), progress)
+    _train(cfg, run_dir, resume, allow_config_change, info, _device(device, info.local_rank), progress, until_step)
 
 
-def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, progress):
+def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, progress, until_step=None):
     import yaml
 
     from ..config.build import build_data, build_model, build_objective, build_sampler, build_sigmas, \
@@ -172,7 +175,8 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
         trainer = Trainer(cfg.train, model=model, objective=objective, train_set=train_set, val_set=val_set,
                           run_dir=run_dir, seed=cfg.seed, resolved_config=resolved,
                           data_fingerprint=dataset_fingerprint(train_set), sample_grid=sample_grid, dist=info,
-                          device=device, should_stop=lambda: stop["flag"], progress=progress)
+                          device=device, should_stop=lambda: stop["flag"], progress=progress,
+                          until_step=until_step)
         result = trainer.fit(resume_from, allow_changes)
     finally:
         for s, h in old.items():
@@ -206,7 +210,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 @cli.command()
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None,
               help="Run folder: its latest verified checkpoint is used.")
 @click.option("--checkpoint", "ckpt_path", type=click.Path(path_type=Path), default=None, help="A checkpoint folder.")
 @click.option("--outdir", type=click.Path(path_type=Path), required=True, help="Where PNGs, grid.png and samples.json go.")

@@ -13,7 +13,7 @@ from ..core import grids
 from ..core.objectives import Objective
 from ..core.precond import Preconditioned, Preconditioner
 from ..core.processes import VPDiscrete
-from ..data import DATASET_OPTIONS, build_dataset
+from ..data import DATASET_OPTIONS, ImageArrayDataset, build_dataset
 from ..errors import ConfigError
 from ..nn.unet import UNet
 from .registry import PROCESSES, SAMPLERS, lookup
@@ -65,7 +65,13 @@ def build_data(cfg: DataConfig, split: str | None = None):
         if split not in (None, cfg.split):
             return None  # a folder has no held-out split of its own (yet)
         options.pop("split")
-    return build_dataset(cfg.kind, **{k: v for k, v in options.items() if k in valid})
+    dataset = build_dataset(cfg.kind, **{k: v for k, v in options.items() if k in valid})
+    if cfg.limit is not None:
+        if cfg.limit < 1:
+            raise ConfigError(f"data.limit must be >= 1 (or null for all images), got {cfg.limit}")
+        dataset = ImageArrayDataset(dataset.x[:cfg.limit], dataset.label[:cfg.limit],
+                                    class_names=dataset.class_names, info=dataset.info)
+    return dataset
 
 
 def check_data_fits_model(dataset, cfg: ModelConfig, where: str = "data") -> None:

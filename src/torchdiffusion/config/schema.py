@@ -52,6 +52,7 @@ class DataConfig:
     split: str = "train"  # mnist / fashion-mnist: train (50k), val (10k), test (10k), train+val
     val_split: Optional[str] = "val"  # held-out images for the validation loss (null: none)
     channels: Literal["auto", "L", "RGB", "RGBA"] = "L"  # folder: auto keeps what the files are
+    limit: Optional[int] = None  # use only the first N images of each split (small-data experiments, tests)
     resolution: Optional[int] = None  # resize/center-crop folder images; pad MNIST-like 28x28 to this size
     bad_files: Literal["skip", "error"] = "error"  # folder: skip bad files (counted) or fail before step 0
     labels: Literal["none", "folder"] = "none"  # folder: class labels from first-level subfolder names

@@ -109,7 +109,7 @@ def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
 @dataclass
 class TrainResult:
     step: int
-    stopped: str  # "done", "time", "signal"
+    stopped: str  # "done", "time", "signal", "until"
     checkpoint: Optional[Path]
 
 
@@ -121,7 +121,8 @@ class Trainer:
                  make_cond: Callable[[dict], Cond] | None = None,
                  sample_grid: Callable[[nn.Module, int], None] | None = None,
                  dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"),
-                 should_stop: Callable[[], bool] | None = None, progress: bool | None = None):
+                 should_stop: Callable[[], bool] | None = None, progress: bool | None = None,
+                 until_step: int | None = None):
         self.cfg, self.model, self.objective = cfg, model.to(device), objective
         self.train_set, self.val_set = train_set, val_set
         self.run_dir, self.seed, self.resolved_config = Path(run_dir), seed, resolved_config
@@ -131,6 +132,7 @@ class Trainer:
         self.dist, self.device = dist, device
         self.should_stop = should_stop or (lambda: False)
         self.progress = progress
+        self.until_step = until_step  # stop (with a checkpoint) at this step, as if preempted there
         per_rank = cfg.batch_size // dist.world_size
         if cfg.batch_size % dist.world_size or per_rank % cfg.grad_accum:
             raise TrainingError(f"train.batch_size {cfg.batch_size} must split evenly over {dist.world_size} "
@@ -162,7 +164,8 @@ class Trainer:
                 meta={"config": self.resolved_config, "optim": opt_skeleton, "rng": rng_json,
                       "trainer": {"step": self.step, "nan_skips": self.nan_skips,
                                   "images_seen": self.step * self.cfg.batch_size},
-                      "data_fingerprint": self.data_fingerprint})
+                      "data_fingerprint": self.data_fingerprint},
+                data_fingerprint=self.data_fingerprint)
             ckpt.prune(self.ckpt_dir, self.cfg.keep_last)
         barrier(self.dist)
         return path
@@ -186,11 +189,12 @@ class Trainer:
 
     # ----------------------------------------------------------------- one step
     def _noise(self, step: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """The global batch's (sigma, n) for this step; each process takes its own rows."""
+        """The global batch's (sigma, n) for this step; each process takes its own rows, strided like its data
+        (data.order gives rank r the global batch rows r, r + W, r + 2W, ...)."""
         g = torch.Generator().manual_seed(step_seed(self.seed, step))
         sigma = self.objective.sample_sigma(self.cfg.batch_size, self.model.process, g)
         noise = torch.randn((self.cfg.batch_size,) + tuple(shape[1:]), generator=g)
-        rows = slice(self.dist.rank * self.per_rank, (self.dist.rank + 1) * self.per_rank)
+        rows = slice(self.dist.rank, None, self.dist.world_size)
         return sigma[rows].to(self.device), noise[rows].to(self.device)
 
     def _train_step(self, batch: dict) -> dict[str, float] | None:
@@ -294,6 +298,8 @@ class Trainer:
                     stopped = "time"
                 if self.should_stop() and self.step < cfg.steps:
                     stopped = "signal"
+                if self.until_step is not None and self.step >= self.until_step and self.step < cfg.steps:
+                    stopped = "until"
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopped != "done":
                     last_ckpt = self.save()
                     if last_ckpt is not None:
@@ -302,7 +308,8 @@ class Trainer:
                     if stopped == "time" and self.sample_grid is not None and self.dist.is_main \
                             and self.step % cfg.sample_every != 0:
                         self.sample_grid(self.ema, self.step)
-                    log.info(f"stopped at step {self.step} ({'time budget' if stopped == 'time' else 'signal'}); "
+                    why = {"time": "time budget", "signal": "signal", "until": "--until-step"}[stopped]
+                    log.info(f"stopped at step {self.step} ({why}); "
                              f"run the same command again to resume")
                     break
         finally:
