@@ -301,6 +301,26 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
                    f"({scfg.sampler}, {scfg.steps} steps, {record['nfe']} NFE)")
 
 
+# --------------------------------------------------------------------------------------------- data
+@cli.group()
+def data():
+    """Inspect data sets."""
+
+
+@data.command("check")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--min-size", type=int, default=8, show_default=True, help="Images smaller than this are 'tiny'.")
+def data_check(path, min_size):
+    """Count the images of a folder or ZIP by category (ok, truncated, CMYK, 16-bit, ..., not an image)."""
+    from ..data import check
+    from ..errors import DataError
+    if not path.exists():
+        raise DataError(f"{path}: no such folder or ZIP file")
+    report = check(path, min_size=min_size)
+    for line in report.lines():
+        click.echo(line)
+
+
 # --------------------------------------------------------------------------------------------- env
 @cli.command()
 def env():
