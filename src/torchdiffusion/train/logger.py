@@ -27,6 +27,7 @@ class RunLogger:
         self.bar = None
         if not enabled:
             return
+        run_dir.mkdir(parents=True, exist_ok=True)
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
