@@ -16,10 +16,10 @@ D = D(x, s) and eps_hat = (x - D) / s, both updates are x' = D + c_x (x - D) + s
   with beta_t = 1 - abar_t / abar_{t-1} read off the same two sigmas (on a respaced grid, the respaced beta
   of Nichol & Dhariwal 2021, sec. 4). "large" is DDPM's other choice translated to the frame; it never
   exceeds this frame's forward variance s^2 - s'^2, and it makes the walk exact for N(0, I) data on any grid
-  (a unit-variance VP marginal's true reverse step has variance beta_t; tested). It applies on the last step
-  too: from s to 0 it is 1 - abar_t, i.e. beta = 1e-4 on the full DDPM grid (where Ho et al. skip the draw)
-  but much larger on a "trailing" grid, as in diffusers' fixed_large. "small" is 0 on the last step, so the
-  walk ends on D.
+  down to the grid's last positive sigma (a unit-variance VP marginal's true reverse step has variance beta_t;
+  tested). The step to sigma = 0 draws no noise under either choice: "small" is 0 there, and for "large" we
+  follow Ho et al. (Alg. 2, z = 0 at t = 1), so every walk ends on D. (diffusers' fixed_large skips the draw
+  only at t = 0, so on a "trailing" grid it adds noise of variance 1 - abar_t at its last step.)
 
 NFE: n for an n-step grid, for both samplers. One standard-normal draw of x's shape per step with std > 0,
 from `generator` (a list of B generators makes each row depend on its own seed only; sampling.noise).
@@ -54,6 +54,8 @@ def sample_ddim(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond
 
 def ddpm_variance(s: float, s_next: float, variance: str) -> float:
     """Variance of the DDPM reverse step from s to s' in this frame ("small" or "large", see module notes)."""
+    if s_next == 0:
+        return 0.0  # the step to the data draws no noise (Ho et al. 2020, Alg. 2)
     if variance == "small":
         return posterior_variance(s, s_next)
     return (s * s - s_next * s_next) * (1 + s_next * s_next) / (1 + s * s)
