@@ -109,7 +109,8 @@ def cached_reference(extractor: InceptionFeatures, split: str, n: int, cache_dir
         try:
             with np.load(f, allow_pickle=False) as z:
                 if json.loads(str(z["key"])) == key:
-                    return FeatureStatistics(mu=z["mu"], sigma=z["sigma"], n=n), {"cache": str(f), "cache_hit": True}
+                    return FeatureStatistics(mu=z["mu"], sigma=z["sigma"], n=n), \
+                        {"cache": str(f), "cache_hit": True, "data_sha256": data_sha}
         except (OSError, ValueError, KeyError):
             pass  # unreadable or foreign: recompute and overwrite
     t0 = time.perf_counter()
@@ -118,7 +119,8 @@ def cached_reference(extractor: InceptionFeatures, split: str, n: int, cache_dir
     tmp = f.with_name(f.name + ".tmp.npz")
     np.savez(tmp, mu=stats.mu, sigma=stats.sigma, key=np.array(json.dumps(key)))
     os.replace(tmp, f)
-    return stats, {"cache": str(f), "cache_hit": False, "features_s": time.perf_counter() - t0}
+    return stats, {"cache": str(f), "cache_hit": False, "data_sha256": data_sha,
+                   "features_s": time.perf_counter() - t0}
 
 
 def main(argv=None) -> dict:
