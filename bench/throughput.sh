@@ -26,9 +26,9 @@ mkdir -p "$OUT"
 for preset in $PRESETS; do
   for round in $(seq 1 "$ROUNDS"); do
     "$PY" "$REF/throughput_bench.py" --adapter "$ROOT/bench/adapters/torchdiffusion_unet.py" --preset "$preset" \
-      --threads "$THREADS" --wait-idle "$WAIT_IDLE" --tag "torchdiffusion_r$round" --out-dir "$OUT"
+      --threads "$THREADS" --wait-idle "$WAIT_IDLE" --tag "torchdiffusion_t${THREADS}_r$round" --out-dir "$OUT"
     "$PY" "$REF/throughput_bench.py" --adapter "$REF/adapters/diffusers_unet.py" --preset "$preset" \
-      --threads "$THREADS" --wait-idle "$WAIT_IDLE" --tag "diffusers_r$round" --out-dir "$OUT"
+      --threads "$THREADS" --wait-idle "$WAIT_IDLE" --tag "diffusers_t${THREADS}_r$round" --out-dir "$OUT"
   done
 done
 "$PY" "$ROOT/bench/throughput_compare.py" "$OUT" | tee "$OUT/throughput_compare.md"
