@@ -3,6 +3,7 @@
 RELIABILITY 1, 6, 8, 9, 14, 26, 27.
 """
 import csv
+import math
 import pickle
 import subprocess
 import sys
@@ -21,7 +22,7 @@ TINY = [
     "model.unet.attn_resolutions=[14]", "model.unet.norm_groups=4", "model.unet.num_heads=2",
     "train.batch_size=8", "train.lr=0.001", "train.warmup_steps=5", "train.log_every=10", "train.val_every=10",
     "train.val_images=32", "train.sample_every=1000", "train.ckpt_every=20", "train.keep_last=5",
-    "sample.steps=3", "sample.grid_images=4", "train.max_minutes=0",
+    "sample.steps=3", "sample.grid_images=4", "train.max_minutes=0", "train.precision=fp32",
 ]
 
 
@@ -209,3 +210,25 @@ def test_torchrun_two_processes_matches_one(tmp_path):
     wb = load_checkpoint(resolve_latest(two / "checkpoints")).tensors["model"]
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+
+
+def test_train_and_sample_work_without_network(tmp_path, monkeypatch):
+    """RELIABILITY 18: with sockets disabled, training and sampling on local files work."""
+    import socket
+
+    def no_network(*a, **k):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    train(tmp_path / "r", 4, ["train.ckpt_every=4"])
+    run(["sample", "--run", tmp_path / "r", "--outdir", tmp_path / "o", "--seeds", "0-1", "--steps", "2"])
+    assert (tmp_path / "o" / "000001.png").exists()
+
+
+def test_bf16_autocast_trains(tmp_path):
+    """The main job trains under bf16 autocast (backbone only): losses stay finite, weights stay float32."""
+    train(tmp_path / "r", 4, ["train.precision=bf16", "train.ckpt_every=4"])
+    assert all(math.isfinite(float(r["loss"])) for r in metrics(tmp_path / "r"))
+    w = load_checkpoint(resolve_latest(tmp_path / "r" / "checkpoints")).tensors["model"]
+    assert all(v.dtype == torch.float32 for v in w.values() if v.is_floating_point())
