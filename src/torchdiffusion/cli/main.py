@@ -31,7 +31,7 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
-        except (torch.OutOfMemoryError, MemoryError) as e:
+        except (torch.OutOfMemoryError, MemoryError):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo("error: out of memory; lower train.batch_size (with train.grad_accum to keep the global batch), "

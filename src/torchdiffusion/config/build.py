@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,7 +16,7 @@ from ..data import DATASET_OPTIONS, ImageArrayDataset, build_dataset
 from ..errors import ConfigError
 from ..nn.unet import UNet
 from .registry import PROCESSES, SAMPLERS, lookup
-from .schema import DataConfig, ModelConfig, ObjectiveConfig, ProcessConfig, RunConfig, SampleConfig
+from .schema import DataConfig, ModelConfig, ObjectiveConfig, ProcessConfig, SampleConfig
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -108,7 +107,3 @@ def build_sampler(cfg: SampleConfig) -> Callable:
     if cfg.sampler == "ddim":
         return functools.partial(fn, eta=cfg.eta)
     return fn
-
-
-def default_run_dir(cfg: RunConfig) -> Path:
-    return Path("runs") / cfg.data.kind

@@ -11,7 +11,6 @@ x is free (no copy), and the projections are single fused GEMMs over all B * L t
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 

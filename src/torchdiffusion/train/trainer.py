@@ -79,7 +79,7 @@ EXIT_PREEMPTED = 75
 #: config keys that may change between a checkpoint and its resumption (cadence and budgets, not the maths)
 RESUMABLE_CHANGES = ("train.steps", "train.max_minutes", "train.log_every", "train.val_every", "train.sample_every",
                      "train.ckpt_every", "train.keep_last", "train.nan_policy", "train.max_nan_skips",
-                     "sample.", "runtime.")
+                     "sample.")
 
 
 def step_seed(seed: int, step: int) -> int:
