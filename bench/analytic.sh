@@ -11,23 +11,9 @@
 # Writes bench/results/analytic_torchdiffusion.{csv,md} and bench/results/analytic_parity.txt.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BENCH_DIR="${BENCH_DIR:-$REPO/../shared/bench}"
-PEERS_VENV="${PEERS_VENV:-$REPO/../peers-venv}"
 THREADS="${THREADS:-1}"
-OUT="$REPO/bench/results"
-
-if [ ! -f "$BENCH_DIR/analytic_bench.py" ]; then
-    echo "error: no analytic_bench.py in BENCH_DIR=$BENCH_DIR; set BENCH_DIR to the referee bench folder" >&2
-    exit 2
-fi
-if [ ! -x "$PEERS_VENV/bin/python" ] || ! "$PEERS_VENV/bin/python" -c "import diffusers" 2>/dev/null; then
-    echo "building the peers environment in $PEERS_VENV" >&2
-    bash "$BENCH_DIR/setup_peers_venv.sh" "$PEERS_VENV"
-fi
-PY="$PEERS_VENV/bin/python"
-"$PY" -m pip install -q --no-deps -e "$REPO"
-mkdir -p "$OUT"
+# shellcheck source=bench/peers_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/peers_env.sh" analytic_bench.py
 
 cd "$BENCH_DIR"
 "$PY" analytic_bench.py --threads "$THREADS" \
