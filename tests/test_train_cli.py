@@ -92,7 +92,11 @@ def test_same_seed_same_png_at_any_batch(uninterrupted, tmp_path, sampler):
     run(["sample", "--run", uninterrupted, "--outdir", tmp_path / "b8", "--seeds", "0-7", "--batch", "8"] + extra)
     for s in range(8):
         assert (tmp_path / "b1" / f"{s:06d}.png").read_bytes() == (tmp_path / "b8" / f"{s:06d}.png").read_bytes()
-    assert (tmp_path / "b8" / "grid.png").exists() and (tmp_path / "b8" / "samples.json").exists()
+    assert (tmp_path / "b8" / "grid.png").exists()
+    import json
+    rec = json.loads((tmp_path / "b8" / "samples.json").read_text())
+    assert set(rec["checkpoint_sha256"]) >= {"model.safetensors", "ema.safetensors"}
+    assert rec["sampler"] == sampler and rec["count"] == 8 and len(rec["sigmas"]) == 5
     # different seeds give different images
     assert (tmp_path / "b8" / "000000.png").read_bytes() != (tmp_path / "b8" / "000001.png").read_bytes()
 
@@ -263,3 +267,14 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(uninterrupted, tmp_pa
         for k in a.tensors[group]:
             assert torch.equal(a.tensors[group][k], b.tensors[group][k]), (group, k)
     assert metrics(d) == metrics(uninterrupted)
+
+
+def test_folder_with_val_split_is_a_config_error(tmp_path):
+    from PIL import Image
+    (tmp_path / "imgs").mkdir()
+    for i in range(8):
+        Image.new("L", (28, 28), color=i * 30).save(tmp_path / "imgs" / f"{i}.png")
+    r = train(tmp_path / "r", 2, ["data.kind=folder", f"data.path={tmp_path / 'imgs'}", "data.channels=L"], expect=2)
+    assert "data.val_split" in r.output and "null" in r.output
+    train(tmp_path / "r", 2, ["data.kind=folder", f"data.path={tmp_path / 'imgs'}", "data.channels=L",
+                              "data.val_split=null", "train.ckpt_every=2"])

@@ -287,11 +287,9 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
     if info.is_main:
         if info.world_size == 1:
             save_png(make_grid(images[:256]), outdir / "grid.png")
-        manifest = ckpt.read_manifest(ckpt_path)
         record = {"checkpoint": str(ckpt_path), "step": c.meta["trainer"]["step"], "weights": weights,
-                  "checkpoint_sha256": {k: v.get("sha256") for k, v in manifest.get("files", {}).items()
-                                        if k.endswith(".safetensors")} if isinstance(manifest.get("files"), dict)
-                  else None,
+                  "checkpoint_sha256": {k: v["sha256"] for k, v in c.manifest["files"].items()
+                                        if k.endswith(".safetensors")},
                   "sampler": scfg.sampler, "steps": scfg.steps, "nfe": SAMPLERS[scfg.sampler][1](scfg.steps),
                   "grid": scfg.grid, "rho": scfg.rho, "spacing": scfg.spacing, "eta": scfg.eta,
                   "sigmas": [float(s) for s in sigmas], "seeds": seeds, "count": len(seed_list), "batch": batch,

@@ -62,7 +62,8 @@ def build_data(cfg: DataConfig, split: str | None = None):
     valid = DATASET_OPTIONS[cfg.kind]
     if cfg.kind == "folder":
         if split not in (None, cfg.split):
-            return None  # a folder has no held-out split of its own (yet)
+            raise ConfigError(f"data.val_split={split!r}: an image folder has no held-out split; set "
+                              f"data.val_split=null (the folder preset does)")
         options.pop("split")
     dataset = build_dataset(cfg.kind, **{k: v for k, v in options.items() if k in valid})
     if cfg.limit is not None:
