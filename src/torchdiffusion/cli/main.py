@@ -227,29 +227,19 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
     """Generate one PNG per seed, a grid, and samples.json."""
     import dataclasses
 
-    from ..config.build import build_model, build_sampler, build_sigmas
+    from ..config.build import build_sampler, build_sigmas
+    from ..config.loaders import load_run
     from ..config.registry import SAMPLERS
-    from ..config.schema import RunConfig
-    from ..config.strict import from_dict
     from ..pipelines.generate import generate, make_grid, save_png
-    from ..train import checkpoint as ckpt
 
     info = _dist_info()
     _set_threads(threads, info.world_size)
     dev = _device(device, info.local_rank)
-    if (run_dir is None) == (ckpt_path is None):
-        raise ConfigError("give exactly one of --run RUN or --checkpoint DIR")
     if batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch}")
-    if run_dir is not None:
-        if not run_dir.exists():
-            raise ConfigError(f"--run {run_dir}: no such run folder")
-        ckpt_path = ckpt.resolve_latest(run_dir / "checkpoints")
-        if ckpt_path is None:
-            raise ConfigError(f"--run {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
     seed_list = parse_seeds(seeds)
-    c = ckpt.load_checkpoint(ckpt_path)
-    cfg = from_dict(RunConfig, c.meta["config"])
+    run = load_run(run_dir, ckpt_path, weights, dev)
+    cfg, c, ckpt_path, model = run.config, run.checkpoint, run.path, run.model
     changes = {}
     if sampler is not None:
         changes["sampler"] = sampler
@@ -268,9 +258,6 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
     if scfg.grid not in ("karras", "loglinear", "discrete"):
         raise ConfigError(f"--grid {scfg.grid!r} is not valid; valid: karras, loglinear, discrete")
     fn = build_sampler(scfg)
-    model = build_model(cfg.model, cfg.train.precision)
-    model.load_state_dict(c.tensors["ema" if weights == "ema" else "model"])
-    model.eval().to(dev)
     sigmas = build_sigmas(scfg, model.process)
     u = cfg.model.unet
     shape = (u.out_channels, u.image_size, u.image_size)
@@ -288,8 +275,7 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
         if info.world_size == 1:
             save_png(make_grid(images[:256]), outdir / "grid.png")
         record = {"checkpoint": str(ckpt_path), "step": c.meta["trainer"]["step"], "weights": weights,
-                  "checkpoint_sha256": {k: v["sha256"] for k, v in c.manifest["files"].items()
-                                        if k.endswith(".safetensors")},
+                  "checkpoint_sha256": run.hashes(),
                   "sampler": scfg.sampler, "steps": scfg.steps, "nfe": SAMPLERS[scfg.sampler][1](scfg.steps),
                   "grid": scfg.grid, "rho": scfg.rho, "spacing": scfg.spacing, "eta": scfg.eta,
                   "sigmas": [float(s) for s in sigmas], "seeds": seeds, "count": len(seed_list), "batch": batch,

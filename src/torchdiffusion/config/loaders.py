@@ -1,0 +1,69 @@
+"""Load what a run folder or checkpoint holds: the resolved config and a ready denoiser.
+
+Commands that act on a trained model (sample, eval, audit, restore, likelihood, report) share this one path, so a
+run folder is resolved, verified and rebuilt the same way everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..core.precond import Preconditioned
+from ..errors import ConfigError
+from ..train import checkpoint as ckpt
+from .build import build_model
+from .schema import RunConfig
+from .strict import from_dict
+
+
+@dataclass
+class LoadedRun:
+    model: Preconditioned  # eval mode, on the requested device
+    config: RunConfig
+    checkpoint: ckpt.Checkpoint
+    path: Path  # the checkpoint folder
+    weights: str  # "ema" or "raw"
+
+    @property
+    def step(self) -> int:
+        return int(self.checkpoint.meta["trainer"]["step"])
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        u = self.config.model.unet
+        return (u.out_channels, u.image_size, u.image_size)
+
+    def hashes(self) -> dict[str, str]:
+        return {k: v["sha256"] for k, v in self.checkpoint.manifest["files"].items() if k.endswith(".safetensors")}
+
+
+def resolve_checkpoint(run_dir: Path | None = None, checkpoint: Path | None = None) -> Path:
+    """Exactly one of a run folder (its latest verified checkpoint) or a checkpoint folder."""
+    if (run_dir is None) == (checkpoint is None):
+        raise ConfigError("give exactly one of --run RUN or --checkpoint DIR")
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if not run_dir.exists():
+            raise ConfigError(f"--run {run_dir}: no such run folder")
+        path = ckpt.resolve_latest(run_dir / "checkpoints")
+        if path is None:
+            raise ConfigError(f"--run {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
+        return path
+    return Path(checkpoint)
+
+
+def load_run(run_dir: Path | None = None, checkpoint: Path | None = None,
+             weights: Literal["ema", "raw"] = "ema", device: torch.device | str = "cpu") -> LoadedRun:
+    """Verify and load a checkpoint, rebuild its model from the stored config, load the chosen weights."""
+    if weights not in ("ema", "raw"):
+        raise ConfigError(f"weights {weights!r} is not valid; valid: ema, raw")
+    path = resolve_checkpoint(run_dir, checkpoint)
+    c = ckpt.load_checkpoint(path)
+    cfg = from_dict(RunConfig, c.meta["config"])
+    model = build_model(cfg.model, cfg.train.precision)
+    model.load_state_dict(c.tensors["ema" if weights == "ema" else "model"])
+    model.eval().requires_grad_(False).to(device)
+    return LoadedRun(model, cfg, c, path, weights)
