@@ -12,6 +12,7 @@ from ..sampling.ode import sample_euler, sample_heun
 PROCESSES: dict[str, type] = {
     "vp_discrete": processes.VPDiscrete,
     "vp_continuous": processes.VPContinuous,
+    "sub_vp": processes.SubVP,
     "ve": processes.VE,
     "edm": processes.EDM,
 }

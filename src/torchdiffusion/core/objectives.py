@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..protocols import Cond
 from .precond import Preconditioned
-from .processes import VE, VPContinuous, VPDiscrete, NoiseProcess
+from .processes import SCORE_SDES, VPDiscrete, NoiseProcess
 
 DENSITIES = ("discrete", "uniform_t", "lognormal")
 WEIGHTINGS = ("eps", "x0", "v", "edm", "min_snr")
@@ -58,8 +58,9 @@ class Objective:
             t = torch.randint(0, process.T, (n,), generator=generator)
             return process.sigmas()[t].float()
         if self.density == "uniform_t":
-            if not isinstance(process, (VPContinuous, VE)):
-                raise ValueError("the 'uniform_t' density needs a continuous process (vp_continuous or ve)")
+            if not isinstance(process, SCORE_SDES):
+                raise ValueError("the 'uniform_t' density needs a continuous Score SDE process "
+                                 "(vp_continuous, sub_vp or ve)")
             t = self.t_min + (1 - self.t_min) * torch.rand(n, generator=generator, dtype=torch.float64)
             return process.sigma(t).float()
         z = torch.randn(n, generator=generator, dtype=torch.float64)

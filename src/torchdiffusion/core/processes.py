@@ -10,7 +10,21 @@ sigma range, and to draw training noise levels.
 - VPContinuous: the VP SDE of Song et al. 2021, beta(t) = beta_min + t (beta_max - beta_min), t in [eps_t, 1];
   sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1).
 - VE: the VE SDE of Song et al. 2021, sigma(t) = sigma_min (sigma_max / sigma_min)^t, s = 1.
+- SubVP: the sub-VP SDE of Song et al. 2021 (eq. 29): the VP drift with diffusion beta(t) (1 - exp(-2 B(t))),
+  B(t) = int_0^t beta = beta_min t + beta_d t^2 / 2. Its marginal (Song et al. 2021, eq. 34) has mean
+  exp(-B/2) x0 and variance (1 - exp(-B))^2, so s = exp(-B/2) and sigma(t) = (1 - exp(-B)) / exp(-B/2) = 2 sinh(B/2).
 - EDM: sigma(t) = t, s = 1; noise label ln(sigma) / 4 (EDM Table 1).
+
+The Score SDEs in one frame. VE, VP and sub-VP are linear SDEs dx_t = f(t) x_t dt + g(t) dw (`sde(t)` returns
+f and g^2 in float64). Their marginals are x_t = s(t) (x0 + sigma(t) n) with s'(t) = f(t) s(t) and
+g(t)^2 = s(t)^2 d sigma^2/dt, so the scaled variable x = x_t / s(t) obeys
+
+    dx = sqrt(d sigma(t)^2 / dt) dw,
+
+a pure diffusion with no drift: all three SDEs are the VE SDE run on a different clock sigma(t). Any sampler,
+likelihood or denoiser written against the frame (x, sigma) therefore serves every one of them, and a model
+trained in continuous time with any of them is a denoiser D(x, sigma) like any other (tested: Euler-Maruyama
+simulations of the three forward SDEs in the original variable match s(t) and s(t)^2 sigma(t)^2).
 """
 from __future__ import annotations
 
@@ -128,6 +142,72 @@ class VPContinuous:
     def c_noise(self, sigma: Tensor) -> Tensor:
         return (self.M - 1) * self.t_of_sigma(sigma)
 
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + self.beta_d * _f64(t)
+
+    def sde(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(f(t), g(t)^2) of dx_t = f x_t dt + g dw: f = -beta / 2, g^2 = beta (Song et al. 2021, eq. 11)."""
+        b = self.beta(t)
+        return -0.5 * b, b
+
+
+@dataclass(frozen=True)
+class SubVP:
+    """Continuous-time sub-VP SDE (Song et al. 2021, eq. 29): the VP drift, diffusion beta (1 - exp(-2 B(t))).
+
+    B(t) = beta_min t + beta_d t^2 / 2; s(t) = exp(-B / 2); sigma(t) = 2 sinh(B / 2). Its variance
+    s^2 sigma^2 = (1 - exp(-B))^2 stays below the VP variance 1 - exp(-B) at every t (hence "sub"). The noise
+    label is (M - 1) t, as for VPContinuous."""
+
+    beta_min: float = 0.1  # Song et al. 2021
+    beta_max: float = 20.0  # Song et al. 2021
+    eps_t: float = 1e-5  # Song et al. 2021: smallest training time
+    M: int = 1000  # noise label (M - 1) t, as EDM's VP column
+
+    def __post_init__(self):
+        if not (0 <= self.beta_min < self.beta_max):
+            raise ValueError(f"sub_vp needs 0 <= beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
+
+    @property
+    def beta_d(self) -> float:
+        return self.beta_max - self.beta_min
+
+    def integral_beta(self, t: Tensor) -> Tensor:
+        """B(t) = int_0^t beta(u) du."""
+        t = _f64(t)
+        return self.beta_min * t + 0.5 * self.beta_d * t**2
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return 2 * torch.sinh(0.5 * self.integral_beta(t))
+
+    def t_of_sigma(self, sigma: Tensor) -> Tensor:
+        B = 2 * torch.asinh(0.5 * _f64(sigma))
+        return ((self.beta_min**2 + 2 * self.beta_d * B).sqrt() - self.beta_min) / self.beta_d
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigma(self.eps_t))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigma(1.0))
+
+    def scale(self, sigma: Tensor) -> Tensor:
+        """s = exp(-B/2) = 1 / (sigma/2 + sqrt(1 + sigma^2/4)), the inverse of sigma = 2 sinh(B/2)."""
+        s = _f64(sigma)
+        return 1 / (0.5 * s + (1 + 0.25 * s**2).sqrt())
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        return (self.M - 1) * self.t_of_sigma(sigma)
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + self.beta_d * _f64(t)
+
+    def sde(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(f(t), g(t)^2): f = -beta / 2, g^2 = beta (1 - exp(-2 B(t))) (Song et al. 2021, eq. 29)."""
+        b = self.beta(t)
+        return -0.5 * b, b * -torch.expm1(-2 * self.integral_beta(t))
+
 
 @dataclass(frozen=True)
 class VE:
@@ -147,6 +227,12 @@ class VE:
 
     def c_noise(self, sigma: Tensor) -> Tensor:
         return torch.log(0.5 * _f64(sigma))  # EDM Table 1 (VE column)
+
+    def sde(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(f(t), g(t)^2): f = 0, g^2 = d sigma^2 / dt = 2 sigma(t)^2 ln(sigma_max / sigma_min) (Song et al. 2021,
+        eq. 9 with this geometric sigma(t)). Started at t = 0, the marginal variance is sigma(t)^2 - sigma_min^2."""
+        sig = self.sigma(t)
+        return torch.zeros_like(sig), 2 * sig**2 * math.log(self.sigma_max / self.sigma_min)
 
 
 @dataclass(frozen=True)
@@ -169,4 +255,7 @@ class EDM:
         return 0.25 * torch.log(_f64(sigma))  # EDM Table 1
 
 
-NoiseProcess = VPDiscrete | VPContinuous | VE | EDM
+NoiseProcess = VPDiscrete | VPContinuous | SubVP | VE | EDM
+
+#: the continuous-time Score SDEs (Song et al. 2021) that train with t uniform on [t_min, 1] (objective "uniform_t")
+SCORE_SDES = (VPContinuous, SubVP, VE)
