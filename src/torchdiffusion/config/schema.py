@@ -16,13 +16,13 @@ from ..train.trainer import TrainConfig
 class ProcessConfig:
     """Which noise process the model is trained in; unset (null) fields take the paper defaults of that kind."""
 
-    kind: Literal["vp_discrete", "vp_continuous", "ve", "edm"] = "vp_discrete"
+    kind: Literal["vp_discrete", "vp_continuous", "sub_vp", "ve", "edm"] = "vp_discrete"
     T: Optional[int] = None  # vp_discrete: 1000 or 2000 (Ho et al. 2020)
     schedule: Optional[Literal["linear", "cosine"]] = None  # vp_discrete
     beta_start: Optional[float] = None  # vp_discrete (linear)
     beta_end: Optional[float] = None  # vp_discrete (linear)
-    beta_min: Optional[float] = None  # vp_continuous
-    beta_max: Optional[float] = None  # vp_continuous
+    beta_min: Optional[float] = None  # vp_continuous, sub_vp
+    beta_max: Optional[float] = None  # vp_continuous, sub_vp
     sigma_min: Optional[float] = None  # ve, edm
     sigma_max: Optional[float] = None  # ve, edm
 
