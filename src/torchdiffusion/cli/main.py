@@ -132,6 +132,9 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
     val_set = build_data(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
     model_cfg = cfg.model
     check_data_fits_model(train_set, model_cfg)
+    from .guidance_cmd import class_conditioning  # cond.kind=class: num_classes from the data, label dropout
+    cfg, make_cond, cond_for = class_conditioning(cfg, train_set, info, device)
+    model_cfg = cfg.model
     ckpt_dir = run_dir / "checkpoints"
     if resume == "latest":
         resume_from = ckpt.resolve_latest(ckpt_dir) if ckpt_dir.exists() else None
@@ -161,7 +164,7 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
     seeds = list(range(cfg.sample.grid_images))
 
     def sample_grid(ema, step):
-        images = generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device)
+        images = generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device, cond_for=cond_for)
         save_png(make_grid(images), run_dir / "samples" / f"grid_{step:08d}.png")
 
     stop = {"flag": False}
@@ -173,7 +176,7 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
     distributed.init(info, device)
     try:
         trainer = Trainer(cfg.train, model=model, objective=objective, train_set=train_set, val_set=val_set,
-                          run_dir=run_dir, seed=cfg.seed, resolved_config=resolved,
+                          run_dir=run_dir, seed=cfg.seed, resolved_config=resolved, make_cond=make_cond,
                           data_fingerprint=dataset_fingerprint(train_set), sample_grid=sample_grid, dist=info,
                           device=device, should_stop=lambda: stop["flag"], progress=progress,
                           until_step=until_step)

@@ -74,6 +74,19 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class CondConfig:
+    """Conditioning of the denoiser. kind=class: cond = {"label": (B,) int64}, the null label is num_classes
+    (model.unet.num_classes is set from the data's classes when left at 0)."""
+
+    kind: Literal["none", "class"] = "none"
+    p_uncond: float = 0.1  # label dropout for classifier-free guidance (Ho & Salimans 2022 use 0.1 or 0.2)
+
+    def __post_init__(self):
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"cond.p_uncond must be in [0, 1], got {self.p_uncond}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -81,3 +94,4 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    cond: CondConfig = field(default_factory=CondConfig)

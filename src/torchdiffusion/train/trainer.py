@@ -118,7 +118,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, model: Preconditioned, objective: Objective, train_set, val_set,
                  run_dir: Path, seed: int, resolved_config: dict, data_fingerprint: str,
-                 make_cond: Callable[[dict], Cond] | None = None,
+                 make_cond: Callable[[dict, Optional[int]], Cond] | None = None,
                  sample_grid: Callable[[nn.Module, int], None] | None = None,
                  dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"),
                  should_stop: Callable[[], bool] | None = None, progress: bool | None = None,
@@ -127,7 +127,9 @@ class Trainer:
         self.train_set, self.val_set = train_set, val_set
         self.run_dir, self.seed, self.resolved_config = Path(run_dir), seed, resolved_config
         self.data_fingerprint = data_fingerprint
-        self.make_cond = make_cond or (lambda batch: None)
+        # make_cond(batch, step): step is the global training step (e.g. to seed condition dropout), None for
+        # validation (the validation loss is the conditional model's: no dropout)
+        self.make_cond = make_cond or (lambda batch, step: None)
         self.sample_grid = sample_grid
         self.dist, self.device = dist, device
         self.should_stop = should_stop or (lambda: False)
@@ -200,7 +202,7 @@ class Trainer:
     def _train_step(self, batch: dict) -> dict[str, float] | None:
         cfg = self.cfg
         x0 = to_model_range(batch["x"]).to(self.device)
-        cond = self.make_cond(batch)
+        cond = self.make_cond(batch, self.step)
         sigma, noise = self._noise(self.step, tuple(x0.shape))
         for group in self.opt.param_groups:
             group["lr"] = lr_at(cfg, self.step)
@@ -243,7 +245,7 @@ class Trainer:
             x0 = to_model_range(batch["x"]).to(self.device)
             sigma = self.objective.sample_sigma(len(idx), self.model.process, g).to(self.device)
             noise = torch.randn(x0.shape, generator=g).to(self.device)
-            total += float(self.objective.loss(self.ema, x0, self.make_cond(batch), sigma=sigma, noise=noise).sum())
+            total += float(self.objective.loss(self.ema, x0, self.make_cond(batch, None), sigma=sigma, noise=noise).sum())
         return total / n
 
     # ----------------------------------------------------------------- the loop
