@@ -105,8 +105,31 @@ def _check_pair(mu1, sigma1, mu2, sigma2):
     return mu1, sigma1, mu2, sigma2
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
-    """tr((S1 S2)^{1/2}) with the principal matrix square root (scipy.linalg.sqrtm, Schur method)."""
+def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (eigh; negative rounding noise -> 0)."""
+    w, v = np.linalg.eigh(0.5 * (sigma + sigma.T))
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6, *, method: str = "eigh",
+                       sqrt_sigma1: np.ndarray | None = None) -> float:
+    """tr((S1 S2)^{1/2}) for covariance matrices S1, S2.
+
+    method "eigh" (default): S1 S2 is similar to R S2 R with R = S1^{1/2} symmetric PSD, so the
+    eigenvalues of S1 S2 are those of the symmetric PSD matrix R S2 R and
+        tr((S1 S2)^{1/2}) = sum_i sqrt(lambda_i(R S2 R)).
+    Two symmetric eigendecompositions (one if `sqrt_sigma1` = R is given, e.g. cached for a reference
+    set), real arithmetic throughout, exact for singular covariances (N <= D) without regularisation;
+    ~20x faster than sqrtm at D = 2048. method "sqrtm": the principal square root of the non-symmetric
+    product (scipy.linalg.sqrtm, Schur method) as in the TF FID code and pytorch-fid, with their
+    eps * I retry for singular products."""
+    if method == "eigh":
+        root = psd_sqrt(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
+        inner = root @ sigma2 @ root
+        w = np.linalg.eigvalsh(0.5 * (inner + inner.T))
+        return float(np.sqrt(np.clip(w, 0.0, None)).sum())
+    if method != "sqrtm":
+        raise DataError(f"unknown matrix square root method {method!r}; valid: eigh, sqrtm")
     root = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(root).all():
         # Singular product (e.g. N <= D): regularise both covariances, as the TF FID code does.
@@ -123,17 +146,20 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
     return float(np.trace(root))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, *, method: str = "eigh",
+                     sqrt_sigma1: np.ndarray | None = None) -> float:
     """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (see module docstring)."""
     mu1, sigma1, mu2, sigma2 = _check_pair(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     value = float(diff @ diff) + float(np.trace(sigma1)) + float(np.trace(sigma2)) \
-        - 2.0 * trace_sqrt_product(sigma1, sigma2, eps)
+        - 2.0 * trace_sqrt_product(sigma1, sigma2, eps, method=method, sqrt_sigma1=sqrt_sigma1)
     return value
 
 
-def fid_from_statistics(a: FeatureStatistics, b: FeatureStatistics, eps: float = 1e-6) -> float:
-    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, eps)
+def fid_from_statistics(a: FeatureStatistics, b: FeatureStatistics, eps: float = 1e-6, *, method: str = "eigh",
+                        sqrt_sigma_a: np.ndarray | None = None) -> float:
+    """FID between two Gaussian fits; `sqrt_sigma_a` (psd_sqrt(a.sigma)) may be passed when a is reused."""
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, eps, method=method, sqrt_sigma1=sqrt_sigma_a)
 
 
 def fid_from_features(features1, features2, eps: float = 1e-6) -> float:

