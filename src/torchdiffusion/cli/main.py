@@ -338,6 +338,9 @@ def env():
     for k, v in lines.items():
         click.echo(f"{k:36s} {v}")
 
+from .eval_cmd import eval_group  # noqa: E402
+cli.add_command(eval_group)
+
 
 def main():
     cli(prog_name="torchdiffusion")
