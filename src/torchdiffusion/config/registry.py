@@ -8,6 +8,7 @@ from ..core import processes
 from ..errors import ConfigError
 from ..sampling.ancestral import sample_ddim, sample_ddpm
 from ..sampling.ode import sample_euler, sample_heun
+from ..sampling.multistep import nfe_plms, sample_deis, sample_ipndm, sample_plms, sample_unipc
 
 PROCESSES: dict[str, type] = {
     "vp_discrete": processes.VPDiscrete,
@@ -23,6 +24,10 @@ SAMPLERS: dict[str, tuple[Callable, Callable[[int], int]]] = {
     "heun": (sample_heun, lambda n: 2 * n - 1),
     "ddim": (sample_ddim, lambda n: n),
     "ddpm": (sample_ddpm, lambda n: n),
+    "unipc": (sample_unipc, lambda n: n),
+    "ipndm": (sample_ipndm, lambda n: n),
+    "plms": (sample_plms, nfe_plms),
+    "deis": (sample_deis, lambda n: n),
 }
 
 
