@@ -1,0 +1,292 @@
+"""DPM-Solver (Lu et al. 2022a, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in
+Around 10 Steps"): exponential integrators of the probability-flow ODE in lambda = -log sigma.
+
+In this frame (alpha = 1) the ODE in lambda is dx/dlambda = -sigma eps(x, sigma) with eps = (x - D) / sigma,
+and its exact solution x' = x - sigma' integral_0^h e^{tau} eps dtau is approximated by Taylor expanding eps in
+lambda (paper, eqs. 3.4-3.5 and Algs. 1-2). With h = lambda' - lambda = log(s / s') and eps = eps(x, s):
+
+    DPM-Solver-1:  x' = x - s' expm1(h) eps                                             (= DDIM)
+    DPM-Solver-2:  u = x - s_1 expm1(r1 h) eps,  s_1 = s e^{-r1 h}
+                   x' = x - s' expm1(h) eps - s' / (2 r1) expm1(h) (eps(u, s_1) - eps)
+    DPM-Solver-3:  (r1, r2) = (1/3, 2/3); u1 as above; u2 = x - s_2 expm1(r2 h) eps
+                        - s_2 (r2 / r1) (expm1(r2 h) / (r2 h) - 1) (eps(u1, s_1) - eps)
+                   x' = x - s' expm1(h) eps - s' / r2 (expm1(h) / h - 1) (eps(u2, s_2) - eps)
+
+`sample_dpm_fast` is DPM-Solver-fast (paper, sec. 3.4): steps uniform in lambda, as many 3rd-order steps as
+the NFE budget allows, then a 2nd/1st-order step for the remainder. `sample_dpm_adaptive` is
+DPM-Solver-12/23 (paper, sec. 4.2 and Alg. 5): a lower- and a higher-order step share evaluations; their
+difference, scaled by delta = max(atol, rtol max(|x_low|, |x_prev|)), is the error estimate
+E = ||(x_high - x_low) / delta||_2 / sqrt(dim); a step is accepted and the next h chosen by a PID step-size
+controller (Söderlind 2003; the I-controller h <- h E^{-1/order}, limited by 1 + atan(f - 1), is the default).
+
+Only the end points of `sigmas` are used: sigma_max = sigmas[0] and sigma_min = the smallest positive entry.
+If the grid ends in 0, one more evaluation finishes with x = D(x, sigma_min) (the grid's last step).
+
+The adaptive solver takes its own steps **per row**: each row has its own h and controller (the denoiser is
+called with a (B,) sigma that varies across rows), so a seed's sample and NFE do not depend on the batch.
+(k-diffusion and the DPM-Solver reference code take one norm over the whole batch, so a sample there changes
+with the other images in its batch.) It also keeps eps(x, s) across rejected attempts: a rejection costs
+order - 1 evaluations, not order. Its measured NFE is reported through `stats` and the callback.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
+from torchdiffusion.sampling.brownian import NOISE_KINDS, NoiseSampler, make_noise
+from torchdiffusion.sampling.kdiff import _start, ancestral_step, check_nonneg
+from torchdiffusion.sampling.noise import check_generators
+from torchdiffusion.sampling.steps import SamplerError, bind
+
+
+def _end_points(sig: list[float]) -> tuple[float, float, bool]:
+    positive = [s for s in sig if s > 0]
+    return positive[0], positive[-1], sig[-1] == 0
+
+
+def fast_orders(nfe: int) -> list[int]:
+    """DPM-Solver-fast's order per step for a budget of `nfe` evaluations (Lu et al. 2022a, sec. 3.4):
+    K = floor(nfe / 3) + 1 steps; nfe % 3 == 0: [3] * (K - 2) + [2, 1], else [3] * (K - 1) + [nfe % 3]."""
+    k = nfe // 3 + 1
+    if nfe % 3 == 0:
+        return [3] * (k - 2) + [2, 1]
+    return [3] * (k - 1) + [nfe % 3]
+
+
+class _EpsSteps:
+    """The three DPM-Solver updates on rows sharing one (float) step, or per-row steps as (B,) tensors.
+    `eps_at(x, lam)` evaluates eps = (x - D(x, sigma)) / sigma at sigma = e^{-lam}."""
+
+    def __init__(self, eps_at):
+        self.eps_at = eps_at
+
+    @staticmethod
+    def _col(v, x: Tensor):
+        """A float stays a float; a (B,) float64 tensor becomes (B, 1, ...) in x's dtype."""
+        if isinstance(v, Tensor):
+            return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return v
+
+    def step1(self, x, lam, h, eps):
+        return x - self._col(torch.exp(-(lam + h)) * torch.expm1(h), x) * eps
+
+    def step2(self, x, lam, h, eps, cache, r1=0.5):
+        s1 = lam + r1 * h
+        if "e1" not in cache:
+            u = x - self._col(torch.exp(-s1) * torch.expm1(r1 * h), x) * eps
+            cache["e1"] = self.eps_at(u, s1)
+        sn = torch.exp(-(lam + h))
+        return x - self._col(sn * torch.expm1(h), x) * eps - self._col(sn / (2 * r1) * torch.expm1(h), x) * (cache["e1"] - eps)
+
+    def step3(self, x, lam, h, eps, cache, r1=1 / 3, r2=2 / 3):
+        s1, s2 = lam + r1 * h, lam + r2 * h
+        if "e1" not in cache:
+            u1 = x - self._col(torch.exp(-s1) * torch.expm1(r1 * h), x) * eps
+            cache["e1"] = self.eps_at(u1, s1)
+        sig2 = torch.exp(-s2)
+        u2 = (x - self._col(sig2 * torch.expm1(r2 * h), x) * eps
+              - self._col(sig2 * (r2 / r1) * (torch.expm1(r2 * h) / (r2 * h) - 1), x) * (cache["e1"] - eps))
+        e2 = self.eps_at(u2, s2)
+        sn = torch.exp(-(lam + h))
+        return x - self._col(sn * torch.expm1(h), x) * eps - self._col(sn / r2 * (torch.expm1(h) / h - 1), x) * (e2 - eps)
+
+
+def _f64(v: float) -> Tensor:
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def sample_dpm_fast(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
+                    generator: Generators = None, callback: Callback = None, eta: float = 0.0,
+                    s_noise: float = 1.0, noise_kind: str = "gaussian",
+                    noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
+    """DPM-Solver-fast from sigmas[0] to the smallest positive sigma with an NFE budget of n (an n-step grid
+    ending above 0) or n - 1 plus the final x = D (a grid ending in 0): NFE = n either way. Steps are uniform
+    in lambda = -log sigma; only the grid's end points are used. eta > 0 makes each step ancestral (to s_down,
+    then s_noise s_up z, as `sample_euler_ancestral`)."""
+    eta, s_noise = check_nonneg("eta", eta, "dpm_fast"), check_nonneg("s_noise", s_noise, "dpm_fast")
+    sig, x = _start(noise, sigmas, generator)
+    s_max, s_min, to_zero = _end_points(sig)
+    budget = len(sig) - 1 - (1 if to_zero else 0)
+    denoise = bind(denoiser, cond)
+    z = None
+    if noise_kind not in NOISE_KINDS:
+        raise SamplerError(f"dpm_fast: unknown noise_kind {noise_kind!r}; valid: {', '.join(NOISE_KINDS)}")
+    if eta > 0 and budget > 0:
+        z = noise_sampler if noise_sampler is not None else make_noise(noise_kind, x, s_min, s_max, generator)
+    if budget > 0:
+        steps = _EpsSteps(lambda u, lam: (u - denoise(u, math.exp(-float(lam)))) / math.exp(-float(lam)))
+        lam_start, lam_end = -math.log(s_max), -math.log(s_min)
+        orders = fast_orders(budget)
+        lams = torch.linspace(lam_start, lam_end, len(orders) + 1, dtype=torch.float64).tolist()
+        for i, order in enumerate(orders):
+            lam, lam_next = lams[i], lams[i + 1]
+            s, s_next = math.exp(-lam), math.exp(-lam_next)
+            if eta > 0:
+                s_down, s_up = ancestral_step(s, s_next, eta)
+                lam_to = min(lam_end, -math.log(s_down)) if s_down > 0 else lam_end
+                s_up = math.sqrt(max(s_next * s_next - math.exp(-2 * lam_to), 0.0))
+            else:
+                lam_to, s_up = lam_next, 0.0
+            denoised = denoise(x, s)
+            eps = (x - denoised) / s
+            if callback is not None:
+                callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised, "order": order})
+            h, lam_t, cache = _f64(lam_to - lam), _f64(lam), {}
+            if order == 1:
+                x = steps.step1(x, lam_t, h, eps)
+            elif order == 2:
+                x = steps.step2(x, lam_t, h, eps, cache)
+            else:
+                x = steps.step3(x, lam_t, h, eps, cache)
+            if z is not None and s_up > 0:
+                x = x + z(s, s_next) * (s_up * s_noise)
+    if to_zero:
+        x = denoise(x, s_min)
+    return x
+
+
+def sample_dpm_adaptive(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
+                        generator: Generators = None, callback: Callback = None, order: int = 3,
+                        rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0,
+                        icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81, eta: float = 0.0,
+                        s_noise: float = 1.0, noise_kind: str = "brownian", stats: Optional[dict] = None) -> Tensor:
+    """DPM-Solver-12 (order 2) or -23 (order 3) with error-controlled step sizes in lambda, per row, from
+    sigmas[0] to the smallest positive sigma (then x = D if the grid ends in 0). Defaults for rtol, atol
+    (0.0078 ~ 1/128 of the [-1, 1] pixel range), h_init and the controller follow Lu et al. 2022a, sec. 4.2,
+    and k-diffusion. eta > 0: ancestral steps whose noise comes from a per-row Brownian tree by default, so
+    rejected or refined steps see one consistent Brownian path per seed.
+
+    NFE is not fixed in advance (the registry gives None): `stats`, if a dict, receives "nfe" (mean over rows),
+    "nfe_per_row", "accepted", "rejected" (per row lists) and "calls" (denoiser calls); the callback gets
+    "i", "x", "sigma" (B,), "h" (B,), "rows" (the rows attempted), "error" and "accepted" (per attempted row)
+    and the running "nfe" (B,) after each attempt."""
+    if isinstance(order, bool) or order not in (2, 3):
+        raise SamplerError(f"dpm_adaptive: order must be 2 or 3, got {order!r}")
+    name = "dpm_adaptive"
+    rtol, atol = check_nonneg("rtol", rtol, name), check_nonneg("atol", atol, name)
+    h_init, accept_safety = check_nonneg("h_init", h_init, name), check_nonneg("accept_safety", accept_safety, name)
+    pcoeff, icoeff, dcoeff = (check_nonneg(k, v, name) for k, v in (("pcoeff", pcoeff), ("icoeff", icoeff), ("dcoeff", dcoeff)))
+    eta, s_noise = check_nonneg("eta", eta, name), check_nonneg("s_noise", s_noise, name)
+    if rtol == 0 and atol == 0:
+        raise SamplerError("dpm_adaptive: rtol and atol cannot both be 0")
+    if h_init == 0:
+        raise SamplerError("dpm_adaptive: h_init must be > 0")
+    if noise_kind not in NOISE_KINDS:
+        raise SamplerError(f"dpm_adaptive: unknown noise_kind {noise_kind!r}; valid: {', '.join(NOISE_KINDS)}")
+    sig, x = _start(noise, sigmas, generator)
+    s_max, s_min, to_zero = _end_points(sig)
+    B = x.shape[0]
+    lam_end = -math.log(s_min)
+    lam = torch.full((B,), -math.log(s_max), dtype=torch.float64)
+    h = torch.full((B,), h_init, dtype=torch.float64)
+    ctrl_order = 1.5 if eta > 0 else float(order)
+    b1, b2, b3 = (pcoeff + icoeff + dcoeff) / ctrl_order, -(pcoeff + 2 * dcoeff) / ctrl_order, dcoeff / ctrl_order
+    errs: Optional[Tensor] = None  # (B, 3) inverse errors of the controller
+    nfe = torch.zeros(B, dtype=torch.long)
+    accepted, rejected = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    calls = 0
+    cond_rows = cond
+
+    def eps_at(u: Tensor, lam_rows: Tensor, rows: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        nfe[rows] += 1
+        sig_rows = torch.exp(-lam_rows)
+        c = None if cond_rows is None else {k: v[rows] for k, v in cond_rows.items()}
+        out = denoiser(u, sig_rows.to(u.dtype), c)
+        if out.shape != u.shape:
+            raise SamplerError(f"the denoiser returned shape {tuple(out.shape)} for an input of shape "
+                               f"{tuple(u.shape)}; it must return an x0 estimate of the input's shape")
+        return (u - out) / sig_rows.to(u.dtype).reshape(-1, *([1] * (u.ndim - 1)))
+
+    sources = None
+    if eta > 0:
+        check_generators(generator, B)
+        if isinstance(generator, (list, tuple)):
+            row_gens = list(generator)
+        else:  # one generator (or the global one) seeds a generator per row
+            seeds = torch.randint(0, 2**62, (B,), generator=generator).tolist()
+            row_gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
+        sources = [make_noise(noise_kind, x[b:b + 1], s_min, s_max, [row_gens[b]]) for b in range(B)]
+
+    x_prev = x.clone()
+    eps0 = torch.zeros_like(x)
+    have_eps0 = torch.zeros(B, dtype=torch.bool)
+    active = lam < lam_end - 1e-5
+    step = 0
+    while bool(active.any()):
+        rows = active.nonzero().flatten()
+        xa, la, ha = x[rows], lam[rows], h[rows]
+        t = torch.minimum(torch.full_like(la, lam_end), la + ha)
+        if eta > 0:
+            t_to, s_up = t.clone(), torch.zeros_like(t)
+            for k in range(len(rows)):
+                s_a, s_b = math.exp(-float(la[k])), math.exp(-float(t[k]))
+                s_down, _ = ancestral_step(s_a, s_b, eta)
+                t_to[k] = min(lam_end, -math.log(s_down)) if s_down > 0 else lam_end
+                s_up[k] = math.sqrt(max(s_b * s_b - math.exp(-2 * float(t_to[k])), 0.0))
+        else:
+            t_to, s_up = t, None
+        need = ~have_eps0[rows]
+        if bool(need.any()):
+            r_need = rows[need]
+            eps0[r_need] = eps_at(x[r_need], lam[r_need], r_need)
+            have_eps0[r_need] = True
+        e0 = eps0[rows]
+        steps = _EpsSteps(lambda u, lam_u: eps_at(u, lam_u, rows))
+        hh, cache = t_to - la, {}
+        if order == 2:
+            x_low = steps.step1(xa, la, hh, e0)
+            x_high = steps.step2(xa, la, hh, e0, cache)
+        else:
+            x_low = steps.step2(xa, la, hh, e0, cache, r1=1 / 3)
+            x_high = steps.step3(xa, la, hh, e0, cache)
+        delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev[rows].abs()))
+        dim = x_low[0].numel()
+        error = ((x_low - x_high) / delta).flatten(1).double().norm(dim=1) / math.sqrt(dim)  # (b,)
+        inv = 1.0 / (error + 1e-8)
+        if errs is None:
+            errs = torch.zeros(B, 3, dtype=torch.float64)
+            errs[:] = float("nan")
+        e = errs[rows]
+        fresh = torch.isnan(e[:, 0])
+        e[fresh] = inv[fresh, None].expand(-1, 3)
+        e[:, 0] = inv
+        factor = e[:, 0] ** b1 * e[:, 1] ** b2 * e[:, 2] ** b3
+        factor = 1 + torch.atan(factor - 1)
+        ok = factor >= accept_safety
+        e[ok, 2], e[ok, 1] = e[ok, 1], e[ok, 0]
+        errs[rows] = e
+        h[rows] = ha * factor
+        if bool(ok.any()):
+            r_ok = rows[ok]
+            x_new = x_high[ok]
+            if sources is not None:
+                for k, kk in enumerate(ok.nonzero().flatten().tolist()):
+                    up = float(s_up[kk])
+                    if up > 0:
+                        z = sources[int(rows[kk])](math.exp(-float(la[kk])), math.exp(-float(t[kk])))
+                        x_new[k] = x_new[k] + z[0] * (up * s_noise)
+            x_prev[r_ok] = x_low[ok]
+            x[r_ok] = x_new
+            lam[r_ok] = t[ok]
+            have_eps0[r_ok] = False
+            accepted[r_ok] += 1
+        rejected[rows[~ok]] += 1
+        if callback is not None:
+            callback({"i": step, "x": x, "sigma": torch.exp(-lam), "h": h.clone(), "rows": rows, "error": error,
+                      "accepted": ok, "nfe": nfe.clone()})
+        active = lam < lam_end - 1e-5
+        step += 1
+    if to_zero:
+        x = bind(denoiser, cond)(x, s_min)
+        calls += 1
+        nfe += 1
+    if stats is not None:
+        stats.update({"nfe": float(nfe.double().mean()), "nfe_per_row": nfe.tolist(), "accepted": accepted.tolist(),
+                      "rejected": rejected.tolist(), "calls": calls})
+    return x
