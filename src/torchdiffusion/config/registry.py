@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from typing import Callable, Optional
 
 from ..core import processes
 from ..errors import ConfigError
 from ..sampling.ancestral import sample_ddim, sample_ddpm
 from ..sampling.ode import sample_euler, sample_heun
 from ..sampling.multistep import nfe_plms, sample_deis, sample_ipndm, sample_plms, sample_unipc
+from ..sampling import dpm_solver, kdiff
 
 PROCESSES: dict[str, type] = {
     "vp_discrete": processes.VPDiscrete,
@@ -18,8 +19,8 @@ PROCESSES: dict[str, type] = {
     "edm": processes.EDM,
 }
 
-#: name -> (sampler function, NFE of an n-step grid)
-SAMPLERS: dict[str, tuple[Callable, Callable[[int], int]]] = {
+#: name -> (sampler function, NFE of an n-step grid ending in 0; None where the sampler chooses its own steps)
+SAMPLERS: dict[str, tuple[Callable, Callable[[int], Optional[int]]]] = {
     "euler": (sample_euler, lambda n: n),
     "heun": (sample_heun, lambda n: 2 * n - 1),
     "ddim": (sample_ddim, lambda n: n),
@@ -28,6 +29,18 @@ SAMPLERS: dict[str, tuple[Callable, Callable[[int], int]]] = {
     "ipndm": (sample_ipndm, lambda n: n),
     "plms": (sample_plms, nfe_plms),
     "deis": (sample_deis, lambda n: n),
+    # the k-diffusion family (sampling.kdiff, sampling.dpm_solver; docs/samplers.md)
+    "euler_ancestral": (kdiff.sample_euler_ancestral, lambda n: n),
+    "dpm2": (kdiff.sample_dpm2, lambda n: 2 * n - 1),
+    "dpm2_ancestral": (kdiff.sample_dpm2_ancestral, lambda n: 2 * n - 1),
+    "lms": (kdiff.sample_lms, lambda n: n),
+    "dpm_fast": (dpm_solver.sample_dpm_fast, lambda n: n),
+    "dpm_adaptive": (dpm_solver.sample_dpm_adaptive, lambda n: None),  # step-size controlled: measured, not known
+    "dpmpp_2s_ancestral": (kdiff.sample_dpmpp_2s_ancestral, lambda n: 2 * n - 1),
+    "dpmpp_2m": (kdiff.sample_dpmpp_2m, lambda n: n),
+    "dpmpp_2m_sde": (kdiff.sample_dpmpp_2m_sde, lambda n: n),
+    "dpmpp_3m_sde": (kdiff.sample_dpmpp_3m_sde, lambda n: n),
+    "edm": (kdiff.sample_edm, lambda n: 2 * n - 1),
 }
 
 
