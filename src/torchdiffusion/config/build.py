@@ -97,6 +97,11 @@ def build_sigmas(cfg: SampleConfig, process, steps: int | None = None) -> Tensor
         return grids.karras(n, smin, smax, cfg.rho)
     if cfg.grid == "loglinear":
         return grids.loglinear(n, smin, smax)
+    if cfg.grid == "optimized":
+        if not cfg.grid_file:
+            raise ConfigError("sample.grid 'optimized' needs sample.grid_file (a grid written by "
+                              "`torchdiffusion grid optimize`)")
+        return grids.load_grid(cfg.grid_file, n)[0]
     if not isinstance(process, VPDiscrete):
         raise ConfigError("sample.grid 'discrete' needs a discrete-time model (model.process.kind vp_discrete); "
                           "use 'karras' or 'loglinear'")

@@ -11,11 +11,16 @@ because the small sigmas at the end of a grid lose most of their digits in float
 - discrete: n of the T timesteps of a discrete model (DDPM, Ho et al. 2020), picked the way DDIM
   (Song et al. 2021a) and its common re-implementations do ("leading", "trailing", "linspace"; the
   names follow Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed").
+- saved grids (`save_grid` / `load_grid`): any grid, typically one optimised for a model and a sampler
+  (`sampling.gridopt`), kept as JSON with the settings that produced it.
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Callable
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -154,3 +159,54 @@ def discrete(sigmas_table: Tensor, n: int, spacing: str = "leading", offset: int
         raise GridError("sigmas_table must be finite, > 0 and strictly increasing in t (t = 0 is the least noisy)")
     t = discrete_timesteps(table.numel(), n, spacing, offset)
     return _append_zero(table[t])
+
+
+GRID_FORMAT = "torchdiffusion-sigma-grid/1"
+
+
+def check_grid(sigmas: Tensor, where: str = "grid") -> Tensor:
+    """Validate a saved or user-given grid: 1-D float, >= 2 entries, finite, strictly descending, positive
+    except the last entry, which must be 0. Returns it as float64."""
+    sig = torch.as_tensor(sigmas)
+    if sig.ndim != 1 or sig.numel() < 2 or not sig.is_floating_point():
+        raise GridError(f"{where}: sigmas must be a list of at least 2 numbers (sigma_max, ..., 0)")
+    sig = sig.to(torch.float64)
+    if not torch.isfinite(sig).all() or not (sig[1:] < sig[:-1]).all() or sig[-1] != 0 or not (sig[:-1] > 0).all():
+        raise GridError(f"{where}: sigmas must be finite, strictly descending, positive and end in 0")
+    return sig
+
+
+def save_grid(path: Union[str, Path], sigmas: Tensor, meta: Optional[dict[str, Any]] = None) -> Path:
+    """Write a grid as JSON {"format", "steps", "sigmas", "meta"} (atomically: temporary file + rename)."""
+    sig = check_grid(sigmas)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": GRID_FORMAT, "steps": sig.numel() - 1, "sigmas": sig.tolist(), "meta": dict(meta or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_grid(path: Union[str, Path], n: Optional[int] = None) -> tuple[Tensor, dict[str, Any]]:
+    """Read a grid written by `save_grid`: (sigmas (n + 1,) float64, meta). With n given, the file must hold
+    an n-step grid."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GridError(f"grid file {path} does not exist; compute it with `torchdiffusion grid optimize`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GridError(f"grid file {path} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(doc, dict) or doc.get("format") != GRID_FORMAT or not isinstance(doc.get("sigmas"), list):
+        raise GridError(f"grid file {path} is not a torchdiffusion sigma grid (format {GRID_FORMAT!r})")
+    try:
+        sig = check_grid(torch.tensor(doc["sigmas"], dtype=torch.float64), f"grid file {path}")
+    except (TypeError, ValueError) as e:
+        if isinstance(e, GridError):
+            raise
+        raise GridError(f"grid file {path}: sigmas must be numbers") from None
+    if n is not None and sig.numel() - 1 != n:
+        raise GridError(f"grid file {path} holds a {sig.numel() - 1}-step grid, but {n} steps were asked for")
+    meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+    return sig, meta

@@ -52,6 +52,7 @@ class GridSearchConfig:
     refine_sweeps: int = 3  # pattern-search sweeps over the interior nodes (0: the programme's grid)
     refine_steps: tuple[float, ...] = (0.3, 0.1, 0.03)  # log-sigma moves tried per sweep (one per sweep)
     history: int = 2  # 1: DDIM local error (GITS); 2: DPM-Solver++(2M) local error with the pair state
+    refine_max_steps: int = 25  # refine only grids of at most this many steps (the cost grows as n^2)
 
 
 @dataclass
@@ -205,9 +206,9 @@ def optimize_grid(denoiser: Denoiser, shape: Sequence[int], n: int, sampler: Cal
     lo, hi = float(sigma_min), float(sigma_max)
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
         raise GridSearchError(f"need finite 0 < sigma_min < sigma_max, got {sigma_min!r}, {sigma_max!r}")
-    M = int(config.candidates)
-    if M < n + 1 or M > 400:
-        raise GridSearchError(f"candidates must be in [n + 1, 400] = [{n + 1}, 400], got {M}")
+    M = max(int(config.candidates), 2 * n)  # enough candidates for n steps
+    if M > 400:
+        raise GridSearchError(f"at most 400 candidate nodes (2 n for n steps), got {M}; use n <= 200")
     if len(config.pilot_seeds) < 1:
         raise GridSearchError("need at least one pilot seed")
     if config.history not in (1, 2):
@@ -234,7 +235,7 @@ def optimize_grid(denoiser: Denoiser, shape: Sequence[int], n: int, sampler: Cal
         best_sig, best = dp_sig.clone(), err(dp_sig)
         dp_err = best
         say(f"dynamic programme: {[round(v, 4) for v in dp_sig.tolist()]} pilot RMS error {best:.4g}")
-        if n >= 2:
+        if 2 <= n <= config.refine_max_steps:
             for sweep in range(config.refine_sweeps):
                 step = config.refine_steps[min(sweep, len(config.refine_steps) - 1)]
                 for k in range(1, n):
