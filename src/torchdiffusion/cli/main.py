@@ -219,20 +219,25 @@ def parse_seeds(text: str) -> list[int]:
 @click.option("--outdir", type=click.Path(path_type=Path), required=True, help="Where PNGs, grid.png and samples.json go.")
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 0,5,9.")
 @click.option("--batch", type=int, default=16, show_default=True)
-@click.option("--sampler", default=None, help="euler, heun, ddim, ddpm (default: the run's sample.sampler).")
+@click.option("--sampler", default=None, help="A sampler name, e.g. heun, dpmpp_2m, edm (docs/samplers.md; default: the run's sample.sampler).")
 @click.option("--steps", type=int, default=None, help="Number of sampler steps (default: the run's sample.steps).")
 @click.option("--grid", "grid_kind", default=None, help="karras, loglinear or discrete (default: the run's).")
 @click.option("--eta", type=float, default=None, help="DDIM eta.")
+@click.option("--sampler-opt", "sampler_opts", multiple=True, metavar="KEY=VALUE",
+              help="A sampler option, e.g. S_churn=40 (repeatable; see docs/samplers.md).")
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
-def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, eta, weights, threads, device):
+def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
+           device):
     """Generate one PNG per seed, a grid, and samples.json."""
     import dataclasses
+    import functools
 
     from ..config.build import build_sampler, build_sigmas
     from ..config.loaders import load_run
     from ..config.registry import SAMPLERS
+    from ..config.sampler_options import CountingDenoiser, parse_sampler_options
     from ..pipelines.generate import generate, make_grid, save_png
 
     info = _dist_info()
@@ -261,6 +266,9 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
     if scfg.grid not in ("karras", "loglinear", "discrete"):
         raise ConfigError(f"--grid {scfg.grid!r} is not valid; valid: karras, loglinear, discrete")
     fn = build_sampler(scfg)
+    sampler_options = parse_sampler_options(scfg.sampler, fn, sampler_opts)
+    if sampler_options:
+        fn = functools.partial(fn, **sampler_options)
     sigmas = build_sigmas(scfg, model.process)
     u = cfg.model.unet
     shape = (u.out_channels, u.image_size, u.image_size)
@@ -271,15 +279,19 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
         for s, img in zip(chunk, images):
             save_png(img, outdir / f"{s:06d}.png")
 
+    nfe = SAMPLERS[scfg.sampler][1](scfg.steps)
+    counter = CountingDenoiser(model) if nfe is None else None  # adaptive samplers: measure the NFE
     t0 = time.perf_counter()
-    images = generate(model, my_seeds, shape, fn, sigmas, batch=batch, device=dev, on_batch=write)
+    images = generate(counter or model, my_seeds, shape, fn, sigmas, batch=batch, device=dev, on_batch=write)
     seconds = time.perf_counter() - t0
+    if counter is not None:
+        nfe = round(counter.rows / max(len(my_seeds), 1), 2)  # mean per image (this process's seeds)
     if info.is_main:
         if info.world_size == 1:
             save_png(make_grid(images[:256]), outdir / "grid.png")
         record = {"checkpoint": str(ckpt_path), "step": c.meta["trainer"]["step"], "weights": weights,
                   "checkpoint_sha256": run.hashes(),
-                  "sampler": scfg.sampler, "steps": scfg.steps, "nfe": SAMPLERS[scfg.sampler][1](scfg.steps),
+                  "sampler": scfg.sampler, "steps": scfg.steps, "nfe": nfe, "sampler_options": sampler_options,
                   "grid": scfg.grid, "rho": scfg.rho, "spacing": scfg.spacing, "eta": scfg.eta,
                   "sigmas": [float(s) for s in sigmas], "seeds": seeds, "count": len(seed_list), "batch": batch,
                   "processes": info.world_size, "seconds": round(seconds, 3), "torch": torch.__version__}
@@ -338,8 +350,15 @@ def env():
     for k, v in lines.items():
         click.echo(f"{k:36s} {v}")
 
+
+from .guidance_cmd import train_classifier_cmd  # noqa: E402
+cli.add_command(train_classifier_cmd)
+
 from .eval_cmd import eval_group  # noqa: E402
 cli.add_command(eval_group)
+
+from .audit_cmd import audit_cmd  # noqa: E402
+cli.add_command(audit_cmd)
 
 
 def main():

@@ -67,3 +67,26 @@ def load_run(run_dir: Path | None = None, checkpoint: Path | None = None,
     model.load_state_dict(c.tensors["ema" if weights == "ema" else "model"])
     model.eval().requires_grad_(False).to(device)
     return LoadedRun(model, cfg, c, path, weights)
+
+
+def load_classifier(run_dir: Path | None = None, checkpoint: Path | None = None,
+                    device: torch.device | str = "cpu"):
+    """The classifier a `train-classifier` run folder (or checkpoint folder) holds, verified, in eval mode with
+    requires_grad off: `module(x, sigma=None) -> logits (B, K)`, `module.features(x, sigma=None) -> (B, F)`,
+    x in model range [-1, 1] (plus noise of level sigma for a noisy classifier). `module.noisy` tells whether it
+    was trained across noise levels (for classifier guidance) or on clean images only (for judging samples)."""
+    from ..nn.classifier import Classifier, ClassifierConfig
+
+    path = resolve_checkpoint(run_dir, checkpoint)
+    c = ckpt.load_checkpoint(path)
+    stored = c.meta.get("config") or {}
+    if "classifier" not in stored:
+        raise ConfigError(f"{path} holds no classifier (a diffusion model? use load_run); train one with "
+                          f"`torchdiffusion train-classifier`")
+    model = Classifier(from_dict(ClassifierConfig, stored["classifier"]))
+    model.load_state_dict(c.tensors["model"])
+    model.eval().requires_grad_(False).to(device)
+    model.noisy = bool(stored.get("train", {}).get("noisy", False))
+    model.checkpoint_path = path
+    model.summary = dict(c.meta.get("trainer") or {})
+    return model
