@@ -89,3 +89,58 @@ class Preconditioned(nn.Module):
         """x: (B, ...) in the frame; sigma: (B,) or scalar; returns the (B, ...) float32 estimate of E[x0 | x]."""
         F, c_skip, c_out = self.raw(x, sigma, cond)
         return c_skip * x.float() + c_out * F
+
+
+# ------------------------------------------------------------------------------------------------ learned variance
+def reverse_step_variances(s, s_next):
+    """Frame variances (small, large) of the reverse step from sigma s to s' < s (floats or tensors).
+
+    small = s'^2 (s^2 - s'^2) / s^2                 (beta-tilde_t / abar_{t-1}: the posterior variance)
+    large = (s^2 - s'^2) (1 + s'^2) / (1 + s^2)     (beta_t / abar_{t-1})
+    with beta_t = 1 - abar_t / abar_{t-1} and abar = 1 / (1 + sigma^2) (Ho et al. 2020, eqs. 6-7). Read off two
+    sigmas, these are the respaced betas of Nichol & Dhariwal 2021 (Appendix B) on any grid.
+    """
+    d = s * s - s_next * s_next
+    return s_next * s_next * d / (s * s), d * (1 + s_next * s_next) / (1 + s * s)
+
+
+def interpolated_log_variance(v: Tensor, log_small, log_large) -> Tensor:
+    """log Sigma = v log(large) + (1 - v) log(small) (Nichol & Dhariwal 2021, eq. 15); v is not clamped (the
+    paper's network may extrapolate); log_small/log_large broadcast to v by rank from (B,) or are scalars."""
+    if isinstance(log_small, Tensor) and log_small.ndim == 1 and v.ndim > 1:
+        log_small, log_large = _bcast(log_small, v), _bcast(log_large, v)
+    return v * log_large + (1 - v) * log_small
+
+
+class LearnedVariance(Preconditioned):
+    """A Preconditioned denoiser whose backbone outputs 2C channels: C for the configured head, C for the
+    variance interpolation v of iDDPM (Nichol & Dhariwal 2021, sec. 3.1).
+
+    The denoiser contract is unchanged: `forward` returns the (B, C, ...) x0 estimate from the first C channels.
+    `denoise_with_variance` also returns v = (r + 1) / 2 from the backbone's raw variance channels r (as the
+    paper's reference code maps its [-1, 1] output), so v = 0.5 at initialisation (zero output conv); the
+    reverse step from sigma s to s' then has frame variance exp(v log(large) + (1 - v) log(small)) with
+    (small, large) = reverse_step_variances(s, s'). v is per element and independent of the step, so the same
+    network output serves any respaced grid.
+    """
+
+    learned_variance = True
+
+    def raw_with_variance(self, x: Tensor, sigma: Tensor, cond: Cond = None
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(F, v, c_skip, c_out): F the head's C output channels, v the variance interpolation, both float32."""
+        out, c_skip, c_out = super().raw(x, sigma, cond)
+        c = x.shape[1]
+        if out.shape[1] != 2 * c:
+            raise ValueError(f"a learned-variance backbone must output 2 x {c} channels for a {c}-channel input, "
+                             f"got {out.shape[1]}")
+        return out[:, :c], (out[:, c:] + 1) * 0.5, c_skip, c_out
+
+    def raw(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> tuple[Tensor, Tensor, Tensor]:
+        F, _, c_skip, c_out = self.raw_with_variance(x, sigma, cond)
+        return F, c_skip, c_out
+
+    def denoise_with_variance(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> tuple[Tensor, Tensor]:
+        """(x0 estimate, v), both (B, C, ...) float32."""
+        F, v, c_skip, c_out = self.raw_with_variance(x, sigma, cond)
+        return c_skip * x.float() + c_out * F, v
