@@ -33,23 +33,23 @@ def _echo_err(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def load_sample_folder(folder: Path, n: int | None = None) -> tuple[torch.Tensor, dict]:
+def load_sample_folder(folder: Path, n: int | None = None, option: str = "--fake") -> tuple[torch.Tensor, dict]:
     """Images of a folder as uint8 (N, C, H, W): seed-named files (000123.png, as `sample` writes) in seed
     order when there are any, else every image file in name order; grid.png is never a sample."""
     from PIL import Image
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"--fake {folder}: not a folder of images")
+        raise DataError(f"{option} {folder}: not a folder of images")
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXT and p.name != "grid.png"]
     seeded = sorted((int(m.group(1)), p) for p in files if (m := SEED_NAME.match(p.name)))
     chosen = [p for _, p in seeded] if seeded else sorted(files)
     if n is not None:
         if len(chosen) < n:
-            raise DataError(f"--fake {folder}: {len(chosen)} images, --n {n} asks for more")
+            raise DataError(f"{option} {folder}: {len(chosen)} images, --n {n} asks for more")
         chosen = chosen[:n]
     if not chosen:
-        raise DataError(f"--fake {folder}: no image files (png, jpg, webp, bmp)")
+        raise DataError(f"{option} {folder}: no image files (png, jpg, webp, bmp)")
     arrays = []
     for p in chosen:
         try:
@@ -64,7 +64,7 @@ def load_sample_folder(folder: Path, n: int | None = None) -> tuple[torch.Tensor
         arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) != 1:
-        raise DataError(f"--fake {folder}: images differ in shape/channels {shapes[:3]}; all must be alike")
+        raise DataError(f"{option} {folder}: images differ in shape/channels {shapes[:3]}; all must be alike")
     x = torch.from_numpy(np.stack(arrays))
     return x, {"fake": str(folder), "fake_first": chosen[0].name, "fake_last": chosen[-1].name,
                "fake_shape": list(x.shape[1:])}
@@ -84,9 +84,13 @@ def load_real_images(spec: str, split: str | None = None, limit: int | None = No
         if not p.exists():
             raise DataError(f"{spec}: not a data set ({', '.join(DATASETS)}, e.g. mnist:test), a statistics file "
                             f"or a folder of images")
-        ds = load_image_folder(p, channels="auto")
+        if p.is_dir() and any(q.suffix.lower() in IMAGE_EXT for q in p.iterdir()):
+            x = load_sample_folder(p, option="--real")[0]  # a flat folder (e.g. samples): seed order, grid.png skipped
+        else:
+            x = load_image_folder(p, channels="auto").x  # class subfolders or a ZIP
         source = f"folder:{p.resolve().name}"
-    x = ds.x
+    if name in DATASETS:
+        x = ds.x
     if limit is not None:
         if limit < 2:
             raise ConfigError(f"--limit must be >= 2, got {limit}")
@@ -183,8 +187,14 @@ def eval_ref(data, split, limit, out, feature_weights, classifier, cache_dir, ba
               f" -> {info['reference_file']}")
 
 
-def _score_command(name: str, default_metrics: str):
-    @eval_group.command(name)
+_SCORE_HELP = {"fid": "FID of generated images against real ones (or cached statistics).",
+               "kid": "KID (unbiased MMD^2, cubic kernel, subsets) against real images.",
+               "pr": "Improved precision and recall (k-NN manifolds) against real images.",
+               "all": "FID, KID and precision/recall in one pass."}
+
+
+def _score_command(name: str):
+    @eval_group.command(name, help=_SCORE_HELP[name], short_help=_SCORE_HELP[name])
     @click.option("--real", required=True, help="mnist:test, fashion-mnist:SPLIT, a folder of images, or a STATS.npz.")
     @click.option("--fake", required=True, type=click.Path(path_type=Path), help="Folder of generated images.")
     @click.option("--n", type=int, default=None, help="Score only the first N generated images (seed order).")
@@ -239,15 +249,11 @@ def _score_command(name: str, default_metrics: str):
                   "classifier_recall") if k in result]
         _echo_err(f"{', '.join(shown)}  (N={result['n_fake']} vs {result['n_real']} real)")
 
-    command.__doc__ = {"fid": "FID of generated images against real ones (or cached statistics).",
-                       "kid": "KID (unbiased MMD^2, cubic kernel, subsets) against real images.",
-                       "pr": "Improved precision and recall (k-NN manifolds) against real images.",
-                       "all": "FID, KID and precision/recall in one pass."}[name]
     return command
 
 
 for _name in ("fid", "kid", "pr", "all"):
-    _score_command(_name, _name)
+    _score_command(_name)
 
 
 @eval_group.command("is")

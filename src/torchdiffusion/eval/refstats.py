@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,7 @@ def load_reference(path: str | Path) -> ReferenceStats:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             feats, mu, sigma = z["features"], z["mu"], z["sigma"]
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a reference statistics file of this project ({type(e).__name__}); "
                         f"recreate it with `torchdiffusion eval ref`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or "fingerprint" not in meta:
