@@ -221,7 +221,9 @@ def parse_seeds(text: str) -> list[int]:
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--sampler", default=None, help="A sampler name, e.g. heun, dpmpp_2m, edm (docs/samplers.md; default: the run's sample.sampler).")
 @click.option("--steps", type=int, default=None, help="Number of sampler steps (default: the run's sample.steps).")
-@click.option("--grid", "grid_kind", default=None, help="karras, loglinear or discrete (default: the run's).")
+@click.option("--grid", "grid_kind", default=None, help="karras, loglinear, discrete or optimized (default: the run's).")
+@click.option("--grid-file", type=click.Path(path_type=Path), default=None,
+              help="With --grid optimized: a grid from `torchdiffusion grid optimize` (docs/grids.md).")
 @click.option("--eta", type=float, default=None, help="DDIM eta.")
 @click.option("--sampler-opt", "sampler_opts", multiple=True, metavar="KEY=VALUE",
               help="A sampler option, e.g. S_churn=40 (repeatable; see docs/samplers.md).")
@@ -229,7 +231,7 @@ def parse_seeds(text: str) -> list[int]:
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
 def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
-           device):
+           device, grid_file=None):
     """Generate one PNG per seed, a grid, and samples.json."""
     import dataclasses
     import functools
@@ -257,14 +259,16 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
         changes["steps"] = steps
     if grid_kind is not None:
         changes["grid"] = grid_kind
+    if grid_file is not None:
+        changes["grid_file"] = str(grid_file)
     if eta is not None:
         changes["eta"] = eta
     try:
         scfg = dataclasses.replace(cfg.sample, **changes)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sample settings: {e}") from None
-    if scfg.grid not in ("karras", "loglinear", "discrete"):
-        raise ConfigError(f"--grid {scfg.grid!r} is not valid; valid: karras, loglinear, discrete")
+    if scfg.grid not in ("karras", "loglinear", "discrete", "optimized"):
+        raise ConfigError(f"--grid {scfg.grid!r} is not valid; valid: karras, loglinear, discrete, optimized")
     fn = build_sampler(scfg)
     sampler_options = parse_sampler_options(scfg.sampler, fn, sampler_opts)
     if sampler_options:
@@ -359,6 +363,9 @@ cli.add_command(eval_group)
 
 from .audit_cmd import audit_cmd  # noqa: E402
 cli.add_command(audit_cmd)
+
+from .grid_cmd import grid_group  # noqa: E402
+cli.add_command(grid_group)
 
 
 def main():

@@ -148,6 +148,11 @@ def dp_path(c1: Tensor, c2: Optional[Tensor], last: Tensor, n: int) -> list[int]
     inf = float("inf")
     if n == 1:
         return [0]
+    idx = torch.arange(M)
+    up = idx[:, None] < idx[None, :]  # only steps to smaller sigmas (larger node index)
+    c1 = torch.where(up, c1, torch.full_like(c1, inf))
+    if c2 is not None:
+        c2 = torch.where(up[:, :, None] & up[None, :, :], c2, torch.full_like(c2, inf))
     if c2 is None:
         # state: current node; cost[k][i]: best cost of reaching i after k steps
         cost = torch.full((M,), inf, dtype=torch.float64)
@@ -194,13 +199,14 @@ def endpoint_error(sampler: Callable, denoiser: Denoiser, noise: Tensor, sigmas:
 
 def optimize_grid(denoiser: Denoiser, shape: Sequence[int], n: int, sampler: Callable, *, sigma_min: float,
                   sigma_max: float, cond: Cond = None, config: GridSearchConfig = GridSearchConfig(),
-                  dtype: torch.dtype = torch.float64, device=None, log: Callable[[str], None] | None = None
-                  ) -> GridSearchResult:
+                  dtype: torch.dtype = torch.float64, device=None, log: Callable[[str], None] | None = None,
+                  baseline: Optional[Tensor] = None) -> GridSearchResult:
     """The n-step grid (n + 1 sigmas ending in 0) for `sampler` (a function with the library's sampler
     signature, options bound) that minimises the pilot end-point error; see the module notes.
 
     shape: one sample's shape (no batch axis). sigma_min, sigma_max: the model's range; the grid starts at
-    sigma_max and its last positive sigma is >= sigma_min."""
+    sigma_max and its last positive sigma is >= sigma_min. baseline: another n-step grid whose pilot error
+    is reported in result.info["baseline_error"] for comparison."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise GridSearchError(f"the number of steps n must be an integer >= 1, got {n!r}")
     lo, hi = float(sigma_min), float(sigma_max)
@@ -232,6 +238,7 @@ def optimize_grid(denoiser: Denoiser, shape: Sequence[int], n: int, sampler: Cal
         def err(sig: Tensor) -> float:
             return endpoint_error(sampler, counted, noise, sig, x_end, cond)
 
+        base_err = err(baseline) if baseline is not None else None
         best_sig, best = dp_sig.clone(), err(dp_sig)
         dp_err = best
         say(f"dynamic programme: {[round(v, 4) for v in dp_sig.tolist()]} pilot RMS error {best:.4g}")
@@ -256,4 +263,4 @@ def optimize_grid(denoiser: Denoiser, shape: Sequence[int], n: int, sampler: Cal
                     f"pilot RMS error {best:.4g}")
     return GridSearchResult(sigmas=best_sig, dp_sigmas=dp_sig, pilot_error=best, dp_error=dp_err,
                             teacher_calls=t_calls * noise.shape[0], search_calls=calls[0] * noise.shape[0],
-                            info={"candidates": M, "pilot_seeds": len(config.pilot_seeds)})
+                            info={"candidates": M, "pilot_seeds": len(config.pilot_seeds), "baseline_error": base_err})
