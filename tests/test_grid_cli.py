@@ -1,0 +1,46 @@
+"""`torchdiffusion grid optimize` / `grid show` and `sample --grid optimized` on a tiny trained model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_train_cli import TINY, run
+
+from torchdiffusion.core import grids
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gridrun")
+    args = ["train", "--run", d, "--no-progress"]
+    for s in TINY + ["train.steps=4", "train.ckpt_every=4"]:
+        args += ["--set", s]
+    run(args)
+    return d
+
+
+def test_optimize_show_and_sample_with_the_grid(tiny_run, tmp_path):
+    r = run(["grid", "optimize", "--run", tiny_run, "--sampler", "unipc", "--steps", "3", "--pilot-seeds", "4",
+             "--candidates", "8", "--substeps", "1", "--sweeps", "1", "--threads", "1"])
+    path = tiny_run / "grids" / "unipc_n3.json"
+    assert str(path) in r.output and "pilot RMS error" in r.output
+    sig, meta = grids.load_grid(path, 3)
+    assert meta["sampler"] == "unipc" and meta["pilot_rms_error"] <= meta["dp_pilot_rms_error"]
+    shown = json.loads(run(["grid", "show", path]).output)
+    assert shown["sigmas"] == sig.tolist()
+    out = tmp_path / "s"
+    run(["sample", "--run", tiny_run, "--outdir", out, "--seeds", "0-1", "--sampler", "unipc", "--steps", "3",
+         "--grid", "optimized", "--grid-file", path])
+    rec = json.loads((out / "samples.json").read_text())
+    assert rec["grid"] == "optimized" and rec["sigmas"] == pytest.approx(sig.tolist())
+
+
+def test_errors_are_one_line(tiny_run, tmp_path):
+    r = run(["sample", "--run", tiny_run, "--outdir", tmp_path / "s", "--seeds", "0", "--steps", "3",
+             "--grid", "optimized"], expect=2)
+    assert "grid_file" in r.output and r.output.count("\n") == 1
+    r = run(["sample", "--run", tiny_run, "--outdir", tmp_path / "s", "--seeds", "0", "--steps", "4",
+             "--grid", "optimized", "--grid-file", tmp_path / "missing.json"], expect=2)
+    assert "does not exist" in r.output and r.output.count("\n") == 1
+    r = run(["grid", "optimize", "--run", tiny_run, "--sampler", "unipc", "--sampler-opt", "colour=3"], expect=2)
+    assert "expected KEY=VALUE" in r.output and r.output.count("\n") == 1
