@@ -7,7 +7,7 @@ TD := $(VENV)/bin/torchdiffusion
 STAMP := $(VENV)/.installed
 RUN ?= runs/mnist
 
-.PHONY: install demo test test-slow bench clean-venv
+.PHONY: install demo test test-slow test-peers bench clean-venv
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml scripts/system-deps.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Sample-for-sample parity of our samplers with k-diffusion's (tests/test_peer_parity.py), run in the peers venv
+# (built by the referee bench's setup script if missing) with this repository's src first on the path.
+PEERS_VENV ?= ../peers-venv
+BENCH_DIR ?= ../shared/bench
+test-peers:
+	@test -x $(PEERS_VENV)/bin/python || bash $(BENCH_DIR)/setup_peers_venv.sh $(PEERS_VENV)
+	@$(PEERS_VENV)/bin/python -c "import pytest" 2>/dev/null || $(PEERS_VENV)/bin/python -m pip install -q pytest==9.2.0
+	PYTHONPATH=src:$(BENCH_DIR)/adapters $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_peer_parity.py
 
 clean-venv:
 	rm -rf $(VENV)
