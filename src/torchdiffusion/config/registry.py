@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Optional
 
-from ..core import processes
+from ..core import processes, vdm
 from ..errors import ConfigError
 from ..sampling.ancestral import sample_ddim, sample_ddpm
 from ..sampling.ode import sample_euler, sample_heun
@@ -17,6 +17,7 @@ PROCESSES: dict[str, type] = {
     "sub_vp": processes.SubVP,
     "ve": processes.VE,
     "edm": processes.EDM,
+    "vdm": vdm.VDM,
 }
 
 #: name -> (sampler function, NFE of an n-step grid ending in 0; None where the sampler chooses its own steps)
@@ -43,6 +44,26 @@ SAMPLERS: dict[str, tuple[Callable, Callable[[int], Optional[int]]]] = {
     "edm": (kdiff.sample_edm, lambda n: 2 * n - 1),
 }
 
+
+#: inverse-problem solvers: name -> (restore function, NFE of an n-step grid given the method's options)
+def _inverse_methods() -> dict[str, tuple[Callable, Callable[..., int]]]:
+    from ..inverse import methods as inv
+
+    def plain(n: int, **options) -> int:
+        return n
+
+    return {
+        "replacement": (inv.restore_replacement, plain),
+        "ilvr": (inv.restore_ilvr, plain),
+        "ccdf": (inv.restore_ccdf, plain),
+        "mcg": (inv.restore_mcg, plain),
+        "dps": (inv.restore_dps, plain),
+        "repaint": (inv.restore_repaint, lambda n, jump=10, resample=10, **o: inv.repaint_nfe(n, jump, resample)),
+        "reconstruction": (inv.restore_reconstruction, plain),
+    }
+
+
+INVERSE_METHODS = _inverse_methods()
 
 def lookup(table: dict, name: str, what: str):
     if name in table:

@@ -1,0 +1,124 @@
+"""Restore: build the operator of a task, measure images, and run an inverse-problem solver per seed.
+
+Shapes: images are float (N, C, H, W) in the model's range [-1, 1] (or uint8 for saving); the measurement y has
+the operator's output shape. Each image i uses torch.Generator().manual_seed(seeds[i]) for its measurement
+noise, then its sampler noise and every later draw, so a restoration depends on its seed and image only, not
+on the batch it ran in.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..core.grids import karras
+from ..errors import ConfigError
+from ..inverse.measurement import Measurement
+from ..inverse.operators import (AvgPoolDown, BicubicDown, Colorize, GaussianBlur, GaussianNoise, Inpaint,
+                                 Operator, box_mask, half_mask, random_mask)
+from ..protocols import Denoiser
+from ..sampling.noise import randn
+from .generate import seed_generators
+
+TASKS = ("inpaint", "superres", "deblur", "colorize")
+MASKS = ("half", "box", "random")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What is measured. Defaults: the bottom half missing, 4x average pooling, blur std 2 px, no noise."""
+
+    task: str = "inpaint"
+    mask: str = "half"  # half | box | random
+    half: str = "bottom"  # which half is missing
+    missing: float = 0.5  # random masks: fraction of missing pixels
+    mask_seed: int = 0
+    scale: int = 4  # super-resolution factor
+    down: str = "avgpool"  # avgpool | bicubic
+    blur_sigma: float = 2.0  # pixels
+    noise_std: float = 0.0  # in the model range [-1, 1]
+
+
+def build_operator(cfg: TaskConfig, shape: Sequence[int]) -> Operator:
+    """The task's operator for per-sample shape (C, H, W)."""
+    c, h, w = (int(s) for s in shape[-3:])
+    if cfg.task == "inpaint":
+        if cfg.mask == "half":
+            m = half_mask((h, w), cfg.half)
+        elif cfg.mask == "box":
+            m = box_mask((h, w))
+        elif cfg.mask == "random":
+            m = random_mask((h, w), cfg.missing, torch.Generator().manual_seed(cfg.mask_seed))
+        else:
+            raise ConfigError(f"unknown mask {cfg.mask!r}; valid: {', '.join(MASKS)}")
+        return Inpaint(m)
+    if cfg.task == "superres":
+        if cfg.down == "avgpool":
+            return AvgPoolDown(cfg.scale)
+        if cfg.down == "bicubic":
+            return BicubicDown(cfg.scale)
+        raise ConfigError(f"unknown down-sampling {cfg.down!r}; valid: avgpool, bicubic")
+    if cfg.task == "deblur":
+        return GaussianBlur(cfg.blur_sigma)
+    if cfg.task == "colorize":
+        return Colorize(c)
+    raise ConfigError(f"unknown task {cfg.task!r}; valid: {', '.join(TASKS)}")
+
+
+@dataclass
+class Restoration:
+    restored: Tensor  # float (N, C, H, W), model range
+    measurement: Tensor  # y (N, *S_y)
+    error: Tensor  # (N,) RMS of y - A x_restored
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def restore_images(denoiser: Denoiser, images: Tensor, seeds: Sequence[int], op: Operator, noise_std: float,
+                   method: Callable, sigmas: Tensor, *, batch: int = 16, options: dict | None = None,
+                   device: torch.device = torch.device("cpu"),
+                   on_batch: Callable[[Sequence[int], Tensor, Tensor], None] | None = None) -> Restoration:
+    """Measure `images` (N, C, H, W, model range) with op + Gaussian noise and restore them with `method`
+    (an inverse.methods.restore_* function) on `sigmas`; one seed per image."""
+    if len(seeds) != len(images):
+        raise ConfigError(f"{len(seeds)} seeds for {len(images)} images; give one seed per image")
+    noise_model = GaussianNoise(noise_std)
+    op(images[:1])  # bad shapes fail here, in one line, before any work
+    outs, ys, errs = [], [], []
+    t0 = time.perf_counter()
+    for start in range(0, len(images), batch):
+        chunk = list(seeds[start:start + batch])
+        x0 = images[start:start + batch].to(device)
+        gens = seed_generators(chunk)
+        y = noise_model(op(x0), gens)
+        meas = Measurement(op, y, tuple(x0.shape), noise_std)
+        noise = randn(tuple(x0.shape), gens).to(device)
+        x = method(denoiser, meas, noise, sigmas, generator=gens, **(options or {}))
+        x = x.detach()
+        outs.append(x.cpu())
+        ys.append(y.cpu())
+        errs.append(meas.error(x).cpu())
+        if on_batch is not None:
+            on_batch(chunk, x.cpu(), y.cpu())
+    seconds = time.perf_counter() - t0
+    return Restoration(torch.cat(outs), torch.cat(ys), torch.cat(errs), seconds)
+
+
+def restore_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """The Karras grid (EDM, eq. 5) the restore command uses; CCDF passes its start sigma as sigma_max."""
+    return karras(steps, sigma_min, sigma_max, rho)
+
+
+def measurement_image(op: Operator, y: Tensor, shape: Sequence[int]) -> Tensor:
+    """y shown at the image's size, for grids: A^+ y (the block means for down-sampling, the observed pixels
+    with black holes for inpainting, the grey image for colourisation), clamped to [-1, 1]."""
+    try:
+        x = op.pinv(y)
+    except ConfigError:
+        x = op.adjoint(y)
+    if isinstance(op, Inpaint):
+        x = torch.where(op.mask.to(x.device).bool().expand_as(x), x, torch.full_like(x, -1.0))
+    return x.reshape(-1, *tuple(shape)[-3:]).clamp(-1, 1)
