@@ -221,7 +221,7 @@ def parse_seeds(text: str) -> list[int]:
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--sampler", default=None, help="A sampler name, e.g. heun, dpmpp_2m, edm (docs/samplers.md; default: the run's sample.sampler).")
 @click.option("--steps", type=int, default=None, help="Number of sampler steps (default: the run's sample.steps).")
-@click.option("--grid", "grid_kind", default=None, help="karras, loglinear, discrete or optimized (default: the run's).")
+@click.option("--grid", "grid_kind", default=None, help="karras, loglinear, discrete, optimized or uniform_t (default: the run's).")
 @click.option("--grid-file", type=click.Path(path_type=Path), default=None,
               help="With --grid optimized: a grid from `torchdiffusion grid optimize` (docs/grids.md).")
 @click.option("--eta", type=float, default=None, help="DDIM eta.")
@@ -267,8 +267,8 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
         scfg = dataclasses.replace(cfg.sample, **changes)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sample settings: {e}") from None
-    if scfg.grid not in ("karras", "loglinear", "discrete", "optimized"):
-        raise ConfigError(f"--grid {scfg.grid!r} is not valid; valid: karras, loglinear, discrete, optimized")
+    if scfg.grid not in ("karras", "loglinear", "discrete", "optimized", "uniform_t"):
+        raise ConfigError(f"--grid {scfg.grid!r} is not valid; valid: karras, loglinear, discrete, optimized, uniform_t")
     fn = build_sampler(scfg)
     sampler_options = parse_sampler_options(scfg.sampler, fn, sampler_opts)
     if sampler_options:

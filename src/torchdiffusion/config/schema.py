@@ -16,7 +16,7 @@ from ..train.trainer import TrainConfig
 class ProcessConfig:
     """Which noise process the model is trained in; unset (null) fields take the paper defaults of that kind."""
 
-    kind: Literal["vp_discrete", "vp_continuous", "sub_vp", "ve", "edm"] = "vp_discrete"
+    kind: Literal["vp_discrete", "vp_continuous", "sub_vp", "ve", "edm", "vdm"] = "vp_discrete"
     T: Optional[int] = None  # vp_discrete: 1000 or 2000 (Ho et al. 2020)
     schedule: Optional[Literal["linear", "cosine"]] = None  # vp_discrete
     beta_start: Optional[float] = None  # vp_discrete (linear)
@@ -25,24 +25,28 @@ class ProcessConfig:
     beta_max: Optional[float] = None  # vp_continuous, sub_vp
     sigma_min: Optional[float] = None  # ve, edm
     sigma_max: Optional[float] = None  # ve, edm
+    gamma_min: Optional[float] = None  # vdm: log-SNR schedule end point gamma(0) = -log SNR (Kingma et al. 2021: -13.3)
+    gamma_max: Optional[float] = None  # vdm: gamma(1) (Kingma et al. 2021: 5.0)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     process: ProcessConfig = field(default_factory=ProcessConfig)
     head: Literal["eps", "x0", "v", "edm"] = "eps"
+    variance: Literal["fixed", "learned"] = "fixed"  # learned: iDDPM's interpolated variance (2C output channels)
     sigma_data: float = 0.5  # Karras et al. 2022; used by the v and edm heads and the edm weighting
     unet: UNetConfig = field(default_factory=UNetConfig)
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    density: Literal["discrete", "uniform_t", "lognormal"] = "discrete"
-    weighting: Literal["eps", "x0", "v", "edm", "min_snr"] = "eps"
+    density: Literal["discrete", "uniform_t", "lognormal", "importance", "vdm"] = "discrete"
+    weighting: Literal["eps", "x0", "v", "edm", "min_snr", "hybrid", "vlb"] = "eps"
     P_mean: float = -1.2  # Karras et al. 2022
     P_std: float = 1.2  # Karras et al. 2022
     min_snr_gamma: float = 5.0  # Hang et al. 2023
     t_min: float = 1e-5  # Song et al. 2021
+    vlb_lambda: float = 0.001  # Nichol & Dhariwal 2021: weight of L_vlb in the hybrid loss
 
 
 @dataclass(frozen=True)
@@ -64,13 +68,14 @@ class SampleConfig:
 
     sampler: str = "heun"
     steps: int = 18  # EDM uses 18 Heun steps (35 NFE) on CIFAR-10
-    grid: Literal["karras", "loglinear", "discrete", "optimized"] = "karras"
+    grid: Literal["karras", "loglinear", "discrete", "optimized", "uniform_t"] = "karras"
     grid_file: Optional[str] = None  # grid: optimized -> a JSON grid from `torchdiffusion grid optimize`
     rho: float = 7.0  # Karras et al. 2022
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"  # discrete grids
     sigma_min: Optional[float] = None  # default: the process's
     sigma_max: Optional[float] = None  # default: the process's
     eta: float = 0.0  # ddim
+    variance: Optional[Literal["small", "large", "learned"]] = None  # ddpm (default: the sampler's, small)
     grid_images: int = 64  # fixed seeds 0..grid_images-1 for training-time grids
 
 

@@ -28,8 +28,9 @@ to minimise the variance of the estimate instead (VDM sec. 5.2; `variance_minimi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,9 @@ class VDM:
 
     gamma_min: float = -13.3  # Kingma et al. 2021 (CIFAR-10): gamma(0)
     gamma_max: float = 5.0  # Kingma et al. 2021 (CIFAR-10): gamma(1)
+    #: the learned schedule of the model this process belongs to (set by VDMModel; not part of the config, not
+    #: compared); only `uniform_t_grid` reads it, every other method uses the fixed end points
+    schedule: nn.Module | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not (math.isfinite(self.gamma_min) and math.isfinite(self.gamma_max) and self.gamma_min < self.gamma_max):
@@ -80,6 +84,13 @@ class VDM:
     def c_noise(self, sigma: Tensor) -> Tensor:
         """1000 x VDM's normalised gamma (gamma - gamma_min) / (gamma_max - gamma_min)."""
         return 1000 * self.t_of_sigma(sigma)
+
+    def uniform_t_grid(self, n: int) -> Tensor:
+        """(n + 1,) float64 sampling grid uniform in t under the learned schedule (the reference one without)."""
+        if self.schedule is None:
+            t = torch.linspace(1.0, 0.0, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
+            return torch.cat([self.sigma(t), torch.zeros(1, dtype=torch.float64)])
+        return schedule_grid(self.schedule, n)
 
 
 class MonotoneGamma(nn.Module):
@@ -131,11 +142,8 @@ class VDMModel(Preconditioned):
                  features: int = 1024):
         super().__init__(backbone, process, precond, autocast_dtype)
         self.schedule = MonotoneGamma(process.gamma_min, process.gamma_max, features)
-
-    @torch.no_grad()
-    def sigma_grid(self, n: int) -> Tensor:
-        """(n + 1,) float64: sigma(gamma(t)) on the uniform grid t = 1 .. 0 (n points), then 0."""
-        return schedule_grid(self.schedule, n)
+        # the process carries a reference to this model's schedule (a deep copy, e.g. the EMA, keeps the pairing)
+        self.process = dataclasses.replace(process, schedule=self.schedule)
 
 
 def schedule_grid(schedule: MonotoneGamma, n: int) -> Tensor:

@@ -21,6 +21,11 @@ D = D(x, s) and eps_hat = (x - D) / s, both updates are x' = D + c_x (x - D) + s
   follow Ho et al. (Alg. 2, z = 0 at t = 1), so every walk ends on D. (diffusers' fixed_large skips the draw
   only at t = 0, so on a "trailing" grid it adds noise of variance 1 - abar_t at its last step.)
 
+- DDPM with a learned variance (Nichol & Dhariwal 2021, sec. 3.1 and Appendix B): variance="learned" asks the
+  model's `denoise_with_variance` for (D, v) and uses log Sigma = v log(large) + (1 - v) log(small) with small and
+  large of the step actually taken, i.e. the betas recomputed for a respaced grid (core.precond
+  .reverse_step_variances); v is elementwise. The step to sigma = 0 draws no noise, as above.
+
 NFE: n for an n-step grid, for both samplers. One standard-normal draw of x's shape per step with std > 0,
 from `generator` (a list of B generators makes each row depend on its own seed only; sampling.noise).
 """
@@ -28,13 +33,16 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
+from torchdiffusion.core.precond import interpolated_log_variance, reverse_step_variances
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
+from torchdiffusion.sampling.noise import randn_like
 from torchdiffusion.sampling.steps import (BoundDenoiser, SamplerError, gaussian_step, posterior_variance,
                                            sqrt_nonneg, walk)
 
-VARIANCES = ("small", "large")
+VARIANCES = ("small", "large", "learned")
 
 
 def sample_ddim(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
@@ -64,12 +72,39 @@ def ddpm_variance(s: float, s_next: float, variance: str) -> float:
 def sample_ddpm(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
                 generator: Generators = None, callback: Callback = None, variance: str = "small") -> Tensor:
     """Ancestral DDPM (Ho et al. 2020, Alg. 2) on any sigma grid: sample q(x_{s'} | x_s, x0 = D(x_s, s)).
-    variance: "small" (posterior, beta-tilde) or "large" (beta_t), see the module notes. NFE = n."""
+    variance: "small" (posterior, beta-tilde), "large" (beta_t) or "learned" (the model's interpolation v between
+    the two, Nichol & Dhariwal 2021; needs `denoiser.denoise_with_variance`), see the module notes. NFE = n."""
     if variance not in VARIANCES:
         raise SamplerError(f"unknown DDPM variance {variance!r}; valid: {', '.join(VARIANCES)}")
+    if variance == "learned":
+        return _sample_ddpm_learned(denoiser, noise, sigmas, cond, generator, callback)
 
     def step(x: Tensor, denoised: Tensor, s: float, s_next: float, denoise: BoundDenoiser) -> Tensor:
         c_x = (s_next * s_next) / (s * s)
         return gaussian_step(x, denoised, c_x, math.sqrt(ddpm_variance(s, s_next, variance)), generator)
 
     return walk(denoiser, noise, sigmas, cond, generator, callback, step)
+
+
+def _sample_ddpm_learned(denoiser, noise: Tensor, sigmas: Tensor, cond: Cond, generator: Generators,
+                         callback: Callback) -> Tensor:
+    with_variance = getattr(denoiser, "denoise_with_variance", None)
+    if with_variance is None:
+        raise SamplerError("DDPM variance 'learned' needs a model with a learned variance (model.variance learned); "
+                           "use 'small' or 'large' for this model")
+    last_v: dict[str, Tensor] = {}
+
+    def denoise_keep_v(x: Tensor, sigma: Tensor, cond_: Cond = None) -> Tensor:
+        denoised, v = with_variance(x, sigma, cond_)
+        last_v["v"] = v  # the step below runs right after this call, on the same x
+        return denoised
+
+    def step(x: Tensor, denoised: Tensor, s: float, s_next: float, denoise: BoundDenoiser) -> Tensor:
+        c_x = (s_next * s_next) / (s * s)
+        if s_next == 0:
+            return gaussian_step(x, denoised, c_x, 0.0, generator)
+        small, large = reverse_step_variances(s, s_next)
+        log_var = interpolated_log_variance(last_v["v"].to(x.dtype), math.log(small), math.log(large))
+        return denoised + c_x * (x - denoised) + torch.exp(0.5 * log_var) * randn_like(x, generator)
+
+    return walk(denoise_keep_v, noise, sigmas, cond, generator, callback, step)

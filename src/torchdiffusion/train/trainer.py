@@ -162,7 +162,7 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.ckpt_dir, self.step,
                 tensors={"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optim": opt_tensors,
-                         "rng": rng_tensors},
+                         "rng": rng_tensors, **_objective_state(self.objective)},
                 meta={"config": self.resolved_config, "optim": opt_skeleton, "rng": rng_json,
                       "trainer": {"step": self.step, "nan_skips": self.nan_skips,
                                   "images_seen": self.step * self.cfg.batch_size},
@@ -184,6 +184,8 @@ class Trainer:
                                 f"(fingerprint {c.meta['data_fingerprint'][:12]} vs {self.data_fingerprint[:12]})")
         self.model.load_state_dict(c.tensors["model"])
         self.ema.load_state_dict(c.tensors["ema"])
+        if "objective" in c.tensors and getattr(self.objective, "state", None) is not None:
+            self.objective.state.load_state_dict(c.tensors["objective"])  # e.g. importance sampling's history
         self.opt.load_state_dict(unflatten_optimizer_state(c.tensors["optim"], c.meta["optim"]))
         restore_rng(c.tensors.get("rng", {}), c.meta.get("rng"), {})
         self.step = int(c.meta["trainer"]["step"])
@@ -317,6 +319,12 @@ class Trainer:
         finally:
             log.close()
         return TrainResult(self.step, stopped, last_ckpt)
+
+
+def _objective_state(objective: Objective) -> dict:
+    """The objective's own training state (the loss history of importance sampling) as a checkpoint group."""
+    state = getattr(objective, "state", None)
+    return {} if state is None else {"objective": state.state_dict()}
 
 
 class _ObjectiveModule(nn.Module):
