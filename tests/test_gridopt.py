@@ -109,3 +109,22 @@ def test_search_arguments_are_checked():
         optimize_grid(data, (2,), 0, sample_euler, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
     with pytest.raises(GridSearchError, match="sigma_min < sigma_max"):
         optimize_grid(data, (2,), 3, sample_euler, sigma_min=1.0, sigma_max=0.5)
+
+
+def test_uniform_t_for_each_process():
+    from torchdiffusion.core import processes
+
+    # VE: sigma(t) geometric -> uniform in t is log-linear; EDM: sigma = t -> uniform in sigma (rho = 1)
+    torch.testing.assert_close(grids.uniform_t(6, processes.VE()), grids.loglinear(6, 0.02, 100.0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grids.uniform_t(6, processes.EDM()), grids.karras(6, 0.002, 80.0, rho=1.0),
+                               rtol=1e-12, atol=0)
+    vp = processes.VPContinuous()
+    t = vp.t_of_sigma(torch.tensor([vp.sigma_min, vp.sigma_max], dtype=torch.float64))
+    torch.testing.assert_close(grids.uniform_t(9, vp), grids.continuous_uniform_t(9, vp.sigma, float(t[0]), float(t[1])),
+                               rtol=1e-10, atol=0)
+    # discrete VP: on integer timesteps it visits the table (n - 1 must divide T - 1 = 999: n = 4 -> 999, 666, 333, 0)
+    ddpm = processes.VPDiscrete()
+    table = ddpm.sigmas()
+    torch.testing.assert_close(grids.uniform_t(4, ddpm)[:-1], table[[999, 666, 333, 0]], rtol=1e-10, atol=0)
+    with pytest.raises(grids.GridError, match="t_of_sigma"):
+        grids.uniform_t(4, object())

@@ -8,6 +8,8 @@ because the small sigmas at the end of a grid lose most of their digits in float
 - karras: Karras et al. 2022 ("EDM"), eq. 5, uniform in sigma^(1/rho).
 - loglinear: uniform in log sigma (rho -> infinity in eq. 5).
 - continuous_uniform_t: uniform in t for a continuous process given as sigma(t) (Song et al. 2021).
+- uniform_t: uniform in the time variable of a `core.processes` process (its t_of_sigma / sigma(t); for the
+  discrete VP the fractional timestep, log-linear in sigma between table entries).
 - discrete: n of the T timesteps of a discrete model (DDPM, Ho et al. 2020), picked the way DDIM
   (Song et al. 2021a) and its common re-implementations do ("leading", "trailing", "linspace"; the
   names follow Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed").
@@ -106,6 +108,27 @@ def continuous_uniform_t(n: int, sigma_of_t: Callable[[Tensor], Tensor], t_min: 
     if n > 1 and not (sigmas[1:] < sigmas[:-1]).all():
         raise GridError("sigma_of_t must be strictly increasing in t on [t_min, t_max]")
     return _append_zero(sigmas)
+
+
+def uniform_t(n: int, process, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None) -> Tensor:
+    """Uniform in the process's own time t between t(sigma_max) and t(sigma_min) (default: the process's
+    range), then 0: (n + 1,) float64. VE gives the log-linear grid, EDM (sigma = t) rho = 1, the VP SDE the
+    grid of Song et al. 2021; the discrete VP uses fractional timesteps (`VPDiscrete.t_of_sigma`)."""
+    n = _check_steps(n)
+    if not hasattr(process, "t_of_sigma"):
+        raise GridError(f"uniform_t needs a process with t_of_sigma, got {type(process).__name__}")
+    lo, hi = _check_range(process.sigma_min if sigma_min is None else sigma_min,
+                          process.sigma_max if sigma_max is None else sigma_max)
+    t_lo, t_hi = (float(v) for v in process.t_of_sigma(torch.tensor([lo, hi], dtype=torch.float64)))
+    t = t_hi + _ramp(n) * (t_lo - t_hi)
+    if hasattr(process, "sigma"):
+        sigmas = torch.as_tensor(process.sigma(t), dtype=torch.float64)
+    else:  # a discrete table: log-linear interpolation between integer timesteps, the inverse of t_of_sigma
+        log_table = process.sigmas().log()
+        i0 = t.floor().clamp(0, log_table.numel() - 2).long()
+        w = t - i0
+        sigmas = torch.exp((1 - w) * log_table[i0] + w * log_table[i0 + 1])
+    return _append_zero(_pin_ends(sigmas.clone(), lo, hi))
 
 
 def discrete_timesteps(T: int, n: int, spacing: str = "leading", offset: int = 0) -> Tensor:
