@@ -98,3 +98,183 @@ def train_classifier_cmd(preset, overrides, noisy, run_dir, steps, batch_size, l
                          stored_config={"data": to_dict(cfg.data), "process": to_dict(cfg.model.process)}, log=log)
     finally:
         log_file.close()
+
+
+# --------------------------------------------------------------------------------------------- sample options
+_SAMPLE_OPTIONS = [
+    click.option("--labels", default=None,
+                 help="Class labels, cycled over the seeds: 0-9, 3 or 0,5,7 (default for a class-conditional "
+                      "model: 0..K-1)."),
+    click.option("--guidance-scale", type=float, default=None,
+                 help="Classifier-free guidance scale w: D_u + w (D_c - D_u); 1 = conditional, 0 = unconditional."),
+    click.option("--guidance-interval", default=None, metavar="LO,HI",
+                 help="Guide only for sigma in (LO, HI] (Kynkaanniemi et al. 2024); elsewhere w = 1."),
+    click.option("--classifier", "classifier_run", type=click.Path(path_type=Path), default=None,
+                 help="A train-classifier run (--noisy) for classifier guidance."),
+    click.option("--classifier-scale", type=float, default=1.0, show_default=True,
+                 help="Classifier guidance scale s: D + s sigma^2 grad log p(y | x, sigma)."),
+    click.option("--reject", is_flag=True,
+                 help="Regenerate samples whose label a classifier does not recover (see --reject-*)."),
+    click.option("--reject-threshold", type=float, default=0.0, show_default=True,
+                 help="Also reject samples whose classifier confidence p(y | x) is below this."),
+    click.option("--reject-budget", type=int, default=None,
+                 help="Extra generations allowed in total (default: the number of seeds)."),
+    click.option("--reject-classifier", type=click.Path(path_type=Path), default=None,
+                 help="Classifier run that judges samples for --reject (default: --classifier)."),
+]
+
+
+def guidance_options(f):
+    """Adds the conditional-generation options to `sample`."""
+    for opt in reversed(_SAMPLE_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def parse_labels(text: str, num_classes: int) -> list[int]:
+    """'0-9' | '3' | '0,5,7' | '0-4,9' -> labels, each in [0, num_classes)."""
+    out = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                out.extend(range(a, b + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise ConfigError(f"--labels {text!r} is not valid; use a label (3), a range (0-9), a list (0,5,7) "
+                          f"or both") from None
+    if not out:
+        raise ConfigError("--labels is empty; use e.g. 0-9")
+    bad = [v for v in out if not 0 <= v < num_classes]
+    if bad:
+        raise ConfigError(f"--labels {bad[0]} is out of range; this model/classifier has {num_classes} classes "
+                          f"(0-{num_classes - 1})")
+    return out
+
+
+def _parse_interval(text: Optional[str]) -> Optional[tuple[float, float]]:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--guidance-interval {text!r} is not valid; use LO,HI, e.g. 0.28,5.42") from None
+    if not 0 <= lo < hi:
+        raise ConfigError(f"--guidance-interval needs 0 <= LO < HI, got {lo:g},{hi:g}")
+    return lo, hi
+
+
+class GuidedSampling:
+    """What `sample` generates with: the (guided) denoiser, the labels per seed and, with --reject, the rejection
+    loop. Without any of these options and with an unconditional model it is the plain `base` denoiser."""
+
+    def __init__(self, run, base, seed_list: Sequence[int], device, *, labels=None, guidance_scale=None,
+                 guidance_interval=None, classifier_run=None, classifier_scale=1.0, reject=False,
+                 reject_threshold=0.0, reject_budget=None, reject_classifier=None, world_size: int = 1):
+        from ..config.loaders import load_classifier
+        from ..guidance.cfg import ClassifierFreeGuidance, null_label
+        from ..guidance.classifier import ClassifierGuidance
+
+        k_model = run.config.model.unet.num_classes
+        interval = _parse_interval(guidance_interval)
+        self.classifier = load_classifier(classifier_run, device=device) if classifier_run is not None else None
+        judge_run = reject_classifier or classifier_run
+        if reject and judge_run is None:
+            raise ConfigError("--reject needs a classifier to judge samples: --reject-classifier RUN or --classifier RUN")
+        if reject and world_size > 1:
+            raise ConfigError("--reject runs in one process; drop torchrun or --reject")
+        self.judge = None
+        if reject:
+            self.judge = (self.classifier if reject_classifier is None and self.classifier is not None
+                          else load_classifier(judge_run, device=device))
+        k_clf = [m.cfg.num_classes for m in (self.classifier, self.judge) if m is not None]
+        if k_model and any(k != k_model for k in k_clf):
+            raise ConfigError(f"the model has {k_model} classes but the classifier has {k_clf[0]}")
+        k = k_model or (k_clf[0] if k_clf else 0)
+        if guidance_scale is not None and not k_model:
+            raise ConfigError("--guidance-scale needs a class-conditional model (train with --set cond.kind=class); "
+                              "for an unconditional model use --classifier RUN --classifier-scale S")
+        if interval is not None and guidance_scale is None and self.classifier is None:
+            raise ConfigError("--guidance-interval applies to --guidance-scale or --classifier guidance")
+        if labels is not None and not k:
+            raise ConfigError("--labels needs a class-conditional model or a --classifier; this model is "
+                              "unconditional")
+        label_list = parse_labels(labels, k) if labels is not None else (list(range(k)) if k else None)
+        self.labels = ([label_list[i % len(label_list)] for i in range(len(seed_list))]
+                       if label_list is not None and (k_model or self.classifier is not None or reject) else None)
+        self.device = device
+        self.label_of = dict(zip(seed_list, self.labels)) if self.labels is not None else {}
+        denoiser = base  # run.model, or a wrapper of it (e.g. an NFE counter)
+        if k_model and guidance_scale is not None and guidance_scale != 1.0:
+            denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, null_label(k_model), interval=interval)
+        if self.classifier is not None:
+            denoiser = ClassifierGuidance(denoiser, self.classifier, classifier_scale,
+                                          denoiser_cond="same" if k_model else "none", interval=interval)
+        self.denoiser = denoiser
+        self.reject, self.reject_threshold, self.reject_budget = reject, reject_threshold, reject_budget
+        self.result = None
+        self.settings = {
+            "labels": labels, "guidance_scale": guidance_scale if k_model else None,
+            "guidance_interval": list(interval) if interval else None,
+            "classifier": str(self.classifier.checkpoint_path) if self.classifier is not None else None,
+            "classifier_noisy": self.classifier.noisy if self.classifier is not None else None,
+            "classifier_scale": classifier_scale if self.classifier is not None else None,
+        }
+        if self.classifier is not None and not self.classifier.noisy:
+            click.echo("warning: --classifier was trained on clean images only; guidance needs a noisy "
+                       "classifier (train-classifier --noisy)", err=True)
+
+    def cond_for(self, labels: Sequence[int]):
+        """cond_for for generate(): the labels of consecutive chunks, in order."""
+        if self.labels is None:
+            return None
+        pos = [0]
+
+        def cond(chunk):
+            out = torch.tensor(labels[pos[0]:pos[0] + len(chunk)], dtype=torch.int64, device=self.device)
+            pos[0] += len(chunk)
+            return {"label": out}
+
+        return cond
+
+    def generate(self, generate_fn, seeds: Sequence[int], shape, sampler, sigmas, *, batch, device, on_batch=None):
+        """generate_fn is pipelines.generate.generate (same arguments, the guided denoiser and labels added)."""
+        denoiser = self.denoiser
+        labels = [self.label_of[s] for s in seeds] if self.labels is not None else None
+        if not self.reject:
+            return generate_fn(denoiser, seeds, shape, sampler, sigmas, batch=batch, device=device,
+                               cond_for=self.cond_for(labels) if labels is not None else None, on_batch=on_batch)
+        from ..data.convert import to_model_range
+        from ..pipelines.rejection import rejection_sample
+
+        def gen(s, y):
+            return generate_fn(denoiser, s, shape, sampler, sigmas, batch=batch, device=device,
+                               cond_for=self.cond_for(y.tolist()))
+
+        @torch.no_grad()
+        def classify(images):
+            return torch.softmax(self.judge(to_model_range(images).to(device)).float(), dim=1).cpu()
+
+        self.result = rejection_sample(gen, classify, list(seeds), torch.tensor(labels),
+                                       threshold=self.reject_threshold, budget=self.reject_budget)
+        summ = self.result.summary()
+        click.echo(f"rejection: {summ['accepted']}/{summ['count']} accepted after {summ['generated']} generations "
+                   f"(acceptance rate {summ['acceptance_rate']:.3f}, final accuracy {summ['final_accuracy']:.3f} by "
+                   f"the judging classifier)")
+        if on_batch is not None:
+            on_batch(list(seeds), self.result.samples)
+        return self.result.samples
+
+    def record(self) -> dict:
+        out = {k: v for k, v in self.settings.items() if v is not None}
+        if self.labels is not None:
+            out["label_per_seed"] = self.labels
+        if self.result is not None:
+            out["rejection"] = {**self.result.summary(), "threshold": self.reject_threshold,
+                                "classifier": str(self.judge.checkpoint_path), "final_seeds": self.result.seeds,
+                                "attempts": self.result.attempts}
+        return out

@@ -190,6 +190,7 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
 
 
 # --------------------------------------------------------------------------------------------- sample
+from .guidance_cmd import GuidedSampling, guidance_options  # noqa: E402
 def parse_seeds(text: str) -> list[int]:
     """'0-63' or '0,5,9' or '0-3,10' -> list of ints (EDM's --seeds syntax)."""
     seeds = []
@@ -230,8 +231,9 @@ def parse_seeds(text: str) -> list[int]:
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
+@guidance_options  # --labels, --guidance-scale/-interval, --classifier(-scale), --reject* (cli/guidance_cmd.py)
 def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
-           device, grid_file=None):
+           device, grid_file=None, **guidance):
     """Generate one PNG per seed, a grid, and samples.json."""
     import dataclasses
     import functools
@@ -285,8 +287,9 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
 
     nfe = SAMPLERS[scfg.sampler][1](scfg.steps)
     counter = CountingDenoiser(model) if nfe is None else None  # adaptive samplers: measure the NFE
+    guided = GuidedSampling(run, counter or model, seed_list, dev, world_size=info.world_size, **guidance)
     t0 = time.perf_counter()
-    images = generate(counter or model, my_seeds, shape, fn, sigmas, batch=batch, device=dev, on_batch=write)
+    images = guided.generate(generate, my_seeds, shape, fn, sigmas, batch=batch, device=dev, on_batch=write)
     seconds = time.perf_counter() - t0
     if counter is not None:
         nfe = round(counter.rows / max(len(my_seeds), 1), 2)  # mean per image (this process's seeds)
@@ -298,7 +301,8 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
                   "sampler": scfg.sampler, "steps": scfg.steps, "nfe": nfe, "sampler_options": sampler_options,
                   "grid": scfg.grid, "rho": scfg.rho, "spacing": scfg.spacing, "eta": scfg.eta,
                   "sigmas": [float(s) for s in sigmas], "seeds": seeds, "count": len(seed_list), "batch": batch,
-                  "processes": info.world_size, "seconds": round(seconds, 3), "torch": torch.__version__}
+                  "processes": info.world_size, "seconds": round(seconds, 3), "torch": torch.__version__,
+                  **guided.record()}
         (outdir / "samples.json").write_text(json.dumps(record, indent=2))
         click.echo(f"wrote {len(seed_list)} images to {outdir} in {seconds:.1f} s "
                    f"({scfg.sampler}, {scfg.steps} steps, {record['nfe']} NFE)")
