@@ -10,6 +10,8 @@ from ..sampling.ancestral import sample_ddim, sample_ddpm
 from ..sampling.ode import sample_euler, sample_heun
 from ..sampling.multistep import nfe_plms, sample_deis, sample_ipndm, sample_plms, sample_unipc
 from ..sampling import dpm_solver, kdiff
+from ..sampling.adaptive import sample_pf_ode
+from ..sampling.sde import pc_nfe, sample_pc, sample_pc_em
 
 PROCESSES: dict[str, type] = {
     "vp_discrete": processes.VPDiscrete,
@@ -42,6 +44,10 @@ SAMPLERS: dict[str, tuple[Callable, Callable[[int], Optional[int]]]] = {
     "dpmpp_2m_sde": (kdiff.sample_dpmpp_2m_sde, lambda n: n),
     "dpmpp_3m_sde": (kdiff.sample_dpmpp_3m_sde, lambda n: n),
     "edm": (kdiff.sample_edm, lambda n: 2 * n - 1),
+    # Score SDE (sampling.sde, sampling.adaptive; docs/score_sde.md)
+    "pc": (sample_pc, pc_nfe),  # reverse-diffusion predictor + Langevin corrector: n + n_corrector (n - 1)
+    "pc_em": (sample_pc_em, pc_nfe),  # Euler-Maruyama predictor + Langevin corrector
+    "pf_ode": (sample_pf_ode, lambda n: None),  # adaptive Dormand-Prince on the probability-flow ODE: measured
 }
 
 
