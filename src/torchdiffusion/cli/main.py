@@ -377,6 +377,9 @@ cli.add_command(grid_group)
 from .restore_cmd import restore_cmd  # noqa: E402
 cli.add_command(restore_cmd)
 
+from .likelihood_cmd import likelihood  # noqa: E402
+cli.add_command(likelihood)
+
 
 def main():
     cli(prog_name="torchdiffusion")
