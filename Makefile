@@ -42,6 +42,7 @@ test-peers:
 	@test -x $(PEERS_VENV)/bin/python || bash $(BENCH_DIR)/setup_peers_venv.sh $(PEERS_VENV)
 	@$(PEERS_VENV)/bin/python -c "import pytest" 2>/dev/null || $(PEERS_VENV)/bin/python -m pip install -q pytest==9.2.0
 	PYTHONPATH=src:$(BENCH_DIR)/adapters $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_peer_parity.py
+	PYTHONPATH=src $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_eval_metrics.py -k torchmetrics
 
 clean-venv:
 	rm -rf $(VENV)

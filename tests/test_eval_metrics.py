@@ -253,6 +253,8 @@ def test_statistics_file_round_trip_and_bad_file(tmp_path):
 class _Identity(torch.nn.Module):
     """Feeds precomputed features through torchmetrics' metric classes unchanged."""
 
+    num_features = 64
+
     def forward(self, x):
         return x
 
