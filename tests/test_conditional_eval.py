@@ -111,3 +111,41 @@ def test_bad_inputs_are_one_line_errors(sets):
     with pytest.raises(DataError, match="uint8"):
         evaluate_conditional(lambda y: np.zeros((len(y), 1, 2, 2)), plan, pixels, ref, ref_labels,
                              {"fid": fid_from_features})
+
+
+# ----------------------------------------------------------------------------------------- the command
+TINY_CLASS_RUN = ["data.limit=256", "data.val_split=val", "model.unet.model_channels=8", "model.unet.channel_mult=[1,2]",
+                  "model.unet.num_res_blocks=1", "model.unet.attn_resolutions=[]", "model.unet.norm_groups=4",
+                  "model.unet.mid_attention=false", "train.batch_size=8", "train.steps=3", "train.val_every=1000",
+                  "train.sample_every=1000", "train.ckpt_every=3", "sample.steps=2", "sample.grid_images=4",
+                  "train.precision=fp32", "train.max_minutes=0", "cond.kind=class"]
+
+
+def test_eval_cond_command_records_strategy_and_classes(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from torchdiffusion.cli.main import cli
+    pytest.importorskip("mnist")
+    run_dir = tmp_path / "run"
+    args = ["train", "--run", run_dir, "--no-progress"]
+    for s in TINY_CLASS_RUN:
+        args += ["--set", s]
+    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    common = ["eval-cond", "--run", str(run_dir), "--features", "random-conv", "--reference-limit", "300",
+              "--kid-subsets", "3", "--steps", "2"]
+    out = tmp_path / "fixed.json"
+    r = CliRunner().invoke(cli, common + ["--strategy", "fixed", "--label", "7", "--n", "6", "--out", str(out)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert rec["plan"]["strategy"] == "fixed" and rec["plan"]["label_counts"] == {"7": 6}
+    assert list(rec["per_class"]) == ["7"] and rec["overall"]["n_fake"] == 6
+    assert rec["overall"]["n_real"] == rec["per_class"]["7"]["n_real"] > 0  # reference: class 7 only
+    assert np.isfinite(rec["overall"]["fid"]) and rec["features"]["extractor"].startswith("random-conv")
+    r = CliRunner().invoke(cli, common + ["--strategy", "fixed", "--label", "10"])
+    assert r.exit_code == 2 and "valid: 0..9" in r.output and r.output.count("\n") == 1
+    r = CliRunner().invoke(cli, common + ["--strategy", "fixed"])
+    assert r.exit_code == 2 and "--label" in r.output

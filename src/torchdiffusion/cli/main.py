@@ -373,6 +373,9 @@ cli.add_command(audit_cmd)
 from .report_cmd import report_cmd  # noqa: E402
 cli.add_command(report_cmd)
 
+from .eval_cond_cmd import eval_cond_cmd  # noqa: E402
+cli.add_command(eval_cond_cmd)
+
 from .grid_cmd import grid_group  # noqa: E402
 cli.add_command(grid_group)
 
