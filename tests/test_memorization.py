@@ -175,3 +175,23 @@ def test_audit_command_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "--heldout-dir" in r.output
     r = CliRunner().invoke(cli, ["audit", "--run", tmp_path / "nope"])
     assert r.exit_code == 2 and "no such run folder" in r.output
+
+
+# ----------------------------------------------------------------------------------------- real training (slow)
+@pytest.mark.slow
+def test_small_data_training_is_flagged(tmp_path):
+    """64 digits (8x8) trained on for 1500 steps: most samples are near-copies (bench/memorisation_small_data.py
+    runs the same and records its numbers)."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("mnist")
+    path = Path(__file__).resolve().parents[1] / "bench" / "memorisation_small_data.py"
+    spec = importlib.util.spec_from_file_location("memorisation_small_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rec = bench.run(tmp_path, steps=1500, threads=2)
+    pixel = rec["spaces"]["pixel"]
+    assert pixel["share_ratio"] >= 0.5, pixel
+    assert pixel["heldout_share_ratio"] <= 0.05, pixel
+    assert pixel["median_d1_over_heldout"] < 0.5, pixel
