@@ -281,7 +281,7 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
     (out / "audit.json.tmp").replace(out / "audit.json")
     for name, r in results.items():
         _echo(f"{name:>12}: near-copies by d1/d2 < {ratio_threshold:.3g}: {r.share_ratio:.1%} of samples "
-              f"(held-out images: {r.heldout_share_ratio:.1%}); closer than {heldout_quantile:g} of held-out: "
+              f"(held-out images: {r.heldout_share_ratio:.1%}); closer than the {heldout_quantile:g} quantile of held-out d1: "
               f"{r.share_heldout:.1%}; median d1 samples/held-out = {r.median_d1_over_heldout:.3f}")
     if trend is not None and trend.min_val_loss is not None:
         _echo(f"validation loss: min {trend.min_val_loss:.4g} at step {trend.min_step}, last {trend.last_val_loss:.4g}"
