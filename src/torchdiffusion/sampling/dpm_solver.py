@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -160,10 +161,11 @@ def sample_dpm_adaptive(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
     and k-diffusion. eta > 0: ancestral steps whose noise comes from a per-row Brownian tree by default, so
     rejected or refined steps see one consistent Brownian path per seed.
 
-    NFE is not fixed in advance (the registry gives None): `stats`, if a dict, receives "nfe" (mean over rows),
-    "nfe_per_row", "accepted", "rejected" (per row lists) and "calls" (denoiser calls); the callback gets
-    "i", "x", "sigma" (B,), "h" (B,), "rows" (the rows attempted), "error" and "accepted" (per attempted row)
-    and the running "nfe" (B,) after each attempt."""
+    Per-row scalars (lambda, h, controller state, counts) live in float64 numpy arrays; only x-shaped work is
+    done in torch. NFE is not fixed in advance (the registry gives None): `stats`, if a dict, receives "nfe"
+    (mean over rows), "nfe_per_row", "accepted", "rejected" (per-row lists) and "calls" (denoiser calls);
+    the callback gets "i", "x", "sigma" (B,), "h" (B,), "rows" (the rows attempted), "error" and "accepted"
+    (per attempted row) and the running "nfe" (B,) after each attempt."""
     if isinstance(order, bool) or order not in (2, 3):
         raise SamplerError(f"dpm_adaptive: order must be 2 or 3, got {order!r}")
     name = "dpm_adaptive"
@@ -180,28 +182,34 @@ def sample_dpm_adaptive(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
     sig, x = _start(noise, sigmas, generator)
     s_max, s_min, to_zero = _end_points(sig)
     B = x.shape[0]
+    ones = (1,) * (x.ndim - 1)
     lam_end = -math.log(s_min)
-    lam = torch.full((B,), -math.log(s_max), dtype=torch.float64)
-    h = torch.full((B,), h_init, dtype=torch.float64)
+    lam = np.full(B, -math.log(s_max))
+    h = np.full(B, h_init)
     ctrl_order = 1.5 if eta > 0 else float(order)
     b1, b2, b3 = (pcoeff + icoeff + dcoeff) / ctrl_order, -(pcoeff + 2 * dcoeff) / ctrl_order, dcoeff / ctrl_order
-    errs: Optional[Tensor] = None  # (B, 3) inverse errors of the controller
-    nfe = torch.zeros(B, dtype=torch.long)
-    accepted, rejected = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    errs = np.full((B, 3), np.nan)  # inverse errors of the PID controller (Soederlind 2003), per row
+    nfe = np.zeros(B, dtype=np.int64)
+    accepted, rejected = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
     calls = 0
-    cond_rows = cond
 
-    def eps_at(u: Tensor, lam_rows: Tensor, rows: Tensor) -> Tensor:
+    def col(v: np.ndarray):
+        """Per-row coefficients -> a float (one row) or a (b, 1, ...) column in x's dtype."""
+        if v.shape[0] == 1:
+            return float(v[0])
+        return torch.from_numpy(v).to(device=x.device, dtype=x.dtype).reshape(-1, *ones)
+
+    def eps_at(u: Tensor, lam_rows: np.ndarray, rows: np.ndarray, all_rows: bool) -> Tensor:
         nonlocal calls
         calls += 1
         nfe[rows] += 1
-        sig_rows = torch.exp(-lam_rows)
-        c = None if cond_rows is None else {k: v[rows] for k, v in cond_rows.items()}
-        out = denoiser(u, sig_rows.to(u.dtype), c)
+        sig_rows = np.exp(-lam_rows)
+        c = cond if all_rows or cond is None else {k: v[torch.from_numpy(rows)] for k, v in cond.items()}
+        out = denoiser(u, torch.from_numpy(sig_rows).to(device=u.device, dtype=u.dtype), c)
         if out.shape != u.shape:
             raise SamplerError(f"the denoiser returned shape {tuple(out.shape)} for an input of shape "
                                f"{tuple(u.shape)}; it must return an x0 estimate of the input's shape")
-        return (u - out) / sig_rows.to(u.dtype).reshape(-1, *([1] * (u.ndim - 1)))
+        return (u - out) / col(sig_rows)
 
     sources = None
     if eta > 0:
@@ -215,71 +223,87 @@ def sample_dpm_adaptive(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
 
     x_prev = x.clone()
     eps0 = torch.zeros_like(x)
-    have_eps0 = torch.zeros(B, dtype=torch.bool)
+    have_eps0 = np.zeros(B, dtype=bool)
     active = lam < lam_end - 1e-5
     step = 0
-    while bool(active.any()):
-        rows = active.nonzero().flatten()
-        xa, la, ha = x[rows], lam[rows], h[rows]
-        t = torch.minimum(torch.full_like(la, lam_end), la + ha)
+    while active.any():
+        rows = np.nonzero(active)[0]
+        all_rows = len(rows) == B
+        index = slice(None) if all_rows else torch.from_numpy(rows)
+        xa, la = x[index], lam[rows]
+        t = np.minimum(lam_end, la + h[rows])
         if eta > 0:
-            t_to, s_up = t.clone(), torch.zeros_like(t)
+            t_to, s_up = t.copy(), np.zeros_like(t)
             for k in range(len(rows)):
-                s_a, s_b = math.exp(-float(la[k])), math.exp(-float(t[k]))
+                s_a, s_b = math.exp(-la[k]), math.exp(-t[k])
                 s_down, _ = ancestral_step(s_a, s_b, eta)
                 t_to[k] = min(lam_end, -math.log(s_down)) if s_down > 0 else lam_end
-                s_up[k] = math.sqrt(max(s_b * s_b - math.exp(-2 * float(t_to[k])), 0.0))
+                s_up[k] = math.sqrt(max(s_b * s_b - math.exp(-2 * t_to[k]), 0.0))
         else:
             t_to, s_up = t, None
         need = ~have_eps0[rows]
-        if bool(need.any()):
+        if need.any():
             r_need = rows[need]
-            eps0[r_need] = eps_at(x[r_need], lam[r_need], r_need)
+            if all_rows and need.all():
+                eps0 = eps_at(x, lam, rows, True)
+            else:
+                eps0[torch.from_numpy(r_need)] = eps_at(x[torch.from_numpy(r_need)], lam[r_need], r_need,
+                                                        len(r_need) == B)
             have_eps0[r_need] = True
-        e0 = eps0[rows]
-        steps = _EpsSteps(lambda u, lam_u: eps_at(u, lam_u, rows))
-        hh, cache = t_to - la, {}
+        e0 = eps0[index]
+        hh = t_to - la
+        sn = np.exp(-(la + hh))
+        em = np.expm1(hh)
+        base = xa - col(sn * em) * e0  # DPM-Solver-1 to t_to
         if order == 2:
-            x_low = steps.step1(xa, la, hh, e0)
-            x_high = steps.step2(xa, la, hh, e0, cache)
+            s1 = la + 0.5 * hh
+            e1 = eps_at(xa - col(np.exp(-s1) * np.expm1(0.5 * hh)) * e0, s1, rows, all_rows)
+            x_low, x_high = base, base - col(sn * em) * (e1 - e0)  # r1 = 1/2: sn / (2 r1) = sn
         else:
-            x_low = steps.step2(xa, la, hh, e0, cache, r1=1 / 3)
-            x_high = steps.step3(xa, la, hh, e0, cache)
-        delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev[rows].abs()))
-        dim = x_low[0].numel()
-        error = ((x_low - x_high) / delta).flatten(1).double().norm(dim=1) / math.sqrt(dim)  # (b,)
+            r1, r2 = 1 / 3, 2 / 3
+            s1, s2 = la + r1 * hh, la + r2 * hh
+            e1 = eps_at(xa - col(np.exp(-s1) * np.expm1(r1 * hh)) * e0, s1, rows, all_rows)
+            d1 = e1 - e0
+            x_low = base - col(sn / (2 * r1) * em) * d1  # DPM-Solver-2 with r1 = 1/3
+            em2 = np.expm1(r2 * hh)
+            u2 = xa - col(np.exp(-s2) * em2) * e0 - col(np.exp(-s2) * (r2 / r1) * (em2 / (r2 * hh) - 1)) * d1
+            e2 = eps_at(u2, s2, rows, all_rows)
+            x_high = base - col(sn / r2 * (em / hh - 1)) * (e2 - e0)
+        delta = torch.clamp_min(rtol * torch.maximum(x_low.abs(), x_prev[index].abs()), atol)
+        error = (((x_low - x_high) / delta).flatten(1).norm(dim=1) / math.sqrt(x_low[0].numel())).double().cpu().numpy()
         inv = 1.0 / (error + 1e-8)
-        if errs is None:
-            errs = torch.zeros(B, 3, dtype=torch.float64)
-            errs[:] = float("nan")
         e = errs[rows]
-        fresh = torch.isnan(e[:, 0])
-        e[fresh] = inv[fresh, None].expand(-1, 3)
+        fresh = np.isnan(e[:, 0])
+        e[fresh] = inv[fresh, None]
         e[:, 0] = inv
-        factor = e[:, 0] ** b1 * e[:, 1] ** b2 * e[:, 2] ** b3
-        factor = 1 + torch.atan(factor - 1)
+        factor = e[:, 0] ** b1
+        if b2 != 0 or b3 != 0:
+            factor = factor * e[:, 1] ** b2 * e[:, 2] ** b3
+        factor = 1 + np.arctan(factor - 1)
         ok = factor >= accept_safety
         e[ok, 2], e[ok, 1] = e[ok, 1], e[ok, 0]
         errs[rows] = e
-        h[rows] = ha * factor
-        if bool(ok.any()):
+        h[rows] = h[rows] * factor
+        if ok.any():
             r_ok = rows[ok]
-            x_new = x_high[ok]
             if sources is not None:
-                for k, kk in enumerate(ok.nonzero().flatten().tolist()):
-                    up = float(s_up[kk])
-                    if up > 0:
-                        z = sources[int(rows[kk])](math.exp(-float(la[kk])), math.exp(-float(t[kk])))
-                        x_new[k] = x_new[k] + z[0] * (up * s_noise)
-            x_prev[r_ok] = x_low[ok]
-            x[r_ok] = x_new
+                for k in np.nonzero(ok)[0]:
+                    if s_up[k] > 0:
+                        z = sources[rows[k]](math.exp(-la[k]), math.exp(-t[k]))
+                        x_high[k] = x_high[k] + z[0] * (s_up[k] * s_noise)
+            if ok.all():
+                x_prev[index], x[index] = x_low, x_high
+            else:
+                sel, dst = torch.from_numpy(np.nonzero(ok)[0]), torch.from_numpy(r_ok)
+                x_prev[dst], x[dst] = x_low[sel], x_high[sel]
             lam[r_ok] = t[ok]
             have_eps0[r_ok] = False
             accepted[r_ok] += 1
         rejected[rows[~ok]] += 1
         if callback is not None:
-            callback({"i": step, "x": x, "sigma": torch.exp(-lam), "h": h.clone(), "rows": rows, "error": error,
-                      "accepted": ok, "nfe": nfe.clone()})
+            callback({"i": step, "x": x, "sigma": torch.from_numpy(np.exp(-lam)), "h": torch.from_numpy(h.copy()),
+                      "rows": torch.from_numpy(rows), "error": torch.from_numpy(error), "accepted": torch.from_numpy(ok),
+                      "nfe": torch.from_numpy(nfe.copy())})
         active = lam < lam_end - 1e-5
         step += 1
     if to_zero:
@@ -287,6 +311,6 @@ def sample_dpm_adaptive(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
         calls += 1
         nfe += 1
     if stats is not None:
-        stats.update({"nfe": float(nfe.double().mean()), "nfe_per_row": nfe.tolist(), "accepted": accepted.tolist(),
+        stats.update({"nfe": float(nfe.mean()), "nfe_per_row": nfe.tolist(), "accepted": accepted.tolist(),
                       "rejected": rejected.tolist(), "calls": calls})
     return x

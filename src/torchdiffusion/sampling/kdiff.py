@@ -34,6 +34,7 @@ eta = 1 gives DDPM's posterior variance; eta = 0 is deterministic.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -214,16 +215,23 @@ def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
         raise SamplerError(f"lms: order {order} needs {order} past slopes, only {i + 1} at step {i}")
     h = sigmas[i + 1] - sigmas[i]
     nodes = [(sigmas[i - k] - sigmas[i]) / h for k in range(order)]
-    u, w = np.polynomial.legendre.leggauss(order // 2 + 1)
-    u, w = 0.5 * (u + 1.0), 0.5 * w  # [-1, 1] -> [0, 1]
+    u, w = _gauss_legendre01(order // 2 + 1)
     coeffs = []
     for j in range(order):
-        basis = np.ones_like(u)
+        basis = [1.0] * len(u)
         for k in range(order):
             if k != j:
-                basis *= (u - nodes[k]) / (nodes[j] - nodes[k])
-        coeffs.append(float(h * (w * basis).sum()))
+                den = nodes[j] - nodes[k]
+                basis = [b * (uq - nodes[k]) / den for b, uq in zip(basis, u)]
+        coeffs.append(h * sum(wq * b for wq, b in zip(w, basis)))
     return coeffs
+
+
+@functools.lru_cache(maxsize=None)
+def _gauss_legendre01(points: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Gauss-Legendre nodes and weights on [0, 1] (exact for polynomials of degree <= 2 points - 1)."""
+    u, w = np.polynomial.legendre.leggauss(points)
+    return tuple(float(v) for v in 0.5 * (u + 1.0)), tuple(float(v) for v in 0.5 * w)
 
 
 def sample_lms(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
