@@ -36,7 +36,6 @@ from torchdiffusion.eval import (InceptionFeatures, cached_reference, extract_fe
 from torchdiffusion.eval.fid import feature_statistics
 from torchdiffusion.eval.kid import SmallSampleWarning
 
-SEED_RANGES_2K = [(0, 2000), (2000, 4000), (4000, 6000)]
 
 
 def log(msg: str) -> None:
@@ -63,6 +62,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--sqrtm-check", action="store_true", help="also compute one FID-2k with scipy sqrtm")
+    ap.add_argument("--small", type=int, default=2000, help="the small N (three disjoint seed ranges of it)")
+    ap.add_argument("--ref-limit", type=int, default=10000, help="first N MNIST test images as the reference")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -70,44 +71,49 @@ def main(argv=None) -> dict:
     res: dict = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "run": str(args.run), "n": args.n,
                  "torch": torch.__version__, "threads": args.threads}
 
-    pngs = sorted(args.samples.glob("[0-9]*.png")) if args.samples.is_dir() else []
-    if len(pngs) < args.n:
-        log(f"sampling {args.n} images from {args.run}")
-        t0 = time.perf_counter()
-        exe = Path(sys.executable).with_name("torchdiffusion")
-        subprocess.run([str(exe), "sample", "--run", str(args.run), "--outdir", str(args.samples),
-                        "--seeds", f"0-{args.n - 1}", "--batch", str(args.sample_batch),
-                        "--threads", str(args.threads)], check=True)
-        res["sampling_s"] = round(time.perf_counter() - t0, 1)
-    record = args.samples / "samples.json"
-    if record.is_file():
-        res["samples_record"] = {k: v for k, v in json.loads(record.read_text()).items() if k != "sigmas"}
-
     extractor = InceptionFeatures(batch_size=50)
     res.update(extractor=extractor.name, weights_sha256=extractor.sha256, resize=extractor.resize)
-    feats_file = args.samples / "features.npz"
-    if feats_file.is_file():
-        with np.load(feats_file, allow_pickle=False) as z:
-            fake = z["features"] if str(z["weights_sha256"]) == extractor.sha256 else None
-    else:
-        fake = None
-    if fake is None or len(fake) < args.n:
-        images, info = load_sample_folder(args.samples, args.n)
-        log(f"Inception features of {len(images)} samples")
-        t0 = time.perf_counter()
-        fake = extract_features(extractor, images, chunk=500,
-                                progress=lambda d, n: log(f"  samples {d}/{n}"))
-        res["fake_features_s"] = round(time.perf_counter() - t0, 1)
-        np.savez(feats_file, features=fake, weights_sha256=np.array(extractor.sha256))
-    fake = fake[:args.n].astype(np.float64)
-
-    test = load_mnist("test").x
+    test = load_mnist("test").x[:args.ref_limit]
     t0 = time.perf_counter()
-    ref, path, hit = cached_reference(test, extractor, source="mnist:test", cache_dir=args.cache_dir,
+    ref, path, hit = cached_reference(test, extractor, source="mnist:test" if len(test) == 10000 else
+                                      f"mnist:test[:{len(test)}]", cache_dir=args.cache_dir,
                                       progress=lambda d, n: log(f"  reference {d}/{n}"))
-    res["reference"] = {"source": "mnist:test", "n": ref.n, "fingerprint": ref.fingerprint, "file": str(path),
+    res["reference"] = {"source": f"mnist:test[:{len(test)}]", "n": ref.n, "fingerprint": ref.fingerprint, "file": str(path),
                         "cache_hit": hit, "seconds": round(time.perf_counter() - t0, 1)}
     real = ref.features.astype(np.float64)
+
+    # samples and their features in chunks of 2,000 seeds, each kept on disk: a rerun continues where it stopped
+    exe = Path(sys.executable).with_name("torchdiffusion")
+    parts, timing = [], {"sampling_s": 0.0, "features_s": 0.0}
+    for a in range(0, args.n, args.small):
+        b = min(a + args.small, args.n)
+        folder = args.samples / f"seeds_{a:05d}_{b - 1:05d}"
+        feats_file = folder / "features.npz"
+        f = None
+        if feats_file.is_file():
+            with np.load(feats_file, allow_pickle=False) as z:
+                if str(z["weights_sha256"]) == extractor.sha256 and len(z["features"]) == b - a:
+                    f = z["features"]
+        if f is None:
+            if len(list(folder.glob("[0-9]*.png"))) < b - a:
+                log(f"sampling seeds {a}-{b - 1} from {args.run}")
+                t0 = time.perf_counter()
+                subprocess.run([str(exe), "sample", "--run", str(args.run), "--outdir", str(folder),
+                                "--seeds", f"{a}-{b - 1}", "--batch", str(args.sample_batch),
+                                "--threads", str(args.threads)], check=True)
+                timing["sampling_s"] += time.perf_counter() - t0
+            images, _ = load_sample_folder(folder, b - a)
+            log(f"Inception features of seeds {a}-{b - 1}")
+            t0 = time.perf_counter()
+            f = extract_features(extractor, images, chunk=500, progress=lambda d, n: log(f"  samples {d}/{n}"))
+            timing["features_s"] += time.perf_counter() - t0
+            np.savez(feats_file, features=f, weights_sha256=np.array(extractor.sha256))
+        parts.append(f)
+        if a == 0 and (folder / "samples.json").is_file():
+            rec = json.loads((folder / "samples.json").read_text())
+            res["samples_record"] = {k: v for k, v in rec.items() if k not in ("sigmas", "seeds", "count")}
+    res["timing_this_call"] = {k: round(v, 1) for k, v in timing.items()}
+    fake = np.concatenate(parts).astype(np.float64)
 
     log("FIDs")
     rows = []
@@ -120,24 +126,27 @@ def main(argv=None) -> dict:
                      "kid_std": ks, "seconds": round(time.perf_counter() - t, 1)})
         log(f"  {label}: FID {f:.3f} KID {k:.5f}")
 
-    add("model, 10k samples vs test 10k", fake, real, len(fake), len(real), "model")
-    for a, b in SEED_RANGES_2K:
-        add(f"model, seeds {a}-{b - 1} vs test 10k", fake[a:b], real, b - a, len(real), "model")
-    for a, b in SEED_RANGES_2K:
-        add(f"model, seeds {a}-{b - 1} vs test[:2000]", fake[a:b], real[:2000], b - a, 2000, "model")
-    add("real: test[:5000] vs test[5000:]", real[:5000], real[5000:], 5000, 5000, "real")
-    for a in (0, 2000, 4000):
-        add(f"real: test[{a}:{a + 2000}] vs test[{a + 2000}:{a + 4000}]", real[a:a + 2000], real[a + 2000:a + 4000],
-            2000, 2000, "real")
+    n_ref, h = len(real), args.small
+    add(f"model, seeds 0-{len(fake) - 1} vs test[:{n_ref}]", fake, real, len(fake), n_ref, "model")
+    ranges = [(a, a + h) for a in range(0, 3 * h, h) if a + h <= len(fake)]
+    for a, b in ranges:
+        add(f"model, seeds {a}-{b - 1} vs test[:{n_ref}]", fake[a:b], real, h, n_ref, "model")
+    for a, b in ranges:
+        add(f"model, seeds {a}-{b - 1} vs test[:{h}]", fake[a:b], real[:h], h, h, "model")
+    add(f"real: test[:{n_ref // 2}] vs test[{n_ref // 2}:{n_ref}]", real[:n_ref // 2], real[n_ref // 2:],
+        n_ref // 2, n_ref - n_ref // 2, "real")
+    for a in range(0, n_ref - 2 * h + 1, h)[:3]:
+        add(f"real: test[{a}:{a + h}] vs test[{a + h}:{a + 2 * h}]", real[a:a + h], real[a + h:a + 2 * h], h, h,
+            "real")
     res["rows"] = rows
-    fid2k = [r["fid"] for r in rows if r["label"].endswith("vs test 10k") and r["n_samples"] == 2000]
-    res["summary"] = {"fid_10k": rows[0]["fid"], "fid_2k_vs_test10k_mean": float(np.mean(fid2k)),
-                      "fid_2k_vs_test10k_std": float(np.std(fid2k, ddof=1)),
-                      "fid_2k_vs_test10k_values": fid2k,
-                      "bias_2k_minus_10k": float(np.mean(fid2k) - rows[0]["fid"])}
+    small = [r["fid"] for r in rows[1:1 + len(ranges)]]
+    res["summary"] = {"n_all": len(fake), "fid_all": rows[0]["fid"], "n_small": h, "fid_small_values": small,
+                      "fid_small_mean": float(np.mean(small)) if small else None,
+                      "fid_small_std": float(np.std(small, ddof=1)) if len(small) > 1 else None,
+                      "bias_small_minus_all": float(np.mean(small) - rows[0]["fid"]) if small else None}
     if args.sqrtm_check:
         t = time.perf_counter()
-        a, b = feature_statistics(fake[:2000]), feature_statistics(real[:2000])
+        a, b = feature_statistics(fake[:args.small]), feature_statistics(real[:args.small])
         res["sqrtm_check"] = {"eigh": fid_from_statistics(a, b), "sqrtm": fid_from_statistics(a, b, method="sqrtm"),
                               "seconds": round(time.perf_counter() - t, 1)}
         log(f"  sqrtm check: {res['sqrtm_check']}")

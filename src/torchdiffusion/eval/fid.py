@@ -5,10 +5,12 @@ TF FID code and pytorch-fid use np.cov); everything in float64.
 
     d^2((mu1, S1), (mu2, S2)) = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})
 
-(Frechet 1957; Dowson & Landau 1982 for Gaussians; FID: Heusel et al. 2017). The product S1 S2
-is not symmetric; its principal square root has real non-negative spectrum in exact arithmetic,
-but rounding can leave a small imaginary part (discarded when negligible) or a non-finite result
-for singular covariances (retried with eps * I added to both, as the reference implementations do).
+(Frechet 1957; Dowson & Landau 1982 for Gaussians; FID: Heusel et al. 2017). The trace term is
+computed by default from symmetric eigendecompositions (tr (S1 S2)^{1/2} = sum_i sqrt(lambda_i(R S2 R)),
+R = S1^{1/2}; see trace_sqrt_product), which is real, exact for singular covariances and fast. The
+route of the TF FID code and pytorch-fid (method="sqrtm") takes the principal square root of the
+non-symmetric product S1 S2; rounding can leave a small imaginary part (discarded when negligible) or a
+non-finite result for singular covariances (retried with eps * I added to both, as they do).
 
 Pure functions on arrays: no I/O, no feature network.
 """
