@@ -122,7 +122,6 @@ def test_dps_with_the_tweedie_variance_samples_the_noisy_posterior():
 
 def test_dps_posterior_denoiser_equals_the_exact_posterior_mean():
     """The wrapper itself, without any sampler: D_y(x, s) == E[x0 | x_s = x, y] for Gaussian data."""
-    prior = isotropic(0.5)
     op = Colorize(2)
     shape = (1, 2, 2, 2)
     d = 8
@@ -141,7 +140,6 @@ def test_dps_posterior_denoiser_equals_the_exact_posterior_mean():
         rhs = mu / 0.25 + x.reshape(3, -1) / s ** 2 + y.reshape(3, -1) @ a / 0.04
         want = torch.linalg.solve(prec, rhs.T).T.reshape(x.shape)
         assert torch.allclose(got, want, atol=1e-9), s
-    del prior
 
 
 def test_reconstruction_guidance_keeps_the_exact_posterior_and_reduces_replacement_bias():
@@ -223,11 +221,11 @@ def test_repaint_schedule():
     path = repaint_schedule(6, 2, 3)
     assert path[0] == 0 and path[-1] == 6
     assert all(abs(b - a) == 1 for a, b in zip(path, path[1:]))
-    # each jump point i < n is left upwards resample - 1 times
-    ups = [a for a, b in zip(path, path[1:]) if b < a and path[path.index(a)] == a]
+    # each jump point i < n (here 2 and 4) is left upwards resample - 1 = 2 times, by `jump` = 2 positions
+    starts = [a for i, (a, b) in enumerate(zip(path, path[1:])) if b < a and (i == 0 or path[i - 1] < a)]
+    assert sorted(starts) == [2, 2, 4, 4]
     assert repaint_nfe(6, 2, 3) == 6 + 2 * 2 * 2
     assert repaint_nfe(250, 10, 10) == 250 + 24 * 9 * 10  # Lugmayr et al.'s setting
-    assert ups
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from ..protocols import Callback, Cond, Denoiser, Generators
