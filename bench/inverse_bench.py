@@ -221,7 +221,7 @@ def main():
                 score("diffusers RePaintScheduler", torch.cat(outs), torch.cat(errs), nfe,
                       time.perf_counter() - t0, False)
         names = list(shown)
-        grid = make_grid(torch.cat([shown[k] for k in names]), nrow=10)
+        grid = make_grid(torch.cat([shown[k] for k in names]), nrow=min(10, args.n))
         grids[task] = names
         save_png(grid, args.out.parent / f"{args.out.name}_{task}.png")
 
