@@ -189,3 +189,20 @@ def test_cli_trains_and_samples_a_vdm_model(tmp_path):
     assert (tmp_path / "s" / "000001.png").exists()
     bpd = vlb.vlb_bpd(loaded.model, torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.Generator().manual_seed(0))
     assert bpd.shape == (2,) and torch.isfinite(bpd).all()
+
+
+@pytest.mark.parametrize("gamma_0", [-13.3, -8.0, -2.0, 1.0])
+def test_reconstruction_window_equals_the_full_256_way_softmax(gamma_0):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 40), generator=g).double() / 127.5 - 1
+    s = math.exp(0.5 * gamma_0)
+    z = x + s * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    logits = -0.5 * (z.unsqueeze(-1) - levels) ** 2 / s**2
+    k = torch.round((x + 1) * 127.5).long()
+    full = -(logits.gather(-1, k.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)).sum(1)
+    torch.testing.assert_close(vdm.reconstruction_nll(x, z, gamma_0), full, rtol=1e-10, atol=1e-9)
+    # a probability mass: summed over all 256 values of one pixel it is 1
+    one = z[:1, :1].expand(256, 1)
+    p = torch.exp(-vdm.reconstruction_nll(levels.reshape(256, 1), one, gamma_0))
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-9)

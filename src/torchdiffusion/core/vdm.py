@@ -186,10 +186,18 @@ def reconstruction_nll(x0: Tensor, z0: Tensor, gamma_0: float, data: str = "8bit
         return 0.5 * ((x - z) ** 2 / s2 + math.log(2 * math.pi * s2)).sum(1)
     if data != "8bit":
         raise ValueError(f"data must be '8bit' or 'continuous', got {data!r}")
-    levels = torch.arange(LEVELS, dtype=torch.float64, device=x.device) * (2 / (LEVELS - 1)) - 1
-    k = torch.round((x + 1) * (LEVELS - 1) / 2).clamp(0, LEVELS - 1).long()  # (B, D)
-    logits = -0.5 * (z.unsqueeze(-1) - levels) ** 2 / s2  # (B, D, 256)
-    logp = logits.gather(-1, k.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    # softmax over the levels within 10 sigma_0 of z_0 (the rest weigh below exp(-50) each): a window of 2W+1 levels
+    step = 2 / (LEVELS - 1)
+    W = int(math.ceil(10 * math.sqrt(s2) / step)) + 1
+    k = torch.round((x + 1) / step).clamp(0, LEVELS - 1)  # (B, D) the data's level
+    if 2 * W + 1 >= LEVELS:  # a wide decoder: all levels
+        ks = torch.arange(LEVELS, dtype=torch.float64, device=x.device).expand(*z.shape, LEVELS)
+    else:
+        kz = torch.round((z + 1) / step)  # nearest level to z_0
+        ks = kz.unsqueeze(-1) + torch.arange(-W, W + 1, dtype=torch.float64, device=x.device)  # (B, D, 2W+1)
+    logits = -0.5 * (z.unsqueeze(-1) - (ks * step - 1)) ** 2 / s2
+    logits = logits.masked_fill((ks < 0) | (ks > LEVELS - 1), float("-inf"))
+    logp = -0.5 * (z - (k * step - 1)) ** 2 / s2 - torch.logsumexp(logits, -1)
     return -logp.sum(1)
 
 
