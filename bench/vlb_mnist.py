@@ -66,7 +66,8 @@ def main() -> None:
             sh(EXE + ["train", "--preset", MODELS[name], "--run", str(run), "--threads", "2", "--no-progress",
                       "--set", f"train.steps={steps}", "--set", f"train.max_minutes={a.minutes * 1.2:.2f}",
                       "--set", "train.sample_every=100000", "--set", f"train.ckpt_every={steps}",
-                      "--set", "train.val_every=100000"])
+                      "--set", "train.val_every=100000", "--set", "sample.grid_images=16",
+                      "--set", "sample.steps=20"])
         train_s = time.time() - t0
         vlb = likelihood(run, "vlb", a.n, ["--vlb-timesteps", str(a.vlb_timesteps)], scratch / f"{name}_vlb.json")
         ode = likelihood(run, "ode", a.ode_n, ["--hutchinson", "1"], scratch / f"{name}_ode.json")
