@@ -120,6 +120,19 @@ def test_dps_with_the_tweedie_variance_samples_the_noisy_posterior():
     assert em10 + ec10 > em + ec
 
 
+def test_the_posterior_denoiser_composes_with_a_deterministic_sampler():
+    """gradients.dps is a plain Denoiser: Heun on the posterior's probability-flow ODE samples the same
+    posterior (isotropic prior, noisy 2x average pooling), with no stochastic step anywhere."""
+    from torchdiffusion.sampling import sample_heun
+
+    prior = isotropic(0.5)
+    meas, post = problem(prior, AvgPoolDown(2), 0.1, seed=4)
+    noise = torch.randn(meas.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    x = sample_heun(dps(prior, meas, prior_std=0.5), noise, karras(40, 0.002, 20.0))
+    em, ec = moment_errors(x, post)
+    assert em < MEAN_TOL and ec < COV_TOL, (em, ec)
+
+
 def test_dps_posterior_denoiser_equals_the_exact_posterior_mean():
     """The wrapper itself, without any sampler: D_y(x, s) == E[x0 | x_s = x, y] for Gaussian data."""
     op = Colorize(2)
