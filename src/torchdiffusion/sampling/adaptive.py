@@ -107,19 +107,21 @@ def _rms_error(err: Tensor, y: Tensor, y_new: Tensor, rtol: float, atol: float) 
 
 
 def _initial_step(f: OdeFunction, t0: Tensor, y0: Tensor, f0: Tensor, direction: float, order: int,
-                  rtol: float, atol: float, rows: Tensor) -> Tensor:
-    """Hairer, Norsett & Wanner (Solving ODEs I, II.4, p. 169): a starting step per row, one evaluation."""
+                  rtol: float, atol: float, rows: Tensor, length: float) -> Tensor:
+    """Hairer, Norsett & Wanner (Solving ODEs I, II.4, p. 169): a starting step per row, one evaluation; never
+    longer than the interval (`length`), so the trial evaluation stays inside it."""
     scale = atol + rtol * y0.abs()
-    d0 = (y0 / scale).pow(2).mean(1).sqrt()
-    d1 = (f0 / scale).pow(2).mean(1).sqrt()
+    d0 = (y0 / scale).pow(2).mean(1).sqrt().double()
+    d1 = (f0 / scale).pow(2).mean(1).sqrt().double()
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-30))
-    y1 = y0 + direction * h0[:, None] * f0
+    h0 = h0.clamp(max=length)
+    y1 = y0 + direction * h0.to(y0.dtype)[:, None] * f0
     f1 = f(t0 + direction * h0, y1, rows)
     d2 = ((f1 - f0) / scale).pow(2).mean(1).sqrt() / h0
     big = torch.maximum(d1, d2)
     h1 = torch.where(big <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
                      (0.01 / big.clamp(min=1e-30)) ** (1.0 / (order + 1)))
-    return torch.minimum(100 * h0, h1)
+    return torch.minimum(100 * h0, h1).clamp(max=length)
 
 
 def integrate(f: OdeFunction, y0: Tensor, t0: float, t1: float, *, rtol: float = 1e-5, atol: float = 1e-5,
@@ -149,8 +151,10 @@ def integrate(f: OdeFunction, y0: Tensor, t0: float, t1: float, *, rtol: float =
     y = y0.clone()
     k_first = f(tt, y, rows)
     nfe += 1
+    if not bool(torch.isfinite(k_first).all()):
+        raise SamplerError("the ODE's right-hand side is not finite at the start (NaN/inf from the denoiser?)")
     if h0 is None:
-        h = _initial_step(f, tt, y, k_first, direction, tab.error_order, rtol, atol, rows).double()
+        h = _initial_step(f, tt, y, k_first, direction, tab.error_order, rtol, atol, rows, length)
         nfe += 1
     else:
         h = torch.full((B,), float(h0), dtype=torch.float64, device=dev)
@@ -177,10 +181,15 @@ def integrate(f: OdeFunction, y0: Tensor, t0: float, t1: float, *, rtol: float =
         y_new = ya + hy * sum(b * k for b, k in zip(tab.b, ks) if b != 0.0)
         err = hy * sum(e * k for e, k in zip(tab.b_err, ks) if e != 0.0)
         e = _rms_error(err, ya, y_new, rtol, atol).double()
-        ok = e <= 1.0
+        finite = torch.isfinite(e) & torch.isfinite(y_new).all(1) & torch.isfinite(ks[-1]).all(1)
+        ok = (e <= 1.0) & finite
         factor = (0.9 * e.clamp(min=1e-10) ** (-1.0 / (tab.error_order + 1))).clamp(0.2, 10.0)
         factor = torch.where(ok, factor, factor.clamp(max=1.0))
+        factor = torch.where(finite, factor, torch.full_like(factor, 0.2))  # a non-finite trial: shrink and retry
         h[idx] = ha * factor
+        if bool((h[idx] < 1e-12 * length).any()):
+            raise SamplerError(f"the adaptive solver's step fell below 1e-12 of the interval (a non-finite or stiff "
+                               f"right-hand side); loosen rtol/atol (now {rtol:g}/{atol:g}) or check the denoiser")
         acc = idx[ok]
         y[acc] = y_new[ok]
         k_first[acc] = ks[-1][ok] if tab.fsal else f(tt[acc] + hs[ok], y_new[ok], acc)
