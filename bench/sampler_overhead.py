@@ -7,7 +7,8 @@ on the path, e.g.
 
     PYTHONPATH=src:../shared/bench/adapters ../peers-venv/bin/python bench/sampler_overhead.py
 
-Each (sampler, shape) pair is timed `--repeats` times alternating ours and the peer; the minimum wall time over
+Each (sampler, shape) pair is timed `--repeats` times alternating ours and the peer; the minimum CPU time of the
+process (time.process_time, one thread: robust to other jobs on a shared machine, unlike wall time) over
 repeats divided by the number of denoiser calls actually made is the overhead per NFE. Noise: each side's
 default source as a user gets it: ours from one generator per row (what `torchdiffusion sample` uses; a
 Brownian tree per row for the SDE samplers), k-diffusion's global generator (torchsde's Brownian tree for
@@ -86,9 +87,9 @@ def time_ours(name, shape, steps, seeds, opts, per_row=True):
         sig = torch.tensor([SMAX, SMIN], dtype=torch.float64)
     else:
         sig = grids.karras(steps, SMIN, SMAX)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     fn(den, noise, sig, generator=gens, **opts)
-    return time.perf_counter() - t0, den.calls
+    return time.process_time() - t0, den.calls
 
 
 def time_peer(K, name, shape, steps, seed, opts):
@@ -98,7 +99,7 @@ def time_peer(K, name, shape, steps, seed, opts):
     model = lambda x, s: den(x, s)  # noqa: E731
     torch.manual_seed(seed)
     noise = torch.randn(shape)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     if style == "fast":
         fn(model, noise * SMAX, SMIN, SMAX, steps, disable=True, **opts)
     elif style == "adaptive":
@@ -106,7 +107,7 @@ def time_peer(K, name, shape, steps, seed, opts):
     else:
         sig = K.get_sigmas_karras(steps, SMIN, SMAX, rho=7.0)
         fn(model, noise * sig[0], sig, disable=True, **opts)
-    return time.perf_counter() - t0, den.calls
+    return time.process_time() - t0, den.calls
 
 
 def main():
@@ -150,7 +151,7 @@ def main():
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     lines = ["# Sampler overhead per NFE: torchdiffusion vs k-diffusion", "",
              "Trivial denoiser D(x, sigma) = x / (1 + sigma^2); Karras grid (sigma 0.002 to 80, rho 7), "
-             f"{args.steps} steps; best of {args.repeats} alternating runs; {args.threads} thread(s); torch "
+             f"{args.steps} steps; best of {args.repeats} alternating runs, process CPU time; {args.threads} thread(s); torch "
              f"{torch.__version__}, k-diffusion {kversion}. Microseconds of sampler time per denoiser call (lower is "
              "better); ratio = ours / k-diffusion. Reproduce: `bench/sampler_overhead.py` (see its docstring).", "",
              "Noise: k-diffusion draws from the global generator (torchsde's Brownian tree for its SDE samplers). "

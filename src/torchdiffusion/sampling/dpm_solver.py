@@ -205,7 +205,8 @@ def sample_dpm_adaptive(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
         nfe[rows] += 1
         sig_rows = np.exp(-lam_rows)
         c = cond if all_rows or cond is None else {k: v[torch.from_numpy(rows)] for k, v in cond.items()}
-        out = denoiser(u, torch.from_numpy(sig_rows).to(device=u.device, dtype=u.dtype), c)
+        sig_t = u.new_full((1,), float(sig_rows[0])) if len(sig_rows) == 1 else u.new_tensor(sig_rows)
+        out = denoiser(u, sig_t, c)
         if out.shape != u.shape:
             raise SamplerError(f"the denoiser returned shape {tuple(out.shape)} for an input of shape "
                                f"{tuple(u.shape)}; it must return an x0 estimate of the input's shape")
@@ -270,7 +271,8 @@ def sample_dpm_adaptive(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
             e2 = eps_at(u2, s2, rows, all_rows)
             x_high = base - col(sn / r2 * (em / hh - 1)) * (e2 - e0)
         delta = torch.clamp_min(rtol * torch.maximum(x_low.abs(), x_prev[index].abs()), atol)
-        error = (((x_low - x_high) / delta).flatten(1).norm(dim=1) / math.sqrt(x_low[0].numel())).double().cpu().numpy()
+        err_t = torch.linalg.vector_norm((x_low - x_high) / delta, dim=tuple(range(1, x.ndim)))
+        error = np.asarray(err_t.tolist(), dtype=np.float64) / math.sqrt(x_low[0].numel())
         inv = 1.0 / (error + 1e-8)
         e = errs[rows]
         fresh = np.isnan(e[:, 0])
