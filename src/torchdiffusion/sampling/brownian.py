@@ -99,6 +99,7 @@ class BrownianTree:
             raise SamplerError(f"the Brownian tree's leaf length must be > 0, got {leaf}")
         self.depth = min(_MAX_DEPTH, max(0, math.ceil(math.log2((t1 - t0) / leaf))))
         self.dtype, self.device = dtype, device
+        self._draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._gen = torch.Generator()
         w1 = self._normal(_key(0, 0, 0)) * math.sqrt(t1 - t0)
         # cached path: level -> (a, b, W(a), W(b), index); level 0 is the root interval
@@ -106,11 +107,12 @@ class BrownianTree:
         self._points: dict[float, Tensor] = {}
 
     def _normal(self, key: int) -> Tensor:
-        """(B, *shape) standard normal: row b from the seed key mixed with seeds[b] (float64 draws)."""
+        """(B, *shape) standard normal: row b from the seed key mixed with seeds[b]. Drawn in float64 for a float64
+        tree, else in float32 (4-5x faster on CPU; the path's values then carry float32 round-off, ~1e-7)."""
         rows = []
         for s in self.seeds:
             self._gen.manual_seed(_key(s, key))
-            rows.append(torch.randn(self.shape, generator=self._gen, dtype=torch.float64))
+            rows.append(torch.randn(self.shape, generator=self._gen, dtype=self._draw_dtype))
         return torch.stack(rows)
 
     def __call__(self, t: float) -> Tensor:
