@@ -110,7 +110,7 @@ def test_fast_orders_spend_the_budget():
     for nfe in range(1, 40):
         orders = fast_orders(nfe)
         assert sum(orders) == nfe and all(o in (1, 2, 3) for o in orders)
-        assert len(orders) == nfe // 3 + 1 - (1 if nfe % 3 == 0 and nfe >= 3 else 0) + (1 if nfe % 3 == 0 else 0)
+        assert len(orders) == nfe // 3 + 1  # Lu et al. 2022a, sec. 3.4: K = floor(nfe / 3) + 1 steps
 
 
 def test_edm_without_churn_is_heun():
