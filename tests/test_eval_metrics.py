@@ -341,3 +341,29 @@ def test_cli_real_inception_works_with_sockets_disabled(tmp_path, monkeypatch, i
     from_file = json.loads(invoke(args + ["--real", tmp_path / "ref.npz"]).stdout)  # a statistics file as --real
     assert from_file["fid"] == pytest.approx(res["fid"], rel=1e-6)
     assert from_file["reference_fingerprint"] == ref["fingerprint"]
+
+
+class _LogitsNet(torch.nn.Module):
+    """A stand-in 'Inception with logits': (B, 3, 299, 299) -> (B, 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(2, 3)) * 10)
+
+
+def test_cli_inception_score_with_user_logits_file(tmp_path):
+    write_pngs(tmp_path / "fake", digits(10))
+    with pytest.raises(CheckpointError, match="--is-weights"):
+        from torchdiffusion.eval import LogitsNetwork
+        LogitsNetwork(tmp_path / "none.pt")
+    torch.manual_seed(0)
+    torch.jit.script(_LogitsNet()).save(str(tmp_path / "logits.pt"))
+    r = json.loads(invoke(["eval", "is", "--fake", tmp_path / "fake", "--is-weights", tmp_path / "logits.pt",
+                           "--splits", "2"]).stdout)
+    assert 1.0 <= r["is"] <= 5.0 and r["network"] == "logits:logits.pt" and r["n_fake"] == 10
+    assert "classifier_is" not in r
+    r = invoke(["eval", "is", "--fake", tmp_path / "fake"], expect=2)
+    assert "exactly one of --is-weights" in r.output

@@ -109,8 +109,11 @@ def make_extractor(feature_weights, classifier, batch: int, device):
             raise ConfigError("--classifier needs a classifier run from `torchdiffusion train-classifier`, which "
                               "this installation does not have") from None
         from ..eval import ClassifierFeatures
-        module = load_classifier(Path(classifier))
-        return ClassifierFeatures(module.to(device), name=f"classifier:{Path(classifier).name}", device=device)
+        from ..eval.inception import file_sha256
+        module = load_classifier(Path(classifier), device=device)
+        weights = Path(getattr(module, "checkpoint_path", "")) / "model.safetensors"
+        return ClassifierFeatures(module, name=f"classifier:{Path(classifier).name}", device=device,
+                                  sha256=file_sha256(weights) if weights.is_file() else "")
     from ..eval import InceptionFeatures
     return InceptionFeatures(feature_weights, batch_size=batch, device=device, option="--feature-weights PATH")
 
