@@ -121,8 +121,8 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
     eigenvalues of S1 S2 are those of the symmetric PSD matrix R S2 R and
         tr((S1 S2)^{1/2}) = sum_i sqrt(lambda_i(R S2 R)).
     Two symmetric eigendecompositions (one if `sqrt_sigma1` = R is given, e.g. cached for a reference
-    set), real arithmetic throughout, exact for singular covariances (N <= D) without regularisation;
-    ~20x faster than sqrtm at D = 2048. method "sqrtm": the principal square root of the non-symmetric
+    set), real arithmetic throughout, exact for singular covariances (N <= D) without regularisation.
+    method "sqrtm": the principal square root of the non-symmetric
     product (scipy.linalg.sqrtm, Schur method) as in the TF FID code and pytorch-fid, with their
     eps * I retry for singular products."""
     if method == "eigh":
