@@ -283,3 +283,15 @@ def test_train_command_missing_feature_weights_is_one_line(tmp_path):
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "train.eval_features" in lines[0] and "Traceback" not in r.output
     assert not (tmp_path / "r" / "metrics.csv").exists()  # failed before training
+
+
+def test_resuming_a_run_logged_before_the_eval_columns_keeps_its_rows(tmp_path):
+    from torchdiffusion.train.logger import METRIC_COLUMNS, RunLogger
+    old = ["step", "images", "loss", "grad_norm", "lr", "val_loss", "images_per_s", "wall_s"]
+    with open(tmp_path / "metrics.csv", "w", newline="") as f:
+        csv.writer(f).writerows([old, [1, 8, 0.5, 1.0, 0.1, "", "", 0.1], [2, 16, 0.4, 1.0, 0.1, 0.3, 9.0, 0.2],
+                                 [3, 24, 0.3, 1.0, 0.1, "", "", 0.3]])
+    RunLogger(tmp_path, 10, 2, progress=False).metrics({"step": 3, "loss": 0.25, "fid": 7.5})
+    rows = read_rows(tmp_path)
+    assert list(rows[0]) == METRIC_COLUMNS and [r["step"] for r in rows] == ["1", "2", "3"]
+    assert rows[1]["val_loss"] == "0.3" and rows[1]["fid"] == "" and rows[2]["fid"] == "7.5"
