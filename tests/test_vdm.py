@@ -206,3 +206,22 @@ def test_reconstruction_window_equals_the_full_256_way_softmax(gamma_0):
     one = z[:1, :1].expand(256, 1)
     p = torch.exp(-vdm.reconstruction_nll(levels.reshape(256, 1), one, gamma_0))
     assert float(p.sum()) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["model.process.kind=vdm", "model.variance=learned"], "needs model.process.kind 'vp_discrete'"),
+    (["model.process.kind=edm", "objective.weighting=vlb", "objective.density=vdm"], "need model.process.kind 'vdm'"),
+    (["model.process.kind=vdm", "objective.weighting=vlb", "objective.density=lognormal"], "needs objective.density"),
+    (["model.process.kind=vp_discrete", "objective.weighting=hybrid", "objective.density=discrete"],
+     "needs model.variance 'learned'"),
+    (["model.process.kind=vdm", "model.process.gamma_min=3", "model.process.gamma_max=1"], "gamma_min < gamma_max"),
+])
+def test_bad_combinations_are_config_errors(settings, message):
+    from torchdiffusion.config.build import build_model, build_objective
+    from torchdiffusion.config.presets_io import load_preset, resolve
+    from torchdiffusion.errors import ConfigError
+
+    cfg = resolve(load_preset("mnist"), TINY + settings)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build_model(cfg.model)
+        build_objective(cfg.objective, cfg.model)
