@@ -67,7 +67,8 @@ ORDERS = [
     ("dpmpp_2m", sample_dpmpp_2m, {}, 2.0),
     ("dpmpp_2m_sde-eta0", sample_dpmpp_2m_sde, {"eta": 0.0}, 2.0),
     ("dpmpp_2m_sde-heun-eta0", sample_dpmpp_2m_sde, {"eta": 0.0, "solver_type": "heun"}, 2.0),
-    ("dpmpp_3m_sde-eta0", sample_dpmpp_3m_sde, {"eta": 0.0}, 3.0),
+    ("dpmpp_3m_sde-exact-eta0", sample_dpmpp_3m_sde, {"eta": 0.0, "exact_third_order": True}, 3.0),
+    ("dpmpp_3m_sde-eta0", sample_dpmpp_3m_sde, {"eta": 0.0}, 2.0),  # the reference form (see its docstring)
     ("edm-nochurn", sample_edm, {}, 2.0),
 ]
 NS = [16, 32, 64, 128]
@@ -89,7 +90,7 @@ def test_deterministic_order_on_gaussian(gauss, name, sampler, opts, order):
     assert all(b < a for a, b in zip(errs, errs[1:])), errs
     p = slope(ns, errs)
     if order == 3:
-        assert 2.8 < p < 3.8, (p, errs)  # measured: lms-4 3.5, dpmpp_3m 3.3
+        assert 2.8 < p < 3.8, (p, errs)  # measured: lms-4 3.5, dpmpp_3m exact 3.3
     else:
         assert abs(p - order) < 0.35, (p, errs)  # measured: 2.0-2.25
 
@@ -434,6 +435,7 @@ ok_noise = torch.zeros(2, 3)
     (lambda: sample_lms(Counting(), ok_noise, ok_sig, order=0), "order must be an integer from 1 to 8"),
     (lambda: sample_dpmpp_2m_sde(Counting(), ok_noise, ok_sig, solver_type="rk4"), "valid: midpoint, heun"),
     (lambda: sample_dpmpp_3m_sde(Counting(), ok_noise, ok_sig, noise_kind="pink"), "valid: gaussian, brownian"),
+    (lambda: sample_dpmpp_3m_sde(Counting(), ok_noise, ok_sig, exact_third_order="yes"), "true or false"),
     (lambda: sample_dpm_adaptive(Counting(), ok_noise, ok_sig, order=4), "order must be 2 or 3"),
     (lambda: sample_dpm_adaptive(Counting(), ok_noise, ok_sig, rtol=0, atol=0), "cannot both be 0"),
     (lambda: sample_dpm_fast(Counting(), ok_noise, ok_sig, noise_kind="x"), "unknown noise_kind"),
