@@ -109,8 +109,9 @@ class Neighbours:
 def nearest_neighbours(queries, reference, k: int = 2, chunk: int = 256) -> Neighbours:
     """Exact k-NN under the Euclidean distance, in float64, chunked over the queries.
 
-    ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b, clamped at 0 (rounding can make it slightly negative). Memory:
-    chunk * M float64 values at a time."""
+    Candidates come from ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b (one matrix product per chunk); the k
+    returned distances are then recomputed from the differences, so an exact copy is at distance 0.
+    Memory: chunk * M float64 values at a time."""
     q = np.asarray(queries, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)
     if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
@@ -125,9 +126,13 @@ def nearest_neighbours(queries, reference, k: int = 2, chunk: int = 256) -> Neig
     for start in range(0, q.shape[0], chunk):
         qt = torch.from_numpy(q[start:start + chunk])
         d2 = ((qt * qt).sum(1, keepdim=True) + r2[None, :] - 2.0 * qt @ rt.T).clamp_min_(0.0)
-        vals, order = torch.topk(d2, k, dim=1, largest=False, sorted=True)
-        dist[start:start + len(qt)] = vals.sqrt().numpy()
-        idx[start:start + len(qt)] = order.numpy()
+        _, order = torch.topk(d2, k, dim=1, largest=False, sorted=True)
+        # the expansion loses digits (a copy can come out at 1e-4 instead of 0): recompute the k chosen
+        # distances from the differences, then re-sort them
+        exact = (qt[:, None, :] - rt[order]).norm(dim=2)
+        exact, perm = exact.sort(dim=1, stable=True)
+        dist[start:start + len(qt)] = exact.numpy()
+        idx[start:start + len(qt)] = torch.gather(order, 1, perm).numpy()
     return Neighbours(dist, idx)
 
 
