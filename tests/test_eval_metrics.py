@@ -360,7 +360,9 @@ def test_cli_inception_score_with_user_logits_file(tmp_path):
         from torchdiffusion.eval import LogitsNetwork
         LogitsNetwork(tmp_path / "none.pt")
     torch.manual_seed(0)
-    torch.jit.script(_LogitsNet()).save(str(tmp_path / "logits.pt"))
+    with warnings.catch_warnings():  # newer torch deprecates TorchScript; user files may still be TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(_LogitsNet()).save(str(tmp_path / "logits.pt"))
     r = json.loads(invoke(["eval", "is", "--fake", tmp_path / "fake", "--is-weights", tmp_path / "logits.pt",
                            "--splits", "2"]).stdout)
     assert 1.0 <= r["is"] <= 5.0 and r["network"] == "logits:logits.pt" and r["n_fake"] == 10
