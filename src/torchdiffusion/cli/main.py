@@ -114,6 +114,16 @@ def train(preset, overrides, run_dir, resume, allow_config_change, print_config,
     _train(cfg, run_dir, resume, allow_config_change, info, _device(device, info.local_rank), progress, until_step)
 
 
+def _complete_config(cls, stored: dict) -> dict:
+    """A checkpoint's stored config with today's defaults for the keys it predates (unknown keys: left as stored,
+    so the resume check lists them)."""
+    from ..config.strict import from_dict, to_dict
+    try:
+        return to_dict(from_dict(cls, stored))
+    except ConfigError:
+        return stored
+
+
 def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, progress, until_step=None):
     import yaml
 
@@ -181,7 +191,8 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
                           run_dir=run_dir, seed=cfg.seed, resolved_config=resolved, make_cond=make_cond,
                           data_fingerprint=dataset_fingerprint(train_set), sample_grid=sample_grid, dist=info,
                           device=device, should_stop=lambda: stop["flag"], progress=progress,
-                          until_step=until_step, evaluator=evaluator)
+                          until_step=until_step, evaluator=evaluator,
+                          complete_config=lambda stored: _complete_config(type(cfg), stored))
         result = trainer.fit(resume_from, allow_changes)
     finally:
         for s, h in old.items():

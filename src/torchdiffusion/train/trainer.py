@@ -163,8 +163,12 @@ class Trainer:
                  sample_grid: Callable[[nn.Module, int], None] | None = None,
                  dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"),
                  should_stop: Callable[[], bool] | None = None, progress: bool | None = None,
-                 until_step: int | None = None, evaluator: Evaluator | None = None):
+                 until_step: int | None = None, evaluator: Evaluator | None = None,
+                 complete_config: Callable[[dict], dict] | None = None):
         self.cfg, self.model, self.objective = cfg, model.to(device), objective
+        # complete_config(stored) -> the stored config with today's defaults filled in for keys that a checkpoint
+        # of an earlier release does not have, so adding a config field never blocks resuming an older run
+        self.complete_config = complete_config or (lambda d: d)
         self.train_set, self.val_set = train_set, val_set
         self.run_dir, self.seed, self.resolved_config = Path(run_dir), seed, resolved_config
         self.data_fingerprint = data_fingerprint
@@ -221,7 +225,7 @@ class Trainer:
 
     def restore(self, path: Path, allow_changes: bool = False) -> None:
         c = ckpt.load_checkpoint(path)
-        changed = [k for k in _diff_configs(c.meta["config"], self.resolved_config)
+        changed = [k for k in _diff_configs(self.complete_config(c.meta["config"]), self.resolved_config)
                    if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
         if changed and not allow_changes:
             raise TrainingError(f"{path}: cannot resume, the config changed in: {', '.join(changed)} "
