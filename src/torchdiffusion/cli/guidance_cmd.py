@@ -9,6 +9,7 @@ import click
 import torch
 
 from ..errors import ConfigError
+from .ranges import parse_int_ranges
 
 
 def class_conditioning(cfg, train_set, info, device) -> tuple[object, Optional[Callable], Optional[Callable]]:
@@ -133,17 +134,8 @@ def guidance_options(f):
 
 def parse_labels(text: str, num_classes: int) -> list[int]:
     """'0-9' | '3' | '0,5,7' | '0-4,9' -> labels, each in [0, num_classes)."""
-    out = []
     try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                a, b = (int(v) for v in part.split("-", 1))
-                if b < a:
-                    raise ValueError
-                out.extend(range(a, b + 1))
-            elif part:
-                out.append(int(part))
+        out = parse_int_ranges(text)
     except ValueError:
         raise ConfigError(f"--labels {text!r} is not valid; use a label (3), a range (0-9), a list (0,5,7) "
                           f"or both") from None

@@ -204,19 +204,13 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
 
 # --------------------------------------------------------------------------------------------- sample
 from .guidance_cmd import GuidedSampling, guidance_options  # noqa: E402
+from .ranges import parse_int_ranges  # noqa: E402
+
+
 def parse_seeds(text: str) -> list[int]:
     """'0-63' or '0,5,9' or '0-3,10' -> list of ints (EDM's --seeds syntax)."""
-    seeds = []
     try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                a, b = (int(v) for v in part.split("-", 1))
-                if b < a:
-                    raise ValueError
-                seeds.extend(range(a, b + 1))
-            elif part:
-                seeds.append(int(part))
+        seeds = parse_int_ranges(text)
     except ValueError:
         raise ConfigError(f"--seeds {text!r} is not valid; use a range like 0-63, a list like 0,5,9, or both") from None
     if not seeds:
