@@ -2,7 +2,8 @@
 with the referee's own harness, metrics and seeds; only the problem table is extended.
 
     python bench/analytic_heldout.py --bench-dir ../shared/bench [analytic_bench.py options]
-Default: problems fashion64,ring16, NFE 5,10,20, our adapter beside the peers' (k-diffusion, diffusers),
+Default: problems fashion64,ring16, NFE 5,10,20, n = 1000 samples, every peer row (k-diffusion, diffusers)
+beside our rows of the same algorithms and our optimised-grid rows,
 results in bench/results/analytic_torchdiffusion_heldout.{csv,md}. The optimised grids come from
 bench/analytic_grids.py --problems fashion64,ring16 (the same rule as for the bench's problems).
 """
@@ -30,7 +31,10 @@ def main(argv=None):
     import heldout_problems  # noqa: E402
 
     names = heldout_problems.register(analytic_problems)
-    defaults = ["--problems", ",".join(names), "--nfe", "5,10,20", "--no-extra",
+    # every peer row; ours: the Karras-grid rows of the same algorithms and the optimised-grid rows
+    rows = "k-diffusion/,diffusers/,torchdiffusion/unipc,torchdiffusion/dpmpp_2m,torchdiffusion/euler," \
+           "torchdiffusion/ipndm,torchdiffusion/deis,torchdiffusion/lms,torchdiffusion/heun,torchdiffusion/ddim"
+    defaults = ["--problems", ",".join(names), "--nfe", "5,10,20", "--no-extra", "--n", "1000", "--samplers", rows,
                 "--adapter", os.path.join(HERE, "adapters", "torchdiffusion_analytic.py"),
                 "--out-dir", os.path.join(HERE, "results"), "--tag", "torchdiffusion_heldout"]
     analytic_bench.main(defaults + argv)
