@@ -86,7 +86,7 @@ def test_equal_step_coefficients_lose_order_on_a_karras_grid():
 
 def test_higher_order_is_more_accurate_at_equal_nfe():
     base = flow_errors(sample_euler, KARRAS, [32])[0]
-    for sampler in (sample_unipc, sample_deis, sample_ipndm, P(sample_deis, target="x0")):
+    for sampler in (sample_unipc, P(sample_unipc, order=3), sample_deis, sample_ipndm, P(sample_deis, target="x0")):
         assert flow_errors(sampler, KARRAS, [32])[0] < 0.2 * base
 
 
@@ -97,9 +97,9 @@ def gmm_reference():
     return data, noise, sample_heun(data, noise, grids.karras(1024, SIGMA_MIN, SIGMA_MAX))
 
 
-@pytest.mark.parametrize("sampler", [sample_unipc, P(sample_unipc, variant="bh1"), sample_ipndm, sample_plms,
-                                     sample_deis, P(sample_deis, target="x0")],
-                         ids=["unipc", "unipc_bh1", "ipndm", "plms", "deis", "deis_x0"])
+@pytest.mark.parametrize("sampler", [sample_unipc, P(sample_unipc, order=3), P(sample_unipc, order=3, variant="bh1"),
+                                     sample_ipndm, sample_plms, sample_deis, P(sample_deis, target="x0")],
+                         ids=["unipc", "unipc_3", "unipc_3_bh1", "ipndm", "plms", "deis", "deis_x0"])
 def test_gmm_converges(gmm_reference, sampler):
     data, noise, ref = gmm_reference
     errs = [(sampler(data, noise, grids.karras(n, SIGMA_MIN, SIGMA_MAX)) - ref).norm(dim=1).mean().item()
