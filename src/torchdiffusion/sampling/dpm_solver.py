@@ -39,9 +39,9 @@ from torch import Tensor
 
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
 from torchdiffusion.sampling.brownian import NOISE_KINDS, NoiseSampler, make_noise
-from torchdiffusion.sampling.kdiff import _start, ancestral_step, check_nonneg
+from torchdiffusion.sampling.kdiff import ancestral_step, check_nonneg
 from torchdiffusion.sampling.noise import check_generators
-from torchdiffusion.sampling.steps import SamplerError, bind
+from torchdiffusion.sampling.steps import SamplerError, bind, start
 
 
 def _end_points(sig: list[float]) -> tuple[float, float, bool]:
@@ -109,7 +109,7 @@ def sample_dpm_fast(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: 
     in lambda = -log sigma; only the grid's end points are used. eta > 0 makes each step ancestral (to s_down,
     then s_noise s_up z, as `sample_euler_ancestral`)."""
     eta, s_noise = check_nonneg("eta", eta, "dpm_fast"), check_nonneg("s_noise", s_noise, "dpm_fast")
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     s_max, s_min, to_zero = _end_points(sig)
     budget = len(sig) - 1 - (1 if to_zero else 0)
     denoise = bind(denoiser, cond)
@@ -179,7 +179,7 @@ def sample_dpm_adaptive(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
         raise SamplerError("dpm_adaptive: h_init must be > 0")
     if noise_kind not in NOISE_KINDS:
         raise SamplerError(f"dpm_adaptive: unknown noise_kind {noise_kind!r}; valid: {', '.join(NOISE_KINDS)}")
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     s_max, s_min, to_zero = _end_points(sig)
     B = x.shape[0]
     ones = (1,) * (x.ndim - 1)

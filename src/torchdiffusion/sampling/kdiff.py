@@ -44,20 +44,13 @@ from torch import Tensor
 
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
 from torchdiffusion.sampling.brownian import NOISE_KINDS, NoiseSampler, make_noise
-from torchdiffusion.sampling.noise import check_generators, randn_like
-from torchdiffusion.sampling.steps import SamplerError, bind, check_noise, check_sigmas
+from torchdiffusion.sampling.noise import randn_like
+from torchdiffusion.sampling.steps import SamplerError, bind, report, start
 
 SOLVER_TYPES = ("midpoint", "heun")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _start(noise: Tensor, sigmas: Tensor, generator: Generators) -> tuple[list[float], Tensor]:
-    check_noise(noise)
-    sig = check_sigmas(sigmas)
-    check_generators(generator, noise.shape[0])
-    return sig, noise * sig[0]
-
-
 def check_nonneg(name: str, value, sampler: str) -> float:
     try:
         v = float(value)
@@ -120,11 +113,6 @@ def _churn_options(name: str, S_churn, S_tmin, S_tmax, S_noise) -> tuple[float, 
     return S_churn, S_tmin, S_tmax, S_noise
 
 
-def _report(callback: Callback, i: int, x: Tensor, s: float, s_next: float, denoised: Tensor, **extra) -> None:
-    if callback is not None:
-        callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised, **extra})
-
-
 # --------------------------------------------------------------------------------------------- samplers
 def sample_euler_ancestral(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
                            generator: Generators = None, callback: Callback = None, eta: float = 1.0,
@@ -134,13 +122,13 @@ def sample_euler_ancestral(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *,
     For eta <= 1 and s_noise = 1 this is DDIM(eta) (Song et al. 2021a) in this frame; eta = 1 is ancestral
     DDPM with the posterior variance. eta > 1 is allowed (s_up is capped at s'). NFE = n."""
     eta, s_noise = check_nonneg("eta", eta, "euler_ancestral"), check_nonneg("s_noise", s_noise, "euler_ancestral")
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     denoise = bind(denoiser, cond)
     z = _noise_source("euler_ancestral", eta, noise_kind, noise_sampler, x, sig, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoise(x, s)
-        _report(callback, i, x, s, s_next, denoised)
+        report(callback, i, x, s, s_next, denoised)
         s_down, s_up = ancestral_step(s, s_next, eta)
         x = x + (x - denoised) * ((s_down - s) / s)
         if s_next > 0 and z is not None:
@@ -157,14 +145,14 @@ def sample_dpm2(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond
     With S_churn > 0, EDM's churn (Alg. 2) first raises s to s_hat. The step to 0 is Euler (x' = D).
     NFE = 2n - 1."""
     S_churn, S_tmin, S_tmax, S_noise = _churn_options("dpm2", S_churn, S_tmin, S_tmax, S_noise)
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     denoise = bind(denoiser, cond)
     n = len(sig) - 1
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         x, s_hat = _churn(x, s, _churn_gamma(S_churn, S_tmin, S_tmax, n, s), S_noise, S_churn > 0, generator)
         denoised = denoise(x, s_hat)
-        _report(callback, i, x, s_hat, s_next, denoised)
+        report(callback, i, x, s_hat, s_next, denoised)
         d = (x - denoised) / s_hat
         if s_next == 0:
             x = x + d * (s_next - s_hat)
@@ -186,13 +174,13 @@ def sample_dpm2_ancestral(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, 
     happens only for eta > 1, where s_up is capped at s': its walk then ends a step early on D; ours keeps
     the noise level s' that the grid asks for.)"""
     eta, s_noise = check_nonneg("eta", eta, "dpm2_ancestral"), check_nonneg("s_noise", s_noise, "dpm2_ancestral")
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     denoise = bind(denoiser, cond)
     z = _noise_source("dpm2_ancestral", eta, noise_kind, noise_sampler, x, sig, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoise(x, s)
-        _report(callback, i, x, s, s_next, denoised)
+        report(callback, i, x, s, s_next, denoised)
         s_down, s_up = ancestral_step(s, s_next, eta)
         d = (x - denoised) / s
         if s_down == 0:
@@ -242,13 +230,13 @@ def sample_lms(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond 
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or not 1 <= int(order) <= 8:
         raise SamplerError(f"lms: order must be an integer from 1 to 8, got {order!r}")
     order = int(order)
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     denoise = bind(denoiser, cond)
     ds: list[Tensor] = []
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoise(x, s)
-        _report(callback, i, x, s, s_next, denoised)
+        report(callback, i, x, s, s_next, denoised)
         ds.append((x - denoised) / s)
         if len(ds) > order:
             ds.pop(0)
@@ -267,13 +255,13 @@ def sample_dpmpp_2s_ancestral(denoiser: Denoiser, noise: Tensor, sigmas: Tensor,
     The step with s_down = 0 is Euler (x' = D). NFE = 2n - 1 (eta <= 1)."""
     eta = check_nonneg("eta", eta, "dpmpp_2s_ancestral")
     s_noise = check_nonneg("s_noise", s_noise, "dpmpp_2s_ancestral")
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     denoise = bind(denoiser, cond)
     z = _noise_source("dpmpp_2s_ancestral", eta, noise_kind, noise_sampler, x, sig, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoise(x, s)
-        _report(callback, i, x, s, s_next, denoised)
+        report(callback, i, x, s, s_next, denoised)
         s_down, s_up = ancestral_step(s, s_next, eta)
         if s_down == 0:
             x = x + (x - denoised) * ((s_down - s) / s)
@@ -292,13 +280,13 @@ def sample_dpmpp_2m(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: 
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2) on any grid: with h = log(s / s'), r = h_prev / h,
         x' = (s' / s) x - expm1(-h) [(1 + 1/(2r)) D - 1/(2r) D_prev];
     the first step and the step to 0 are first order (x' = D on the last). Deterministic; NFE = n."""
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     denoise = bind(denoiser, cond)
     old, h_last = None, None
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoise(x, s)
-        _report(callback, i, x, s, s_next, denoised)
+        report(callback, i, x, s, s_next, denoised)
         if s_next == 0:
             x = denoised
             continue
@@ -331,14 +319,14 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
     eta, s_noise = _sde_options("dpmpp_2m_sde", eta, s_noise)
     if solver_type not in SOLVER_TYPES:
         raise SamplerError(f"dpmpp_2m_sde: unknown solver_type {solver_type!r}; valid: {', '.join(SOLVER_TYPES)}")
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     denoise = bind(denoiser, cond)
     z = _noise_source("dpmpp_2m_sde", eta, noise_kind, noise_sampler, x, sig, generator)
     old, h_last = None, None
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoise(x, s)
-        _report(callback, i, x, s, s_next, denoised)
+        report(callback, i, x, s, s_next, denoised)
         if s_next == 0:
             x = denoised
             continue
@@ -377,7 +365,7 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
     if not isinstance(exact_third_order, bool):
         raise SamplerError(f"dpmpp_3m_sde: exact_third_order must be true or false, got {exact_third_order!r}")
     c_second = 2.0 if exact_third_order else 1.0
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     denoise = bind(denoiser, cond)
     z = _noise_source("dpmpp_3m_sde", eta, noise_kind, noise_sampler, x, sig, generator)
     d_1 = d_2 = None
@@ -385,7 +373,7 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoise(x, s)
-        _report(callback, i, x, s, s_next, denoised)
+        report(callback, i, x, s, s_next, denoised)
         if s_next == 0:
             x = denoised
             continue
@@ -420,14 +408,14 @@ def sample_edm(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond 
     it is exactly `sample_heun`. Like EDM's reference code, a stochastic run (S_churn > 0) draws one z per
     step, also where gamma = 0. The callback's "sigma" is s_hat. NFE = 2n - 1."""
     S_churn, S_tmin, S_tmax, S_noise = _churn_options("edm", S_churn, S_tmin, S_tmax, S_noise)
-    sig, x = _start(noise, sigmas, generator)
+    sig, x = start(noise, sigmas, generator)
     denoise = bind(denoiser, cond)
     n = len(sig) - 1
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         x, s_hat = _churn(x, s, _churn_gamma(S_churn, S_tmin, S_tmax, n, s), S_noise, S_churn > 0, generator)
         denoised = denoise(x, s_hat)
-        _report(callback, i, x, s_hat, s_next, denoised)
+        report(callback, i, x, s_hat, s_next, denoised)
         d = (x - denoised) / s_hat
         x_pred = x + d * (s_next - s_hat)
         if s_next == 0:

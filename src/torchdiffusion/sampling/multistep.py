@@ -46,8 +46,7 @@ import numpy as np
 from torch import Tensor
 
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
-from torchdiffusion.sampling.noise import check_generators
-from torchdiffusion.sampling.steps import SamplerError, bind, check_noise, check_sigmas
+from torchdiffusion.sampling.steps import SamplerError, bind, report, start
 
 UNIPC_VARIANTS = ("bh1", "bh2")
 DEIS_TARGETS = ("eps", "x0")
@@ -66,10 +65,8 @@ def _check_int(name: str, value, lo: int, hi: int) -> int:
 
 
 def _start(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, cond: Cond, generator: Generators):
-    check_noise(noise)
-    sig = check_sigmas(sigmas)
-    check_generators(generator, noise.shape[0])
-    return sig, noise * sig[0], bind(denoiser, cond)
+    sig, x = start(noise, sigmas, generator)
+    return sig, x, bind(denoiser, cond)
 
 
 def _combine(terms: Sequence[tuple[float, Tensor]]) -> Tensor:
@@ -167,8 +164,7 @@ def sample_unipc(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Con
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         d = denoise(x, s)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": d})
+        report(callback, i, x, s, s_next, d)
         if corrector and x_last is not None:
             x = _unipc_update(x_last, sig[i - 1], s, hist, order_last, variant, d)
         hist = (hist + [(s, d)])[-order:]
@@ -194,8 +190,7 @@ def sample_ipndm(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Con
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         d = denoise(x, s)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": d})
+        report(callback, i, x, s, s_next, d)
         eps_hist = (eps_hist + [(x - d) / s])[-order:]
         if s_next == 0:
             x = d
@@ -217,8 +212,7 @@ def sample_plms(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         d = denoise(x, s)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": d})
+        report(callback, i, x, s, s_next, d)
         eps = (x - d) / s
         eps_hist = (eps_hist + [eps])[-4:]
         if s_next == 0:
@@ -296,8 +290,7 @@ def sample_deis(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         d = denoise(x, s)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": d})
+        report(callback, i, x, s, s_next, d)
         hist = (hist + [(s, (x - d) / s if target == "eps" else d)])[-order:]
         if s_next == 0:
             x = d

@@ -67,18 +67,28 @@ def walk(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, cond: Cond, generato
     """The loop every single-step sampler shares: x = noise * sigmas[0]; for each step i, D = denoise(x, s),
     callback, x = step(x, D, s, s', denoise). One denoiser call per step plus whatever `step` adds.
     Returns x at sigmas[-1]; the caller's `noise` is never modified."""
-    check_noise(noise)
-    sig = check_sigmas(sigmas)
-    check_generators(generator, noise.shape[0])
-    x = noise * sig[0]
+    sig, x = start(noise, sigmas, generator)
     denoise = bind(denoiser, cond)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoise(x, s)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
+        report(callback, i, x, s, s_next, denoised)
         x = step(x, denoised, s, s_next, denoise)
     return x
+
+
+def start(noise: Tensor, sigmas: Tensor, generator: Generators) -> tuple[list[float], Tensor]:
+    """What every sampler checks first: noise, grid and generators; returns the grid as floats and x = noise * s_0."""
+    check_noise(noise)
+    sig = check_sigmas(sigmas)
+    check_generators(generator, noise.shape[0])
+    return sig, noise * sig[0]
+
+
+def report(callback: Callback, i: int, x: Tensor, s: float, s_next: float, denoised: Tensor, **extra) -> None:
+    """The per-step callback record every sampler emits (extra keys for sampler-specific state)."""
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised, **extra})
 
 
 def euler_step(x: Tensor, denoised: Tensor, s: float, s_next: float) -> Tensor:
