@@ -194,7 +194,7 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
             raise ConfigError(f"--steps must be >= 1, got {scfg.steps}")
         fn, sigmas = build_sampler(scfg), build_sigmas(scfg, run.model.process)
         seeds = list(range(seed0, seed0 + n))
-        k = cfg.model.unet.num_classes
+        k = run.num_classes
         cond_for = (lambda chunk: {"label": torch.tensor([s % k for s in chunk], device=dev)}) if k > 0 else None
         _echo(f"audit: generating {n} samples ({scfg.sampler}, {scfg.steps} steps) from {run.path}")
         tg = time.perf_counter()
