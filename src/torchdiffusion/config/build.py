@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -13,11 +14,11 @@ from ..core.objectives import LossHistory, Objective
 from ..core.precond import LearnedVariance, Preconditioned, Preconditioner
 from ..core.vdm import VDM, VDMModel
 from ..core.processes import VPDiscrete
-from ..data import DATASET_OPTIONS, ImageArrayDataset, build_dataset
+from ..data import ImageArrayDataset, open_dataset
 from ..errors import ConfigError
 from ..conditioners.base import Conditioning
 from ..protocols import BackboneIO, CondSpec
-from .registry import SAMPLERS, lookup
+from .registry import DATASETS, SAMPLERS, lookup
 from .schema import DataConfig, ModelConfig, ObjectiveConfig, RunConfig, SampleConfig
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,10 +139,22 @@ def build_objective(cfg: ObjectiveConfig, model_cfg: ModelConfig) -> Objective:
                      cfg.t_min, cfg.vlb_lambda, state)
 
 
+def build_dataset(kind: str, **options):
+    """The data set of a registered kind (registry.DATASETS) with its options checked (DataError naming the valid
+    kinds/options); options equal to None count as not given."""
+    from ..errors import DataError
+    if kind not in DATASETS:
+        close = difflib.get_close_matches(kind, list(DATASETS), n=1)
+        raise DataError(f"unknown data set kind {kind!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                        f"valid: {', '.join(DATASETS)}")
+    loader, valid, required = DATASETS[kind]
+    return open_dataset(kind, loader, valid, required, **options)
+
+
 def build_data(cfg: DataConfig, split: str | None = None):
     options = dict(split=split or cfg.split, path=cfg.path, channels=cfg.channels, resolution=cfg.resolution,
                    bad_files=cfg.bad_files, labels=cfg.labels)
-    valid = DATASET_OPTIONS[cfg.kind]
+    valid = DATASETS[cfg.kind][1] if cfg.kind in DATASETS else ()
     if cfg.kind == "folder":
         if split not in (None, cfg.split):
             raise ConfigError(f"data.val_split={split!r}: an image folder has no held-out split; set "

@@ -71,6 +71,28 @@ def _inverse_methods() -> dict[str, tuple[Callable, Callable[..., int]]]:
 
 INVERSE_METHODS = _inverse_methods()
 
+def _datasets() -> dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]]:
+    from ..data.fashion_mnist import load_fashion_mnist
+    from ..data.folder import load_image_folder
+    from ..data.mnist import load_mnist
+    return {
+        "mnist": (load_mnist, ("split", "channels", "resolution", "path", "cache_dir"), ()),
+        "fashion-mnist": (load_fashion_mnist, ("split", "channels", "resolution", "path"), ()),
+        "folder": (load_image_folder, ("path", "channels", "resolution", "bad_files", "labels", "alpha_background",
+                                       "min_size", "max_pixels", "max_bytes"), ("path",)),
+    }
+
+
+#: data set kinds: name -> (loader(**options) -> ImageArrayDataset, its option names, the required ones)
+DATASETS = _datasets()
+
+
+def register_dataset(name: str, loader: Callable, options: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
+    if name in DATASETS and DATASETS[name][0] is not loader:
+        raise ConfigError(f"data set kind '{name}' is already registered")
+    DATASETS[name] = (loader, tuple(options), tuple(required))
+
+
 def lookup(table: dict, name: str, what: str):
     if name in table:
         return table[name]

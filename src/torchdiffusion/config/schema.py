@@ -50,7 +50,7 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: Literal["mnist", "fashion-mnist", "folder"] = "mnist"
+    kind: str = "mnist"  # a data set kind of registry.DATASETS: mnist, fashion-mnist, folder
     path: Optional[str] = None  # folder or ZIP of images (kind=folder)
     split: str = "train"  # mnist / fashion-mnist: train (50k), val (10k), test (10k), train+val
     val_split: Optional[str] = "val"  # held-out images for the validation loss (null: none)
@@ -59,6 +59,14 @@ class DataConfig:
     resolution: Optional[int] = None  # resize/center-crop folder images; pad MNIST-like 28x28 to this size
     bad_files: Literal["skip", "error"] = "error"  # folder: skip bad files (counted) or fail before step 0
     labels: Literal["none", "folder"] = "none"  # folder: class labels from first-level subfolder names
+
+    def __post_init__(self):
+        from .registry import DATASETS
+        if self.kind not in DATASETS:
+            import difflib
+            close = difflib.get_close_matches(self.kind, list(DATASETS), n=1)
+            raise ValueError(f"kind {self.kind!r} is not valid{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                             f"valid: {', '.join(DATASETS)}")
 
 
 @dataclass(frozen=True)
