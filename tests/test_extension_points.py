@@ -177,3 +177,28 @@ def test_plugin_conditioner_is_embedded_by_the_unet(plugins, tmp_path):
     torch.testing.assert_close(w0, run.model(x, s, null))
     with pytest.raises(ConfigError, match="unknown condition"):
         run.conditioning.for_sampling([0], {"label": 3})
+
+
+def test_non_square_images_train_and_sample(tmp_path):
+    """The diffusion-space shape comes from the data: 16x24 images give a (1, 16, 24) model and 16x24 samples."""
+    data = tmp_path / "data"
+    data.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(g.integers(0, 256, (16, 24), dtype=np.uint8)).save(data / f"{i:02d}.png")
+    run_dir = tmp_path / "run"
+    sets = ["data.kind=folder", f"data.path={data}", "data.channels=L", "data.resolution=null", "data.val_split=null",
+            "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]", "model.backbone.num_res_blocks=1",
+            "model.backbone.attn_resolutions=[8]", "model.backbone.norm_groups=4", "train.batch_size=4",
+            "train.steps=2", "train.warmup_steps=1", "train.log_every=1", "train.sample_every=1000",
+            "train.ckpt_every=2", "train.max_minutes=0", "train.precision=fp32", "sample.grid_images=2"]
+    args = ["train", "--run", run_dir, "--no-progress", "--threads", "1", "--preset", "folder"]
+    for s in sets:
+        args += ["--set", s]
+    invoke(args)
+    run = load_run(run_dir)
+    assert run.config.model.data_shape == (1, 16, 24) and run.sample_shape == (1, 16, 24)
+    assert run.model.backbone.cfg.resolutions == (16, 8)  # attention at the level whose smaller side is 8
+    out = tmp_path / "out"
+    invoke(["sample", "--run", run_dir, "--outdir", out, "--seeds", "0-1", "--steps", "2", "--threads", "1"])
+    assert np.asarray(Image.open(out / "000001.png")).shape == (16, 24)
