@@ -78,3 +78,18 @@ def test_release_0_1_0_layout_and_overrides_are_migrated():
         resolve({}, ["cond.kind=label"])
     with pytest.raises(ConfigError, match="model.unet.context_dim is now set from the conditioners"):
         resolve({}, ["model.unet.context_dim=16"])
+
+
+def test_grid_kinds_resolve_through_the_registry():
+    from torchdiffusion.config.build import build_sigmas
+    from torchdiffusion.config.schema import SampleConfig
+    from torchdiffusion.core import grids
+    edm = EDM()
+    assert set(registry.GRIDS) == {"karras", "loglinear", "discrete", "optimized", "uniform_t"}
+    assert build_sigmas(SampleConfig(grid="karras", steps=5, rho=3.0), edm).equal(grids.karras(5, 0.002, 80.0, 3.0))
+    with pytest.raises(ConfigError, match=r"unknown sample.grid 'karas' \(did you mean 'karras'\?\)"):
+        build_sigmas(SampleConfig(grid="karas"), edm)
+    with pytest.raises(ConfigError, match="needs a discrete-time model"):
+        build_sigmas(SampleConfig(grid="discrete"), edm)
+    with pytest.raises(ConfigError, match="'uniform_t' needs a process with a time variable"):  # not an AttributeError
+        build_sigmas(SampleConfig(grid="uniform_t"), VPDiscrete())

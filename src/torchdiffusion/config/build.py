@@ -18,7 +18,7 @@ from ..data import ImageArrayDataset, open_dataset
 from ..errors import ConfigError
 from ..conditioners.base import Conditioning
 from ..protocols import BackboneIO, CondSpec
-from .registry import DATASETS, SAMPLERS, lookup
+from .registry import DATASETS, GRIDS, SAMPLERS, lookup
 from .schema import DataConfig, ModelConfig, ObjectiveConfig, RunConfig, SampleConfig
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -170,37 +170,11 @@ def build_data(cfg: DataConfig, split: str | None = None):
 
 
 def build_sigmas(cfg: SampleConfig, process, steps: int | None = None) -> Tensor:
-    """The float64 (n+1,) descending sigma grid of the configured kind, within the process's range."""
+    """The float64 (n+1,) descending sigma grid of kind sample.grid (registry.GRIDS), within the process's range."""
     n = steps if steps is not None else cfg.steps
     smin = cfg.sigma_min if cfg.sigma_min is not None else process.sigma_min
     smax = cfg.sigma_max if cfg.sigma_max is not None else process.sigma_max
-    if cfg.grid == "karras":
-        return grids.karras(n, smin, smax, cfg.rho)
-    if cfg.grid == "loglinear":
-        return grids.loglinear(n, smin, smax)
-    if cfg.grid == "optimized":
-        if not cfg.grid_file:
-            raise ConfigError("sample.grid 'optimized' needs sample.grid_file (a grid written by "
-                              "`torchdiffusion grid optimize`)")
-        return grids.load_grid(cfg.grid_file, n)[0]
-    if cfg.grid == "uniform_t":
-        return _uniform_t_grid(process, n, smin, smax)
-    if not isinstance(process, VPDiscrete):
-        raise ConfigError("sample.grid 'discrete' needs a discrete-time model (model.process.kind vp_discrete); "
-                          "use 'karras' or 'loglinear'")
-    return grids.discrete(process.sigmas(), n, cfg.spacing)
-
-
-def _uniform_t_grid(process, n: int, smin: float, smax: float) -> Tensor:
-    """Uniform in the process's own time: VDM's learned schedule when the process carries one (a VDM model's
-    process), else t_of_sigma on [t(sigma_min), t(sigma_max)] mapped back through sigma(t)."""
-    if getattr(process, "schedule", None) is not None:
-        return process.uniform_t_grid(n)
-    if not (hasattr(process, "sigma") and hasattr(process, "t_of_sigma")):
-        raise ConfigError(f"sample.grid 'uniform_t' needs a process with a time variable; "
-                          f"{type(process).__name__} has none, use 'karras' or 'loglinear'")
-    lo, hi = (float(process.t_of_sigma(torch.tensor(s, dtype=torch.float64))) for s in (smin, smax))
-    return grids.continuous_uniform_t(n, process.sigma, lo, hi)
+    return lookup(GRIDS, cfg.grid, "sample.grid")(process, n, smin, smax, cfg)
 
 
 def build_sampler(cfg: SampleConfig) -> Callable:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Optional
 
-from ..core import processes, vdm
+from ..core import grids, processes, vdm
 from ..errors import ConfigError
 from ..sampling.ancestral import sample_ddim, sample_ddpm
 from ..sampling.ode import sample_euler, sample_heun
@@ -70,6 +70,12 @@ def _inverse_methods() -> dict[str, tuple[Callable, Callable[..., int]]]:
 
 
 INVERSE_METHODS = _inverse_methods()
+
+#: sample.grid kinds: name -> grid(process, n, sigma_min, sigma_max, sample_config) -> float64 (n + 1,)
+GRIDS: dict[str, Callable] = {"karras": grids.grid_karras, "loglinear": grids.grid_loglinear,
+                              "discrete": grids.grid_discrete, "optimized": grids.grid_optimized,
+                              "uniform_t": grids.grid_uniform_t}
+
 
 def _datasets() -> dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]]:
     from ..data.fashion_mnist import load_fashion_mnist

@@ -75,7 +75,7 @@ class SampleConfig:
 
     sampler: str = "heun"
     steps: int = 18  # EDM uses 18 Heun steps (35 NFE) on CIFAR-10
-    grid: Literal["karras", "loglinear", "discrete", "optimized", "uniform_t"] = "karras"
+    grid: str = "karras"  # a kind of registry.GRIDS: karras, loglinear, discrete, optimized, uniform_t
     grid_file: Optional[str] = None  # grid: optimized -> a JSON grid from `torchdiffusion grid optimize`
     rho: float = 7.0  # Karras et al. 2022
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"  # discrete grids
