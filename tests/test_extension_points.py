@@ -62,21 +62,21 @@ class BrightnessConfig:
 class Brightness:
     """cond[key] = mean pixel value in [0, 1] of each training image (B,) float; the null value is -1."""
 
-    def __init__(self, key, cfg, *, seed=0, rank=0, world_size=1):
-        self.key, self.cfg = key, cfg
+    def __init__(self, name, cfg, *, seed=0, rank=0, world_size=1):
+        self.name, self.cfg = name, cfg
 
     @property
-    def spec(self):
-        return CondSpec(self.key, "scalar")
+    def specs(self):
+        return (CondSpec(self.name, "scalar"),)
 
     def from_batch(self, batch, step):
-        return batch["x"].float().mean(dim=(1, 2, 3)) / 255.0
+        return {self.name: batch["x"].float().mean(dim=(1, 2, 3)) / 255.0}
 
     def for_sampling(self, seeds, values=None):
-        return torch.full((len(seeds),), 0.2 if values is None else float(values))
+        return {self.name: torch.full((len(seeds),), 0.2 if values is None else float(values))}
 
-    def null(self, value):
-        return torch.full_like(value, -1.0)
+    def null(self, cond):
+        return {self.name: torch.full_like(cond[self.name], -1.0)}
 
 
 @pytest.fixture

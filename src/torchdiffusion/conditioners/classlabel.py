@@ -31,23 +31,27 @@ class ClassConditionerConfig:
 
 
 class ClassConditioner:
-    def __init__(self, key: str, cfg: ClassConditionerConfig, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, name: str, cfg: ClassConditionerConfig, *, seed: int = 0, rank: int = 0, world_size: int = 1):
         if cfg.num_classes < 1:
-            raise ConfigError(f"cond.{key}: num_classes is 0; it is set from the data when training starts "
+            raise ConfigError(f"cond.{name}: num_classes is 0; it is set from the data when training starts "
                               f"(the data have no classes?)")
-        self.key, self.cfg, self.num_classes = key, cfg, cfg.num_classes
+        self.name = self.key = name
+        self.cfg, self.num_classes = cfg, cfg.num_classes
         self._dropout = LabelDropout(cfg.num_classes, cfg.p_uncond, seed, rank, world_size)
 
     @property
-    def spec(self) -> CondSpec:
-        return CondSpec(self.key, "class", self.num_classes)
+    def specs(self) -> tuple[CondSpec, ...]:
+        return (CondSpec(self.key, "class", self.num_classes),)
 
-    def from_batch(self, batch: Mapping[str, Tensor], step: Optional[int]) -> Tensor:
+    def from_batch(self, batch: Mapping[str, Tensor], step: Optional[int]) -> dict[str, Tensor]:
         if self.cfg.source not in batch:
             raise ConfigError(f"cond.{self.key}: the batch has no {self.cfg.source!r} (labelled data needed)")
-        return self._dropout({"label": batch[self.cfg.source]}, step)["label"]
+        return {self.key: self._dropout({"label": batch[self.cfg.source]}, step)["label"]}
 
-    def for_sampling(self, seeds: Sequence[int], values: Any = None) -> Tensor:
+    def for_sampling(self, seeds: Sequence[int], values: Any = None) -> dict[str, Tensor]:
+        return {self.key: self.labels(seeds, values)}
+
+    def labels(self, seeds: Sequence[int], values: Any = None) -> Tensor:
         """values: None (labels seed % K), one int, or one label per seed."""
         if values is None:
             return class_labels_for_seeds(seeds, self.num_classes)
@@ -61,5 +65,5 @@ class ClassConditioner:
                               f"{int(labels.max())}]")
         return labels
 
-    def null(self, value: Tensor) -> Tensor:
-        return torch.full_like(value, self.num_classes)
+    def null(self, cond: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {self.key: torch.full_like(cond[self.key], self.num_classes)}
