@@ -21,10 +21,14 @@ class ExactStepVariance:
     def __init__(self, data: GaussianData, sigmas: torch.Tensor):
         self.data, self.sig = data, [float(s) for s in sigmas]
 
-    def __call__(self, x, sigma, cond=None):
+    learned_variance = True  # answers return_variance=True with (D, v) (core.precond.denoise_with_variance)
+
+    def __call__(self, x, sigma, cond=None, return_variance=False):
+        if return_variance:
+            return self.with_variance(x, sigma, cond)
         return self.data.denoise(x.double(), sigma.double()).float()
 
-    def denoise_with_variance(self, x, sigma, cond=None):
+    def with_variance(self, x, sigma, cond=None):
         s = float(sigma[0])
         i = min(range(len(self.sig) - 1), key=lambda k: abs(self.sig[k] - s))
         sn = self.sig[i + 1]
