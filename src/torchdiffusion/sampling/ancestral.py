@@ -88,11 +88,18 @@ def sample_ddpm(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond
         return walk(denoiser, noise, sigmas, LearnedVarianceStep(generator), cond=cond, generator=generator,
                     callback=callback, correct=correct)
 
+    return walk(denoiser, noise, sigmas, ddpm_step(variance, generator), cond=cond, generator=generator,
+                callback=callback, correct=correct)
+
+
+def ddpm_step(variance: str, generator: Generators):
+    """DDPM's fixed-variance ancestral step ("small" or "large") as a walk step function (also RePaint's)."""
+
     def step(x: Tensor, denoised: Tensor, s: float, s_next: float, denoise: BoundDenoiser) -> Tensor:
         c_x = (s_next * s_next) / (s * s)
         return gaussian_step(x, denoised, c_x, math.sqrt(ddpm_variance(s, s_next, variance)), generator)
 
-    return walk(denoiser, noise, sigmas, step, cond=cond, generator=generator, callback=callback, correct=correct)
+    return step
 
 
 class LearnedVarianceStep(Step):
