@@ -23,8 +23,8 @@ D = D(x, s) and eps_hat = (x - D) / s, both updates are x' = D + c_x (x - D) + s
 
 - DDPM with a learned variance (Nichol & Dhariwal 2021, sec. 3.1 and Appendix B): variance="learned" asks the
   denoiser for (D, v) through the contract's keyword `return_variance=True` (core.precond.denoise_with_variance;
-  CFG and classifier guidance forward it), in the same call that gives D, and uses log Sigma = v log(large) + (1 - v) log(small) with small and
-  large of the step actually taken, i.e. the betas recomputed for a respaced grid (core.precond
+  CFG and classifier guidance forward it), in the same call that gives D (LearnedVarianceStep), and uses
+  log Sigma = v log(large) + (1 - v) log(small) with small and large of the step actually taken, i.e. the betas recomputed for a respaced grid (core.precond
   .reverse_step_variances); v is elementwise. The step to sigma = 0 draws no noise, as above.
 
 NFE: n for an n-step grid, for both samplers. One standard-normal draw of x's shape per step with std > 0,

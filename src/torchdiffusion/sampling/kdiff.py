@@ -85,7 +85,8 @@ class AncestralNoise:
             return
         if self.noise_sampler is not None:
             if not callable(self.noise_sampler):
-                raise SamplerError("noise_sampler must be a callable noise(sigma, sigma_next) -> standard normal tensor")
+                raise SamplerError("noise_sampler must be a callable noise(sigma, sigma_next) -> standard normal "
+                                   "tensor")
             self.z = self.noise_sampler
             return
         if self.sigma_range is None:

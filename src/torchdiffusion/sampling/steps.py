@@ -4,6 +4,17 @@ Notation: x = x0 + sigma * n; s = sigmas[i], s' = sigmas[i + 1] < s; D = D(x, s)
 E[x0 | x]; d = (x - D) / s, the probability-flow ODE direction dx/dsigma (Karras et al. 2022, eq. 3 with
 sigma(t) = t, s(t) = 1). Step coefficients are computed in float64 (Python floats) from the float64 grid and
 applied to x in x's dtype; the denoiser receives sigma as a (B,) tensor in x's dtype.
+
+The walk (`walk`, `run`) is the one loop of every grid sampler, single-step and multistep: per step i,
+
+    x, s_eval, D = step.evaluate(denoise, x, s, i)     # D(x, s), or after a churn, or with a learned variance
+    callback({"i", "x", "sigma": s_eval, "sigma_next": s', "denoised": D, ...step.record(i)})
+    x = step.update(x, D, s_eval, s', denoise, i)      # may call denoise again (Heun, DPM-2, PLMS's first step)
+    x = correct(x, s', i)                              # optional measurement consistency (inverse.corrections)
+
+A `Step` is a small object that lives for one walk; multistep samplers keep their history in it (the x a step
+sees, and the D it evaluates there, are the corrected ones). Samplers stay pure functions: each call builds
+its step, and no state survives the call.
 """
 from __future__ import annotations
 
