@@ -7,7 +7,8 @@ DDPM, DPM-Solver++, the Adams-Bashforth family alike). So running a sampler on t
 u = x - x_init, with the shifted denoiser D_u(u, s) = D(u + x_init, s) - x_init and the shifted correction,
 from u = sigma_0 n, is the same walk started from x_init + sigma_0 n, for any sampler and its options. The
 callback sees x and D in the original frame. Exact in exact arithmetic; in float32 the shift adds round-off of
-the order of eps |x_init| per step.
+the order of eps |x_init| per step. DDPM with a fixed variance (the default) needs no shift: its walk starts
+directly at x_init + sigma_0 n (steps.run), bit-identical to CCDF's original DDPM walk.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from typing import Callable, Optional
 from torch import Tensor
 
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
-from torchdiffusion.sampling.ancestral import sample_ddpm
-from torchdiffusion.sampling.steps import Correct, SamplerError, check_correct, check_noise
+from torchdiffusion.sampling.ancestral import ddpm_step, sample_ddpm
+from torchdiffusion.sampling.steps import (Correct, FunctionStep, SamplerError, bind, check_correct, check_noise,
+                                           run, start)
 
 
 def sample_from(sampler: Callable, denoiser: Denoiser, x_init: Tensor, noise: Tensor, sigmas: Tensor, *,
@@ -33,6 +35,11 @@ def sample_from(sampler: Callable, denoiser: Denoiser, x_init: Tensor, noise: Te
         raise SamplerError(f"the starting estimate of shape {shape} does not match the noise of shape "
                            f"{tuple(noise.shape)}")
     x_init = x_init.to(noise.dtype)
+    fixed_ddpm = sampler is sample_ddpm and set(options) <= {"variance"}
+    if fixed_ddpm and options.get("variance", "small") in ("small", "large"):
+        sig, _ = start(noise, sigmas, generator)
+        step = FunctionStep(ddpm_step(options.get("variance", "small"), generator))
+        return run(bind(denoiser, cond), x_init + noise * sig[0], sig, step, generator, callback, correct)
 
     def shifted(u: Tensor, sigma: Tensor, cond_: Cond = None) -> Tensor:
         return denoiser(u + x_init, sigma, cond_) - x_init
