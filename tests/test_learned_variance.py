@@ -21,10 +21,14 @@ class ExactStepVariance:
     def __init__(self, data: GaussianData, sigmas: torch.Tensor):
         self.data, self.sig = data, [float(s) for s in sigmas]
 
-    def __call__(self, x, sigma, cond=None):
+    learned_variance = True  # answers return_variance=True with (D, v) (core.precond.denoise_with_variance)
+
+    def __call__(self, x, sigma, cond=None, return_variance=False):
+        if return_variance:
+            return self.with_variance(x, sigma, cond)
         return self.data.denoise(x.double(), sigma.double()).float()
 
-    def denoise_with_variance(self, x, sigma, cond=None):
+    def with_variance(self, x, sigma, cond=None):
         s = float(sigma[0])
         i = min(range(len(self.sig) - 1), key=lambda k: abs(self.sig[k] - s))
         sn = self.sig[i + 1]
@@ -257,3 +261,90 @@ def test_cli_learned_variance_with_importance_sampling_resumes_exactly(tmp_path)
     r = CliRunner().invoke(cli, ["sample", "--run", str(full), "--outdir", str(tmp_path / "s"), "--seeds", "0-1",
                                  "--steps", "4"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+
+
+# --------------------------------------------------------------------------------------------- through guidance
+def _iddpm_class_model():
+    """A tiny class-conditional iDDPM model (learned variance) with non-trivial weights."""
+    from torchdiffusion.config.build import build_model
+    from torchdiffusion.config.schema import ModelConfig
+    from torchdiffusion.config.strict import from_dict
+
+    cfg = from_dict(ModelConfig, {"variance": "learned", "unet": {
+        "image_size": 8, "model_channels": 16, "channel_mult": [1, 2], "attn_resolutions": [], "norm_groups": 8,
+        "num_res_blocks": 1, "num_classes": 10}})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model
+
+
+def test_cfg_on_a_learned_variance_model_samples_and_is_the_model_at_scale_one():
+    """CFG forwards the learned variance (v from the conditional branch, as guided-diffusion): DDPM with
+    variance="learned" runs on the guided model; at scale 1 it is the conditional model exactly; at scale 3 the
+    mean changes but v is still the conditional branch's."""
+    from torchdiffusion.guidance.cfg import ClassifierFreeGuidance, null_label
+
+    model = _iddpm_class_model()
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = {"label": torch.tensor([1, 2, 3])}
+    sig = grids.karras(5, model.process.sigma_min, model.process.sigma_max)
+    with torch.no_grad():
+        plain = sample_ddpm(model, noise, sig, cond=cond, generator=torch.Generator().manual_seed(2),
+                            variance="learned")
+        at_one = sample_ddpm(ClassifierFreeGuidance(model, 1.0, null_label(10)), noise, sig, cond=cond,
+                             generator=torch.Generator().manual_seed(2), variance="learned")
+        guided = ClassifierFreeGuidance(model, 3.0, null_label(10))
+        at_three = sample_ddpm(guided, noise, sig, cond=cond, generator=torch.Generator().manual_seed(2),
+                               variance="learned")
+        assert torch.equal(at_one, plain)
+        assert torch.isfinite(at_three).all() and not torch.allclose(at_three, plain)
+        x, s = noise * 2.0, torch.full((3,), 2.0)
+        d_g, v_g = guided(x, s, cond, return_variance=True)
+        d_c, v_c = model(x, s, cond, return_variance=True)
+        d_u = model(x, s, {"label": torch.full((3,), 10)})
+        torch.testing.assert_close(v_g, v_c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(d_g, d_u + 3.0 * (d_c - d_u), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(guided(x, s, cond), d_g)
+
+
+class _ClassBlind(ExactStepVariance):
+    """ExactStepVariance that accepts (and ignores) a class label: D_c = D_u, so CFG at any scale is the model."""
+
+
+def test_cfg_and_classifier_guidance_keep_the_exact_step_variance():
+    """Through CFG (any scale) and classifier guidance (scale 0 here: no classifier term) around a model whose
+    mean and v make every step exact, learned-variance DDPM still reproduces the data variance: the wrappers pass
+    v through the contract untouched."""
+    from torchdiffusion.guidance.cfg import ClassifierFreeGuidance, null_label
+    from torchdiffusion.guidance.classifier import ClassifierGuidance
+
+    data = GaussianData(mu=torch.tensor([0.5, -0.3, 0.0], dtype=torch.float64),
+                        v=torch.tensor([0.05, 0.3, 2.0], dtype=torch.float64))
+    sigmas = grids.discrete(VPDiscrete(1000, "linear").sigmas(), 10, "linspace")
+    model = _ClassBlind(data, sigmas)
+    noise = torch.randn(20000, 3, generator=torch.Generator().manual_seed(0))
+    cond = {"label": torch.zeros(20000, dtype=torch.long)}
+    for wrapped in (ClassifierFreeGuidance(model, 3.0, null_label(10)),
+                    ClassifierGuidance(model, lambda x, s: torch.zeros(x.shape[0], 10), 0.0)):
+        x = sample_ddpm(wrapped, noise, sigmas, cond=cond, generator=torch.Generator().manual_seed(1),
+                        variance="learned")
+        torch.testing.assert_close(x.double().var(0) / data.v, torch.ones(3, dtype=torch.float64), atol=0.05, rtol=0)
+
+
+def test_a_wrapper_without_a_variance_is_one_line():
+    from torchdiffusion.errors import ConfigError
+    from torchdiffusion.guidance.cfg import ClassifierFreeGuidance, null_label, with_cond
+
+    data = GaussianData(mu=torch.zeros(2, dtype=torch.float64), v=torch.ones(2, dtype=torch.float64))
+    sig = grids.loglinear(3, 0.1, 10.0)
+    cond = {"label": torch.zeros(4, dtype=torch.long)}
+    for den in (ClassifierFreeGuidance(data, 2.0, null_label(10)), with_cond(data, None)):
+        with pytest.raises(ConfigError) as e:
+            sample_ddpm(den, torch.randn(4, 2), sig, cond=cond, variance="learned")
+        assert "learned variance" in str(e.value) and "small" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="has none"):
+        ClassifierFreeGuidance(data, 2.0, null_label(10))(torch.randn(4, 2), torch.ones(4), cond,
+                                                          return_variance=True)

@@ -95,3 +95,40 @@ def test_bad_restore_inputs_are_one_line(tiny, tmp_path):
     r = invoke(["restore", "--run", run_dir, "--input", big, "--outdir", tmp_path / "o2", "--task", "inpaint",
                 "--method", "replacement"], expect=1)
     assert "(1, 32, 32)" in r.output and "(1, 28, 28)" in r.output
+
+
+@pytest.mark.parametrize("method,sampler,opts", [
+    ("pocs", "heun", []),
+    ("reconstruction", "ddim", ["--sampler-opt", "eta=1"]),
+    ("ccdf", "dpmpp_2m", []),
+])
+def test_restore_runs_a_correction_on_any_sampler(tiny, tmp_path, method, sampler, opts):
+    """--sampler puts a correction method on another sampler; the projection still ends on A x = y, and the NFE
+    recorded is the sampler's (heun: 2n - 1)."""
+    run_dir, images = tiny
+    out = tmp_path / "out"
+    invoke(["restore", "--run", run_dir, "--task", "inpaint", "--method", method, "--sampler", sampler, "--input",
+            images, "--outdir", out, "--steps", 3, "--threads", 1] + opts)
+    rec = json.loads((out / "restore.json").read_text())
+    assert rec["sampler"] == sampler and rec["measurement_rms_error_max"] < 1e-5
+    assert rec["method"] == ("replacement" if method == "pocs" else method)
+    assert rec["nfe"] == (5 if sampler == "heun" else 3)
+    if opts:
+        assert rec["sampler_options"] == {"eta": 1.0}
+
+
+def test_bad_sampler_combinations_are_one_line(tiny, tmp_path):
+    run_dir, images = tiny
+    base = ["restore", "--run", run_dir, "--input", images, "--outdir", tmp_path / "o", "--steps", 2,
+            "--task", "inpaint"]
+    for extra, needles in (
+        (["--method", "repaint", "--sampler", "heun"], ["own schedule", "replacement", "dps"]),
+        (["--method", "replacement", "--sampler", "dpm_adaptive"], ["per-step correction", "heun"]),
+        (["--method", "replacement", "--sampler", "hune"], ["did you mean 'heun'"]),
+        (["--method", "replacement", "--sampler-opt", "eta=1"], ["needs --sampler"]),
+        (["--method", "replacement", "--sampler", "ddim", "--sampler-opt", "eat=1"], ["valid: eta"]),
+        (["--method", "posc"], ["did you mean 'pocs'", "pocs (= replacement)"]),
+    ):
+        r = invoke(base + extra, expect=2)
+        assert all(n in r.output for n in needles), r.output
+        assert r.output.strip().count("\n") == 0, r.output

@@ -27,10 +27,14 @@ class ExactVP:
         self.data, self.process = data, process
         self.table = process.sigmas()
 
-    def __call__(self, x, sigma, cond=None):
+    learned_variance = True  # answers return_variance=True with (D, v) (core.precond.denoise_with_variance)
+
+    def __call__(self, x, sigma, cond=None, return_variance=False):
+        if return_variance:
+            return self.with_variance(x, sigma, cond)
         return self.data.denoise(x.double(), sigma.double()).float()
 
-    def denoise_with_variance(self, x, sigma, cond=None):
+    def with_variance(self, x, sigma, cond=None):
         s = sigma.double()
         i = torch.argmin((self.table[None] - s[:, None]).abs(), 1)
         below = torch.cat([self.table.new_zeros(1), self.table[:-1]])

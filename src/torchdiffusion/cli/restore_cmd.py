@@ -23,7 +23,12 @@ METHOD_OPTIONS = {  # method -> restore-function options this command passes on
 @click.option("--checkpoint", "ckpt_path", type=click.Path(path_type=Path), default=None, help="A checkpoint folder.")
 @click.option("--task", type=click.Choice(["inpaint", "superres", "deblur", "colorize"]), required=True)
 @click.option("--method", default="repaint", show_default=True,
-              help="replacement, ilvr, ccdf, mcg, dps, repaint or reconstruction.")
+              help="replacement (or pocs), ilvr, ccdf, mcg, dps, repaint or reconstruction.")
+@click.option("--sampler", "sampler_name", default=None,
+              help="Sampler under the correction (replacement, pocs, ilvr, ccdf, mcg, dps, reconstruction): any grid "
+                   "sampler name of `sample --sampler` (default ddpm); repaint has its own.")
+@click.option("--sampler-opt", "sampler_opts", multiple=True, metavar="KEY=VALUE",
+              help="An option of --sampler, e.g. eta=1 for ddim (repeatable).")
 @click.option("--input", "input_dir", type=click.Path(path_type=Path), required=True,
               help="Folder or ZIP of the clean images to measure and restore (the model's size and channels).")
 @click.option("--outdir", type=click.Path(path_type=Path), required=True,
@@ -52,24 +57,34 @@ METHOD_OPTIONS = {  # method -> restore-function options this command passes on
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
-def restore_cmd(run_dir, ckpt_path, task, method, input_dir, outdir, mask, half, missing, scale, down, blur_sigma,
-                noise_std, steps, sigma_start, seeds, limit, batch, dps_scale, prior_std, jump, resample, weight,
-                sigma_stop, weights, threads, device):
+def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, input_dir, outdir, mask, half, missing,
+                scale, down, blur_sigma, noise_std, steps, sigma_start, seeds, limit, batch, dps_scale, prior_std, jump,
+                resample, weight, sigma_stop, weights, threads, device):
     """Measure images with a task's operator and restore them; writes restored and measured images and a grid
     (rows of measurement, restoration, original)."""
     from ..config.loaders import load_run
-    from ..config.registry import INVERSE_METHODS, lookup
+    from ..config.registry import SAMPLERS, inverse_method, lookup
+    from ..config.sampler_options import parse_sampler_options
     from ..data.convert import to_model_range, to_uint8
     from ..data.folder import load_image_folder
     from ..pipelines.generate import make_grid, save_png
-    from ..pipelines.restore import TaskConfig, build_operator, measurement_image, restore_images, restore_sigmas
+    from ..pipelines.restore import (TaskConfig, build_operator, measurement_image, restore_images, restore_sigmas,
+                                     solver_options)
     from .main import _device, parse_seeds
 
     if threads:
         torch.set_num_threads(threads)
     if steps < 1 or batch < 1:
         raise ConfigError(f"--steps and --batch must be >= 1, got {steps} and {batch}")
-    fn, nfe_of = lookup(INVERSE_METHODS, method, "restore method")
+    method, fn, nfe_of = inverse_method(method)
+    sampler_fn = sampler_nfe = None
+    sampler_kw: dict = {}
+    if sampler_name is not None:
+        sampler_fn, sampler_nfe = lookup(SAMPLERS, sampler_name, "sampler")
+        sampler_kw = parse_sampler_options(sampler_name, sampler_fn, sampler_opts)
+    elif sampler_opts:
+        raise ConfigError("--sampler-opt needs --sampler NAME (the default sampler under the correction is ddpm)")
+    solver_options(method, {}, sampler_name, sampler_fn, sampler_nfe, sampler_kw)  # bad combinations fail here
     dev = _device(device, 0)
     run = load_run(run_dir, ckpt_path, weights, dev)
     model = run.model
@@ -94,6 +109,8 @@ def restore_cmd(run_dir, ckpt_path, task, method, input_dir, outdir, mask, half,
     values = {"scale": dps_scale, "prior_std": prior_std if prior_std is not None else model.precond.sigma_data,
               "jump": jump, "resample": resample, "weight": weight, "sigma_stop": sigma_stop}
     options = {k: values[k] for k in METHOD_OPTIONS.get(method, ())}
+    nfe = nfe_of(steps, **options) if sampler_nfe is None else sampler_nfe(steps)
+    method_options = solver_options(method, options, sampler_name, sampler_fn, sampler_nfe, sampler_kw)
     process = model.process
     top = sigma_start if sigma_start is not None else (2.0 if method == "ccdf" else process.sigma_max)
     sigmas = restore_sigmas(steps, process.sigma_min, top)
@@ -108,7 +125,7 @@ def restore_cmd(run_dir, ckpt_path, task, method, input_dir, outdir, mask, half,
             save_png(a, outdir / "restored" / f"{s:06d}.png")
             save_png(b, outdir / "measurement" / f"{s:06d}.png")
 
-    result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=options,
+    result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=method_options,
                             device=dev, on_batch=write)
     k = min(len(images), 16)
     shown = to_uint8(measurement_image(op, result.measurement[:k], (c, h, w)))
@@ -116,7 +133,8 @@ def restore_cmd(run_dir, ckpt_path, task, method, input_dir, outdir, mask, half,
     save_png(make_grid(rows, nrow=k), outdir / "grid.png")
     record = {"checkpoint": str(run.path), "step": run.step, "checkpoint_sha256": run.hashes(), "task": task,
               "operator": op.name, "task_config": cfg.__dict__, "method": method, "options": options,
-              "steps": steps, "nfe": nfe_of(steps, **options), "sigmas": [float(s) for s in sigmas],
+              "sampler": sampler_name or ("ddpm" if method != "repaint" else "repaint"),
+              "sampler_options": sampler_kw, "steps": steps, "nfe": nfe, "sigmas": [float(s) for s in sigmas],
               "seeds": seed_list, "count": len(images),
               "measurement_rms_error_mean": float(result.error.mean()),
               "measurement_rms_error_max": float(result.error.max()),

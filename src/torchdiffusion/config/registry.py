@@ -51,7 +51,9 @@ SAMPLERS: dict[str, tuple[Callable, Callable[[int], Optional[int]]]] = {
 }
 
 
-#: inverse-problem solvers: name -> (restore function, NFE of an n-step grid given the method's options)
+#: inverse-problem solvers: name -> (restore function, NFE of an n-step grid given the method's options). The
+#: correction methods (inverse.methods.SAMPLER_METHODS) take `sampler=` (a SAMPLERS function) and `sampler_options`;
+#: their NFE below is DDPM's (n), the sampler's own NFE formula applies otherwise (inverse_nfe).
 def _inverse_methods() -> dict[str, tuple[Callable, Callable[..., int]]]:
     from ..inverse import methods as inv
 
@@ -70,6 +72,21 @@ def _inverse_methods() -> dict[str, tuple[Callable, Callable[..., int]]]:
 
 
 INVERSE_METHODS = _inverse_methods()
+#: other accepted names of inverse methods: alias -> name in INVERSE_METHODS
+INVERSE_ALIASES = {"pocs": "replacement"}
+
+
+def inverse_method(name: str) -> tuple[str, Callable, Callable[..., int]]:
+    """(canonical name, restore function, NFE formula) of an inverse method name or alias (pocs = replacement),
+    or a one-line ConfigError naming the valid ones."""
+    canonical = INVERSE_ALIASES.get(name, name)
+    if canonical not in INVERSE_METHODS:
+        names = list(INVERSE_METHODS) + [f"{a} (= {b})" for a, b in INVERSE_ALIASES.items()]
+        close = difflib.get_close_matches(name, list(INVERSE_METHODS) + list(INVERSE_ALIASES), n=1, cutoff=0.4)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown restore method '{name}'{hint}; valid: {', '.join(names)}")
+    fn, nfe = INVERSE_METHODS[canonical]
+    return canonical, fn, nfe
 
 #: sample.grid kinds: name -> grid(process, n, sigma_min, sigma_max, sample_config) -> float64 (n + 1,)
 GRIDS: dict[str, Callable] = {"karras": grids.grid_karras, "loglinear": grids.grid_loglinear,

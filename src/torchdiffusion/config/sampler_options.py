@@ -1,7 +1,7 @@
 """Sampler options from the command line (`sample --sampler-opt KEY=VALUE`) and NFE counting.
 
 A sampler's options are its keyword-only parameters with defaults, minus the calling convention's own
-(cond, generator, callback) and Python-only hooks (noise_sampler, stats). Values are converted to the type of
+(cond, generator, callback) and Python-only hooks (correct, noise_sampler, stats). Values are converted to the type of
 the default (bool, int, float, str); inf and nan parse as floats and the sampler checks their ranges.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..protocols import Cond
 
 #: keyword parameters that are not user options
-RESERVED = frozenset({"cond", "generator", "callback", "noise_sampler", "stats"})
+RESERVED = frozenset({"cond", "generator", "callback", "correct", "noise_sampler", "stats"})
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 

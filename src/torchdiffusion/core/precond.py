@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..protocols import Cond
 from .processes import NoiseProcess
 
@@ -112,16 +113,38 @@ def interpolated_log_variance(v: Tensor, log_small, log_large) -> Tensor:
     return v * log_large + (1 - v) * log_small
 
 
+def provides_variance(denoiser) -> bool:
+    """Whether `denoiser` answers `denoiser(x, sigma, cond, return_variance=True)` with (D, v): a LearnedVariance
+    model, or a wrapper (CFG, classifier guidance) around one; they say so with `learned_variance = True`."""
+    return bool(getattr(denoiser, "learned_variance", False))
+
+
+def denoise_with_variance(denoiser, x: Tensor, sigma: Tensor, cond: Cond = None) -> tuple[Tensor, Tensor]:
+    """(D, v) from a denoiser with a learned variance, through the denoiser contract's one optional keyword
+    `return_variance=True` (no side channel); a one-line ConfigError for a denoiser that gives no variance."""
+    if not provides_variance(denoiser):
+        raise ConfigError(f"a learned variance is needed (DDPM variance 'learned', the variational bound), but the "
+                          f"denoiser {type(denoiser).__name__} gives none: it must be a learned-variance model "
+                          f"(model.variance learned) or a guidance wrapper around one (cfg, classifier); "
+                          f"use variance 'small' or 'large' otherwise")
+    out = denoiser(x, sigma, cond, return_variance=True)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ConfigError(f"the denoiser {type(denoiser).__name__} says it has a learned variance but did not return "
+                          f"(D, v) for return_variance=True")
+    return out
+
+
 class LearnedVariance(Preconditioned):
     """A Preconditioned denoiser whose backbone outputs 2C channels: C for the configured head, C for the
     variance interpolation v of iDDPM (Nichol & Dhariwal 2021, sec. 3.1).
 
-    The denoiser contract is unchanged: `forward` returns the (B, C, ...) x0 estimate from the first C channels.
-    `denoise_with_variance` also returns v = (r + 1) / 2 from the backbone's raw variance channels r (as the
-    paper's reference code maps its [-1, 1] output), so v = 0.5 at initialisation (zero output conv); the
-    reverse step from sigma s to s' then has frame variance exp(v log(large) + (1 - v) log(small)) with
-    (small, large) = reverse_step_variances(s, s'). v is per element and independent of the step, so the same
-    network output serves any respaced grid.
+    The denoiser contract is unchanged: `forward(x, sigma, cond)` returns the (B, C, ...) x0 estimate from the first
+    C channels; `forward(x, sigma, cond, return_variance=True)` returns (D, v) with v = (r + 1) / 2 from the
+    backbone's raw variance channels r (as the paper's reference code maps its [-1, 1] output), so v = 0.5 at
+    initialisation (zero output conv). Wrappers that keep the contract (guidance.cfg, guidance.classifier) forward
+    the keyword. The reverse step from sigma s to s' then has frame variance exp(v log(large) + (1 - v) log(small))
+    with (small, large) = reverse_step_variances(s, s'). v is per element and independent of the step, so the
+    same network output serves any respaced grid.
     """
 
     learned_variance = True
@@ -140,7 +163,12 @@ class LearnedVariance(Preconditioned):
         F, _, c_skip, c_out = self.raw_with_variance(x, sigma, cond)
         return F, c_skip, c_out
 
-    def denoise_with_variance(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> tuple[Tensor, Tensor]:
-        """(x0 estimate, v), both (B, C, ...) float32."""
+    def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None, return_variance: bool = False):
+        """The x0 estimate (B, C, ...) float32, or (D, v) with return_variance=True."""
         F, v, c_skip, c_out = self.raw_with_variance(x, sigma, cond)
-        return c_skip * x.float() + c_out * F, v
+        denoised = c_skip * x.float() + c_out * F
+        return (denoised, v) if return_variance else denoised
+
+    def denoise_with_variance(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> tuple[Tensor, Tensor]:
+        """(x0 estimate, v), both (B, C, ...) float32: `self(x, sigma, cond, return_variance=True)`."""
+        return self(x, sigma, cond, return_variance=True)

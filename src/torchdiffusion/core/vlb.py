@@ -8,8 +8,9 @@ API (each returns per-image bits/dim as a (B,) float64 tensor; the *_terms varia
     vlb_bpd(model, x, generator=None, **options)      # picks one of the two from the model's process
 
 - model: a denoiser D(x, sigma, cond) -> x0 estimate with `.process` (a `VPDiscrete` for the discrete bound, a
-  `vdm.VDM` for the continuous one). The discrete bound uses `model.denoise_with_variance` when the model has a
-  learned variance (`precond.LearnedVariance`); the VDM bound uses `model.schedule` (a `vdm.MonotoneGamma`).
+  `vdm.VDM` for the continuous one). The discrete bound asks for (D, v) with `model(x, sigma, cond, return_variance=True)`
+  (precond.denoise_with_variance) when the model has a learned variance (`precond.LearnedVariance`, or a guidance
+  wrapper around one); the VDM bound uses `model.schedule` (a `vdm.MonotoneGamma`).
 - x: (B, ...) images, either uint8 in 0..255 or float in [-1, 1].
 - generator: a torch.Generator for the noise and the time draws (the estimate is Monte Carlo in x_t and t).
 - data: "8bit" (default for uint8 input) or "continuous" (default for float input).
@@ -50,7 +51,7 @@ from torch import Tensor
 from ..errors import DataError, TorchDiffusionError
 from ..protocols import Cond
 from . import vdm
-from .precond import interpolated_log_variance, reverse_step_variances
+from .precond import denoise_with_variance, interpolated_log_variance, provides_variance, reverse_step_variances
 from .processes import VPDiscrete
 
 VARIANCES = ("small", "large", "learned")
@@ -182,8 +183,7 @@ def reverse_step_nll(x0: Tensor, x: Tensor, denoised: Tensor, log_var: Tensor, s
 
 def _denoise(model, x: Tensor, sigma: Tensor, cond: Cond, variance: str) -> tuple[Tensor, Tensor | None]:
     if variance == "learned":
-        D, v = model.denoise_with_variance(x, sigma, cond)
-        return D, v
+        return denoise_with_variance(model, x, sigma, cond)
     return model(x, sigma, cond), None
 
 
@@ -204,10 +204,10 @@ def discrete_vlb_terms(model, x: Tensor, generator: torch.Generator | None = Non
     if not isinstance(process, VPDiscrete):
         raise TorchDiffusionError("the discrete VLB needs a discrete-time VP model (model.process.kind vp_discrete)")
     if variance is None:
-        variance = "learned" if hasattr(model, "denoise_with_variance") else "small"
+        variance = "learned" if provides_variance(model) else "small"
     if variance not in VARIANCES:
         raise TorchDiffusionError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
-    if variance == "learned" and not hasattr(model, "denoise_with_variance"):
+    if variance == "learned" and not provides_variance(model):
         raise TorchDiffusionError("variance 'learned' needs a model with a learned variance (model.variance learned)")
     x0, data = prepare(x, data)
     dev = x0.device

@@ -14,6 +14,11 @@ Guidance interval (Kynkaanniemi et al. 2024, "Applying guidance in a limited int
 distribution quality in diffusion models"): guidance is applied only for sigma in (sigma_lo, sigma_hi]; outside
 the interval the wrapper returns D_c (w = 1), which costs one network call instead of two.
 
+Learned variance (Nichol & Dhariwal 2021): when the wrapped model has one, the wrapper does too
+(`learned_variance`), and `guided(x, sigma, cond, return_variance=True)` returns (D_w, v_c): the variance
+interpolation is taken from the conditional branch, as guided-diffusion / GLIDE do (they guide eps and keep the
+conditional half's variance channels), so at w = 1 it is exactly the conditional model's (D_c, v_c).
+
 Batching: the conditional and unconditional halves go through the network as one batch of 2B rows
 (x, sigma and every tensor of cond concatenated along the batch), an optimisation only: the result equals two
 separate calls up to floating-point reassociation inside the network.
@@ -82,30 +87,53 @@ class ClassifierFreeGuidance:
         self.denoiser, self.scale, self.uncond = denoiser, float(scale), uncond
         self.interval, self.batched = check_interval(interval), batched
 
-    def pair(self, x: Tensor, sigma: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
-        """(D_c, D_u), from one batched call or two calls."""
+    @property
+    def learned_variance(self) -> bool:
+        """Whether return_variance=True is answered: exactly when the wrapped model answers it."""
+        return bool(getattr(self.denoiser, "learned_variance", False))
+
+    def _call(self, x: Tensor, sigma: Tensor, cond: Cond, return_variance: bool):
+        if return_variance:
+            return self.denoiser(x, sigma, cond, return_variance=True)
+        return self.denoiser(x, sigma, cond)
+
+    def pair(self, x: Tensor, sigma: Tensor, cond: Cond, return_variance: bool = False):
+        """(D_c, D_u), from one batched call or two calls; with return_variance ((D_c, v_c), (D_u, v_u))."""
         ucond = self.uncond(cond)
         if not self.batched:
-            return self.denoiser(x, sigma, cond), self.denoiser(x, sigma, ucond)
+            return self._call(x, sigma, cond, return_variance), self._call(x, sigma, ucond, return_variance)
         b = x.shape[0]
-        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), _cat_cond(cond, ucond))
+        out = self._call(torch.cat([x, x]), torch.cat([sigma, sigma]), _cat_cond(cond, ucond), return_variance)
+        if return_variance:
+            d, v = out
+            return (d[:b], v[:b]), (d[b:], v[b:])
         return out[:b], out[b:]
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None, *, return_variance: bool = False):
+        if return_variance and not self.learned_variance:
+            raise ConfigError(f"classifier-free guidance was asked for a learned variance, but the guided model "
+                              f"{type(self.denoiser).__name__} has none; use DDPM variance 'small' or 'large'")
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
         if self.scale == 1.0:  # exactly the conditional model (no unconditional call)
-            return self.denoiser(x, sigma, cond)
+            return self._call(x, sigma, cond, return_variance)
         inside = in_interval(sigma, self.interval)
         if not bool(inside.any()):
-            return self.denoiser(x, sigma, cond)
-        if self.scale == 0.0 and bool(inside.all()):  # exactly the unconditional model
+            return self._call(x, sigma, cond, return_variance)
+        if self.scale == 0.0 and bool(inside.all()) and not return_variance:  # exactly the unconditional model
             return self.denoiser(x, sigma, self.uncond(cond))
-        d_c, d_u = self.pair(x, sigma, cond)
+        (d_c, v_c), (d_u, _) = self._unpack(self.pair(x, sigma, cond, return_variance), return_variance)
         guided = d_u + self.scale * (d_c - d_u)
-        if bool(inside.all()):
-            return guided
-        keep = inside.reshape((-1,) + (1,) * (x.ndim - 1))
-        return torch.where(keep, guided, d_c)
+        if not bool(inside.all()):
+            keep = inside.reshape((-1,) + (1,) * (x.ndim - 1))
+            guided = torch.where(keep, guided, d_c)
+        return (guided, v_c) if return_variance else guided
+
+    @staticmethod
+    def _unpack(pair, return_variance: bool):
+        if return_variance:
+            return pair
+        (d_c, d_u) = pair
+        return (d_c, None), (d_u, None)
 
 
 def with_cond(denoiser: Denoiser, fixed: Mapping[str, Tensor] | Callable[[Cond], Cond] | None) -> Denoiser:

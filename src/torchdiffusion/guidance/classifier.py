@@ -19,6 +19,9 @@ log p(y | x_t). In this frame D = x - sigma eps and grad_x = sqrt(abar) grad_{x_
 s grad_{x_t} log p = D + s sigma^2 grad_x log p: the same scale s means the same guidance. (Their Alg. 1, the
 ancestral mean shift s Sigma grad, is the same first-order correction for the DDPM sampler.)
 
+Learned variance: the wrapper forwards `return_variance=True` to the wrapped model and returns (D_s, v) with the
+model's own v (Dhariwal & Nichol shift only the mean); `learned_variance` says whether the wrapped model has one.
+
 Cost: one classifier forward and backward per denoiser call; the denoiser itself runs without gradients.
 """
 from __future__ import annotations
@@ -68,15 +71,27 @@ class ClassifierGuidance:
             return self.denoiser_cond(cond)
         return None if self.denoiser_cond == "none" else cond
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+    @property
+    def learned_variance(self) -> bool:
+        return bool(getattr(self.denoiser, "learned_variance", False))
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None, *, return_variance: bool = False):
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
-        d = self.denoiser(x, sigma, self._inner_cond(cond))
+        v = None
+        if return_variance:
+            if not self.learned_variance:
+                raise ConfigError(f"classifier guidance was asked for a learned variance, but the guided model "
+                                  f"{type(self.denoiser).__name__} has none; use DDPM variance 'small' or 'large'")
+            d, v = self.denoiser(x, sigma, self._inner_cond(cond), return_variance=True)
+        else:
+            d = self.denoiser(x, sigma, self._inner_cond(cond))
         inside = in_interval(sigma, self.interval)
         if self.scale == 0.0 or not bool(inside.any()):
-            return d
+            return (d, v) if return_variance else d
         if cond is None or self.label_key not in cond:
             raise ConfigError(f"classifier guidance needs the target labels in cond[{self.label_key!r}] "
                               f"(sample --labels ...)")
         grad, _ = log_prob_grad(self.classifier, x, sigma, cond[self.label_key])
         w = (self.scale * sigma.double() ** 2 * inside.double()).to(x.dtype)
-        return d + w.reshape((-1,) + (1,) * (x.ndim - 1)) * grad
+        d = d + w.reshape((-1,) + (1,) * (x.ndim - 1)) * grad
+        return (d, v) if return_variance else d

@@ -8,6 +8,7 @@ on the batch it ran in.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -17,6 +18,7 @@ from torch import Tensor
 from ..core.grids import karras
 from ..errors import ConfigError
 from ..inverse.measurement import Measurement
+from ..inverse.methods import SAMPLER_METHODS
 from ..inverse.operators import (AvgPoolDown, BicubicDown, Colorize, GaussianBlur, GaussianNoise, Inpaint,
                                  Operator, box_mask, half_mask, random_mask)
 from ..protocols import Denoiser
@@ -105,6 +107,27 @@ def restore_images(denoiser: Denoiser, images: Tensor, seeds: Sequence[int], op:
             on_batch(chunk, x.cpu(), y.cpu())
     seconds = time.perf_counter() - t0
     return Restoration(torch.cat(outs), torch.cat(ys), torch.cat(errs), seconds)
+
+
+def solver_options(method: str, options: dict, sampler_name: str | None, sampler: Callable | None,
+                   sampler_nfe: Callable[[int], int | None] | None = None,
+                   sampler_options: Mapping | None = None) -> dict:
+    """The restore function's options with the sampler underneath added (`sampler`, `sampler_options`), or a
+    one-line ConfigError for a combination that cannot run: a sampler for RePaint (its own DDPM schedule), or
+    an adaptive sampler (sampler_nfe(n) is None: it picks its own steps, so no per-step correction) under a
+    method that corrects every step (every one but dps)."""
+    if sampler_name is None:
+        if sampler_options:
+            raise ConfigError("--sampler-opt needs --sampler NAME (the default sampler underneath is ddpm)")
+        return dict(options)
+    if method not in SAMPLER_METHODS:
+        raise ConfigError(f"--sampler {sampler_name}: method '{method}' runs its own schedule of DDPM steps and takes "
+                          f"no sampler; --sampler works with {', '.join(SAMPLER_METHODS)} (and pocs)")
+    if method != "dps" and sampler_nfe is not None and sampler_nfe(2) is None:
+        raise ConfigError(f"--sampler {sampler_name} chooses its own steps and takes no per-step correction, which "
+                          f"method '{method}' needs; pick a grid sampler (e.g. ddpm, ddim, euler_ancestral, heun, "
+                          f"dpmpp_2m, dpmpp_2m_sde, edm), or method dps")
+    return {**options, "sampler": sampler, "sampler_options": dict(sampler_options or {})}
 
 
 def restore_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:

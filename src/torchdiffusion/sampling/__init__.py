@@ -1,6 +1,8 @@
 """Samplers: pure functions of a denoiser, standard normal noise and a float64 sigma grid.
 
-    sample_NAME(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None, **options) -> Tensor
+    sample_NAME(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None, correct=None, **options)
+
+All grid samplers run on one walk (steps.walk) with an optional per-step correction correct(x, sigma_next, i).
 
 Denoiser calls for an n-step grid (sigmas of shape (n + 1,) ending in 0): euler n, heun 2n - 1, ddim n, ddpm n.
 """

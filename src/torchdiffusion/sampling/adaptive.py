@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
-from torchdiffusion.sampling.steps import SamplerError, check_noise, check_sigmas
+from torchdiffusion.sampling.steps import Correct, SamplerError, check_noise, check_sigmas
 
 #: f(t, y, rows) -> dy/dt. t: (A,) float64 times of the A active rows; y: (A, M); rows: (A,) int64, their indices
 #: in the full batch (to select per-row conditioning or probes).
@@ -205,14 +205,21 @@ def integrate(f: OdeFunction, y0: Tensor, t0: float, t1: float, *, rtol: float =
 
 def sample_pf_ode(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
                   generator: Generators = None, callback: Callback = None, rtol: float = 1e-4, atol: float = 1e-4,
-                  method: str = "dopri5", info: Optional[dict] = None) -> Tensor:
+                  method: str = "dopri5", info: Optional[dict] = None, correct: Correct | None = None) -> Tensor:
     """The probability-flow ODE dx/du = x - D(x, e^u), u = ln sigma, solved adaptively from sigmas[0] to the last
     positive sigma of the grid; a grid ending in 0 then takes the step to 0 as x = D(x, sigma_min) (Euler's last
     step, as `sample_euler`). Only the grid's end points are used: the solver picks its own steps.
 
     rtol/atol: tolerances on x (model range); method: "dopri5" or "bosh3". info (optional dict) receives "nfe"
     (int64 (B,), denoiser evaluations per row including the final one), "accepted", "rejected". callback is called
-    once, before the final denoising step, with the state at sigma_min. Deterministic: `generator` is unused."""
+    once, before the final denoising step, with the state at sigma_min. Deterministic: `generator` is unused.
+
+    Not on the walk, and `correct` must stay None: the Dormand-Prince controller picks its own steps per row, and a
+    correction between its stages would break the embedded error estimate; use a grid sampler (euler, heun,
+    dpmpp_2m) for corrected deterministic sampling."""
+    if correct is not None:
+        raise SamplerError("pf_ode integrates adaptively and takes no per-step correction (correct=None); use a "
+                           "grid sampler such as heun or dpmpp_2m with corrections")
     check_noise(noise)
     sig = check_sigmas(sigmas)
     tab = check_tolerances(rtol, atol, method)

@@ -22,8 +22,9 @@ D = D(x, s) and eps_hat = (x - D) / s, both updates are x' = D + c_x (x - D) + s
   only at t = 0, so on a "trailing" grid it adds noise of variance 1 - abar_t at its last step.)
 
 - DDPM with a learned variance (Nichol & Dhariwal 2021, sec. 3.1 and Appendix B): variance="learned" asks the
-  model's `denoise_with_variance` for (D, v) and uses log Sigma = v log(large) + (1 - v) log(small) with small and
-  large of the step actually taken, i.e. the betas recomputed for a respaced grid (core.precond
+  denoiser for (D, v) through the contract's keyword `return_variance=True` (core.precond.denoise_with_variance;
+  CFG and classifier guidance forward it), in the same call that gives D (LearnedVarianceStep), and uses
+  log Sigma = v log(large) + (1 - v) log(small) with small and large of the step actually taken, i.e. the betas recomputed for a respaced grid (core.precond
   .reverse_step_variances); v is elementwise. The step to sigma = 0 draws no noise, as above.
 
 NFE: n for an n-step grid, for both samplers. One standard-normal draw of x's shape per step with std > 0,
@@ -36,17 +37,18 @@ import math
 import torch
 from torch import Tensor
 
-from torchdiffusion.core.precond import interpolated_log_variance, reverse_step_variances
+from torchdiffusion.core.precond import interpolated_log_variance, provides_variance, reverse_step_variances
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
 from torchdiffusion.sampling.noise import randn_like
-from torchdiffusion.sampling.steps import (BoundDenoiser, SamplerError, gaussian_step, posterior_variance,
-                                           sqrt_nonneg, walk)
+from torchdiffusion.sampling.steps import (BoundDenoiser, Correct, SamplerError, Step, gaussian_step,
+                                           posterior_variance, sqrt_nonneg, walk)
 
 VARIANCES = ("small", "large", "learned")
 
 
 def sample_ddim(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
-                generator: Generators = None, callback: Callback = None, eta: float = 0.0) -> Tensor:
+                generator: Generators = None, callback: Callback = None, correct: Correct | None = None,
+                eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021a) on any sigma grid; eta in [0, 1] scales the fresh noise (0: deterministic,
     equal to `sample_euler`; 1: DDPM's "small" ancestral step). NFE = n."""
     eta = float(eta)
@@ -57,7 +59,7 @@ def sample_ddim(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond
         v_eta = eta * eta * posterior_variance(s, s_next)
         return gaussian_step(x, denoised, sqrt_nonneg(s_next * s_next - v_eta) / s, math.sqrt(v_eta), generator)
 
-    return walk(denoiser, noise, sigmas, cond, generator, callback, step)
+    return walk(denoiser, noise, sigmas, step, cond=cond, generator=generator, callback=callback, correct=correct)
 
 
 def ddpm_variance(s: float, s_next: float, variance: str) -> float:
@@ -70,41 +72,52 @@ def ddpm_variance(s: float, s_next: float, variance: str) -> float:
 
 
 def sample_ddpm(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
-                generator: Generators = None, callback: Callback = None, variance: str = "small") -> Tensor:
+                generator: Generators = None, callback: Callback = None, correct: Correct | None = None,
+                variance: str = "small") -> Tensor:
     """Ancestral DDPM (Ho et al. 2020, Alg. 2) on any sigma grid: sample q(x_{s'} | x_s, x0 = D(x_s, s)).
     variance: "small" (posterior, beta-tilde), "large" (beta_t) or "learned" (the model's interpolation v between
-    the two, Nichol & Dhariwal 2021; needs `denoiser.denoise_with_variance`), see the module notes. NFE = n."""
+    the two, Nichol & Dhariwal 2021; needs a denoiser that answers return_variance=True), see the module notes.
+    correct: the walk's per-step correction hook (inverse.corrections). NFE = n."""
     if variance not in VARIANCES:
         raise SamplerError(f"unknown DDPM variance {variance!r}; valid: {', '.join(VARIANCES)}")
     if variance == "learned":
-        return _sample_ddpm_learned(denoiser, noise, sigmas, cond, generator, callback)
+        if not provides_variance(denoiser):
+            raise SamplerError(f"DDPM variance 'learned' needs a model with a learned variance (model.variance "
+                               f"learned), or a guidance wrapper around one; {type(denoiser).__name__} gives none: "
+                               f"use 'small' or 'large' for this model")
+        return walk(denoiser, noise, sigmas, LearnedVarianceStep(generator), cond=cond, generator=generator,
+                    callback=callback, correct=correct)
+
+    return walk(denoiser, noise, sigmas, ddpm_step(variance, generator), cond=cond, generator=generator,
+                callback=callback, correct=correct)
+
+
+def ddpm_step(variance: str, generator: Generators):
+    """DDPM's fixed-variance ancestral step ("small" or "large") as a walk step function (also RePaint's)."""
 
     def step(x: Tensor, denoised: Tensor, s: float, s_next: float, denoise: BoundDenoiser) -> Tensor:
         c_x = (s_next * s_next) / (s * s)
         return gaussian_step(x, denoised, c_x, math.sqrt(ddpm_variance(s, s_next, variance)), generator)
 
-    return walk(denoiser, noise, sigmas, cond, generator, callback, step)
+    return step
 
 
-def _sample_ddpm_learned(denoiser, noise: Tensor, sigmas: Tensor, cond: Cond, generator: Generators,
-                         callback: Callback) -> Tensor:
-    with_variance = getattr(denoiser, "denoise_with_variance", None)
-    if with_variance is None:
-        raise SamplerError("DDPM variance 'learned' needs a model with a learned variance (model.variance learned); "
-                           "use 'small' or 'large' for this model")
-    last_v: dict[str, Tensor] = {}
+class LearnedVarianceStep(Step):
+    """DDPM's step with the model's variance interpolation v (Nichol & Dhariwal 2021, eq. 15): `evaluate` asks
+    the denoiser for (D, v) in one call; `update` uses that v for the step taken from the same x."""
 
-    def denoise_keep_v(x: Tensor, sigma: Tensor, cond_: Cond = None) -> Tensor:
-        denoised, v = with_variance(x, sigma, cond_)
-        last_v["v"] = v  # the step below runs right after this call, on the same x
-        return denoised
+    def __init__(self, generator: Generators):
+        self.generator = generator
+        self.v: Tensor | None = None
 
-    def step(x: Tensor, denoised: Tensor, s: float, s_next: float, denoise: BoundDenoiser) -> Tensor:
+    def evaluate(self, denoise, x, s, i):
+        denoised, self.v = denoise.with_variance(x, s)
+        return x, s, denoised
+
+    def update(self, x, denoised, s, s_next, denoise, i):
         c_x = (s_next * s_next) / (s * s)
         if s_next == 0:
-            return gaussian_step(x, denoised, c_x, 0.0, generator)
+            return gaussian_step(x, denoised, c_x, 0.0, self.generator)
         small, large = reverse_step_variances(s, s_next)
-        log_var = interpolated_log_variance(last_v["v"].to(x.dtype), math.log(small), math.log(large))
-        return denoised + c_x * (x - denoised) + torch.exp(0.5 * log_var) * randn_like(x, generator)
-
-    return walk(denoise_keep_v, noise, sigmas, cond, generator, callback, step)
+        log_var = interpolated_log_variance(self.v.to(x.dtype), math.log(small), math.log(large))
+        return denoised + c_x * (x - denoised) + torch.exp(0.5 * log_var) * randn_like(x, self.generator)

@@ -39,9 +39,9 @@ from torch import Tensor
 
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
 from torchdiffusion.sampling.brownian import NOISE_KINDS, NoiseSampler, make_noise
-from torchdiffusion.sampling.kdiff import ancestral_step, check_nonneg
+from torchdiffusion.sampling.kdiff import AncestralNoise, ancestral_step, check_nonneg
 from torchdiffusion.sampling.noise import check_generators
-from torchdiffusion.sampling.steps import SamplerError, bind, start
+from torchdiffusion.sampling.steps import Correct, SamplerError, Step, bind, check_correct, start, walk
 
 
 def _end_points(sig: list[float]) -> tuple[float, float, bool]:
@@ -100,61 +100,80 @@ def _f64(v: float) -> Tensor:
     return torch.tensor(v, dtype=torch.float64)
 
 
+class DpmFastStep(Step):
+    """DPM-Solver-fast's steps on its own lambda grid `lams` with orders `orders`; the walk's grid has the same
+    steps (sigma_max, e^{-lams[1]}, ..., sigma_min, then 0 if the grid ends in 0), and each evaluation is taken at
+    e^{-lams[i]} (sigma_min for the final x = D). eta > 0: ancestral steps (AncestralNoise)."""
+
+    def __init__(self, lams: list[float], orders: list[int], s_min: float, noise: AncestralNoise):
+        self.lams, self.orders, self.s_min, self.noise = lams, orders, s_min, noise
+        self.cache: dict = {}
+
+    def begin(self, x, sig, generator):
+        if self.orders:
+            self.noise.begin(x, sig, generator)
+
+    def evaluate(self, denoise, x, s, i):
+        s_eval = math.exp(-self.lams[i]) if i < len(self.orders) else self.s_min
+        return x, s_eval, denoise(x, s_eval)
+
+    def record(self, i):
+        return {"order": self.orders[i]} if i < len(self.orders) else {}
+
+    def update(self, x, denoised, s, s_next, denoise, i):
+        if i == len(self.orders):  # the grid's last step to 0
+            return denoised
+        lam, lam_next, order = self.lams[i], self.lams[i + 1], self.orders[i]
+        lam_end = -math.log(self.s_min)
+        s_next = math.exp(-lam_next)
+        if self.noise.eta > 0:
+            s_down, s_up = self.noise.split(s, s_next)
+            lam_to = min(lam_end, -math.log(s_down)) if s_down > 0 else lam_end
+            s_up = math.sqrt(max(s_next * s_next - math.exp(-2 * lam_to), 0.0))
+        else:
+            lam_to, s_up = lam_next, 0.0
+        eps = (x - denoised) / s
+        steps = _EpsSteps(lambda u, lm: (u - denoise(u, math.exp(-float(lm)))) / math.exp(-float(lm)))
+        h, lam_t, cache = _f64(lam_to - lam), _f64(lam), {}
+        if order == 1:
+            x = steps.step1(x, lam_t, h, eps)
+        elif order == 2:
+            x = steps.step2(x, lam_t, h, eps, cache)
+        else:
+            x = steps.step3(x, lam_t, h, eps, cache)
+        return self.noise.add(x, s, s_next, s_up)
+
+
 def sample_dpm_fast(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
-                    generator: Generators = None, callback: Callback = None, eta: float = 0.0,
-                    s_noise: float = 1.0, noise_kind: str = "gaussian",
+                    generator: Generators = None, callback: Callback = None, correct: Correct | None = None,
+                    eta: float = 0.0, s_noise: float = 1.0, noise_kind: str = "gaussian",
                     noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
     """DPM-Solver-fast from sigmas[0] to the smallest positive sigma with an NFE budget of n (an n-step grid
     ending above 0) or n - 1 plus the final x = D (a grid ending in 0): NFE = n either way. Steps are uniform
     in lambda = -log sigma; only the grid's end points are used. eta > 0 makes each step ancestral (to s_down,
-    then s_noise s_up z, as `sample_euler_ancestral`)."""
+    then s_noise s_up z, as `sample_euler_ancestral`). It runs on the walk over its own grid (DpmFastStep), so
+    `correct` is applied after each of its steps (and after the final x = D)."""
     eta, s_noise = check_nonneg("eta", eta, "dpm_fast"), check_nonneg("s_noise", s_noise, "dpm_fast")
-    sig, x = start(noise, sigmas, generator)
+    sig, _ = start(noise, sigmas, generator)
     s_max, s_min, to_zero = _end_points(sig)
     budget = len(sig) - 1 - (1 if to_zero else 0)
-    denoise = bind(denoiser, cond)
-    z = None
     if noise_kind not in NOISE_KINDS:
         raise SamplerError(f"dpm_fast: unknown noise_kind {noise_kind!r}; valid: {', '.join(NOISE_KINDS)}")
-    if eta > 0 and budget > 0:
-        z = noise_sampler if noise_sampler is not None else make_noise(noise_kind, x, s_min, s_max, generator)
-    if budget > 0:
-        steps = _EpsSteps(lambda u, lam: (u - denoise(u, math.exp(-float(lam)))) / math.exp(-float(lam)))
-        lam_start, lam_end = -math.log(s_max), -math.log(s_min)
-        orders = fast_orders(budget)
-        lams = torch.linspace(lam_start, lam_end, len(orders) + 1, dtype=torch.float64).tolist()
-        for i, order in enumerate(orders):
-            lam, lam_next = lams[i], lams[i + 1]
-            s, s_next = math.exp(-lam), math.exp(-lam_next)
-            if eta > 0:
-                s_down, s_up = ancestral_step(s, s_next, eta)
-                lam_to = min(lam_end, -math.log(s_down)) if s_down > 0 else lam_end
-                s_up = math.sqrt(max(s_next * s_next - math.exp(-2 * lam_to), 0.0))
-            else:
-                lam_to, s_up = lam_next, 0.0
-            denoised = denoise(x, s)
-            eps = (x - denoised) / s
-            if callback is not None:
-                callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised, "order": order})
-            h, lam_t, cache = _f64(lam_to - lam), _f64(lam), {}
-            if order == 1:
-                x = steps.step1(x, lam_t, h, eps)
-            elif order == 2:
-                x = steps.step2(x, lam_t, h, eps, cache)
-            else:
-                x = steps.step3(x, lam_t, h, eps, cache)
-            if z is not None and s_up > 0:
-                x = x + z(s, s_next) * (s_up * s_noise)
-    if to_zero:
-        x = denoise(x, s_min)
-    return x
+    orders = fast_orders(budget) if budget > 0 else []
+    lams = torch.linspace(-math.log(s_max), -math.log(s_min), len(orders) + 1, dtype=torch.float64).tolist()
+    grid = [s_max] + [math.exp(-lm) for lm in lams[1:-1]] + ([s_min] if orders else []) + ([0.0] if to_zero else [])
+    src = AncestralNoise("dpm_fast", eta, s_noise, noise_kind, noise_sampler, sigma_range=(s_min, s_max))
+    step = DpmFastStep(lams, orders, s_min, src)
+    return walk(denoiser, noise, torch.tensor(grid, dtype=torch.float64), step, cond=cond, generator=generator,
+                callback=callback, correct=correct)
 
 
 def sample_dpm_adaptive(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
                         generator: Generators = None, callback: Callback = None, order: int = 3,
                         rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0,
                         icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81, eta: float = 0.0,
-                        s_noise: float = 1.0, noise_kind: str = "brownian", stats: Optional[dict] = None) -> Tensor:
+                        s_noise: float = 1.0, noise_kind: str = "brownian", stats: Optional[dict] = None,
+                        correct: Correct | None = None) -> Tensor:
     """DPM-Solver-12 (order 2) or -23 (order 3) with error-controlled step sizes in lambda, per row, from
     sigmas[0] to the smallest positive sigma (then x = D if the grid ends in 0). Defaults for rtol, atol
     (0.0078 ~ 1/128 of the [-1, 1] pixel range), h_init and the controller follow Lu et al. 2022a, sec. 4.2,
@@ -165,7 +184,14 @@ def sample_dpm_adaptive(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, co
     done in torch. NFE is not fixed in advance (the registry gives None): `stats`, if a dict, receives "nfe"
     (mean over rows), "nfe_per_row", "accepted", "rejected" (per-row lists) and "calls" (denoiser calls);
     the callback gets "i", "x", "sigma" (B,), "h" (B,), "rows" (the rows attempted), "error" and "accepted"
-    (per attempted row) and the running "nfe" (B,) after each attempt."""
+    (per attempted row) and the running "nfe" (B,) after each attempt.
+
+    Not on the walk, and `correct` must stay None: the step sizes are chosen per row by the error controller,
+    so there is no shared grid for a per-step correction to act on (a correction between attempts would also
+    enter the error estimate and stall the controller); use a grid sampler for corrected sampling."""
+    if correct is not None:
+        raise SamplerError("dpm_adaptive chooses its own per-row steps and takes no per-step correction "
+                           "(correct=None); use a grid sampler (e.g. dpm_fast, dpmpp_2m_sde, ddpm) with corrections")
     if isinstance(order, bool) or order not in (2, 3):
         raise SamplerError(f"dpm_adaptive: order must be 2 or 3, got {order!r}")
     name = "dpm_adaptive"

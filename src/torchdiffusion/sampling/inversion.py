@@ -22,13 +22,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from torchdiffusion.protocols import Callback, Cond, Denoiser
-from torchdiffusion.sampling.steps import SamplerError, bind, check_noise, check_sigmas
+from torchdiffusion.sampling.steps import SamplerError, Step, bind, check_noise, check_sigmas, run
 
 
 def ddim_invert(denoiser: Denoiser, x0: Tensor, sigmas: Tensor, *, cond: Cond = None, callback: Callback = None,
                 order: int = 1) -> Tensor:
     """Encode x0 (B, ...) to standard noise z along `sigmas` walked upwards (see module notes); returns z with
-    sigmas[0] * z the encoded state at sigma_max. order: 1 (DDIM / Euler) or 2 (Heun)."""
+    sigmas[0] * z the encoded state at sigma_max. order: 1 (DDIM / Euler) or 2 (Heun). Runs on the walk's loop
+    (steps.run) over the reversed grid."""
     if order not in (1, 2) or isinstance(order, bool):
         raise SamplerError(f"DDIM inversion order must be 1 (Euler, DDIM) or 2 (Heun), got {order!r}")
     check_noise(x0)
@@ -36,21 +37,24 @@ def ddim_invert(denoiser: Denoiser, x0: Tensor, sigmas: Tensor, *, cond: Cond = 
     if sig[-1] != 0:
         raise SamplerError("DDIM inversion needs a sampling grid that ends in 0 (it starts from the data)")
     up = sig[::-1]  # 0, s_1, ..., sigma_max
-    denoise = bind(denoiser, cond)
-    x = x0
-    for k in range(len(up) - 1):
-        s, s_next = up[k], up[k + 1]
-        if s == 0:
-            d = denoise(x, s_next)
-            eps = (x - d) / s_next
-        else:
-            d = denoise(x, s)
-            eps = (x - d) / s
-        if callback is not None:
-            callback({"i": k, "x": x, "sigma": s, "sigma_next": s_next, "denoised": d})
+    x = run(bind(denoiser, cond), x0, up, _UpStep(order, up), None, callback)
+    return x / up[-1]
+
+
+class _UpStep(Step):
+    """One step up the grid: D at s (at s_1 for the first step, where s = 0 has no slope), eps = (x - D) / s,
+    x' = x + (s' - s) eps, with Heun's trapezoidal correction for order 2 (after the first step)."""
+
+    def __init__(self, order: int, up: list[float]):
+        self.order, self.up = order, up
+
+    def evaluate(self, denoise, x, s, i):
+        return x, s, denoise(x, self.up[i + 1] if s == 0 else s)
+
+    def update(self, x, d, s, s_next, denoise, i):
+        eps = (x - d) / (s_next if s == 0 else s)
         x_next = x + (s_next - s) * eps
-        if order == 2 and s > 0:
+        if self.order == 2 and s > 0:
             eps_next = (x_next - denoise(x_next, s_next)) / s_next
             x_next = x + (s_next - s) * 0.5 * (eps + eps_next)
-        x = x_next
-    return x / up[-1]
+        return x_next

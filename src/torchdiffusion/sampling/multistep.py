@@ -46,7 +46,7 @@ import numpy as np
 from torch import Tensor
 
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
-from torchdiffusion.sampling.steps import SamplerError, bind, report, start
+from torchdiffusion.sampling.steps import Correct, SamplerError, Step, walk
 
 UNIPC_VARIANTS = ("bh1", "bh2")
 DEIS_TARGETS = ("eps", "x0")
@@ -62,11 +62,6 @@ def _check_int(name: str, value, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise SamplerError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
     return value
-
-
-def _start(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, cond: Cond, generator: Generators):
-    sig, x = start(noise, sigmas, generator)
-    return sig, x, bind(denoiser, cond)
 
 
 def _combine(terms: Sequence[tuple[float, Tensor]]) -> Tensor:
@@ -144,8 +139,9 @@ def _unipc_update(x: Tensor, s: float, s_next: float, hist: list[tuple[float, Te
 
 
 def sample_unipc(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
-                 generator: Generators = None, callback: Callback = None, order: int = 2, variant: str = "bh2",
-                 corrector: bool = True, lower_order_final: bool = True) -> Tensor:
+                 generator: Generators = None, callback: Callback = None, correct: Correct | None = None,
+                 order: int = 2, variant: str = "bh2", corrector: bool = True,
+                 lower_order_final: bool = True) -> Tensor:
     """UniPC (Zhao et al. 2023) with data prediction: UniP-`order` predictor (warm start at lower orders)
     and, unless corrector=False, the UniC corrector after every denoiser call but the last. variant: "bh1"
     (B(h) = h) or "bh2" (B(h) = e^h - 1). Order 1-3. NFE = n. Deterministic.
@@ -157,21 +153,33 @@ def sample_unipc(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Con
     order = _check_int("UniPC order", order, 1, 3)
     if variant not in UNIPC_VARIANTS:
         raise SamplerError(f"unknown UniPC variant {variant!r}; valid: {', '.join(UNIPC_VARIANTS)}")
-    sig, x, denoise = _start(denoiser, noise, sigmas, cond, generator)
-    n = len(sig) - 1
-    hist: list[tuple[float, Tensor]] = []
-    x_last, order_last = None, 1
-    for i in range(n):
-        s, s_next = sig[i], sig[i + 1]
-        d = denoise(x, s)
-        report(callback, i, x, s, s_next, d)
-        if corrector and x_last is not None:
-            x = _unipc_update(x_last, sig[i - 1], s, hist, order_last, variant, d)
-        hist = (hist + [(s, d)])[-order:]
-        p = _step_order(order, i, n, lower_order_final)
-        x_last, order_last = x, p
-        x = d if s_next == 0 else _unipc_update(x, s, s_next, hist, p, variant, None)
-    return x
+    step = UniPCStep(order, variant, corrector, lower_order_final)
+    return walk(denoiser, noise, sigmas, step, cond=cond, generator=generator, callback=callback, correct=correct)
+
+
+class UniPCStep(Step):
+    """UniP predictor steps with the UniC corrector applied once the next D is known. With a measurement
+    correction between steps, the corrector adds its change to the corrected x (x + UniC - UniP) instead of
+    replacing it, so the correction is kept; without one it is exactly UniC."""
+
+    def __init__(self, order: int, variant: str, corrector: bool, lower_order_final: bool):
+        self.order, self.variant, self.corrector, self.lower_order_final = order, variant, corrector, lower_order_final
+        self.hist: list[tuple[float, Tensor]] = []
+        self.x_last, self.s_last, self.order_last, self.x_pred = None, None, 1, None
+        self.n = 0
+
+    def begin(self, x, sig, generator):
+        self.n = len(sig) - 1
+
+    def update(self, x, d, s, s_next, denoise, i):
+        if self.corrector and self.x_last is not None:
+            x_c = _unipc_update(self.x_last, self.s_last, s, self.hist, self.order_last, self.variant, d)
+            x = x_c if x is self.x_pred else x + (x_c - self.x_pred)
+        self.hist = (self.hist + [(s, d)])[-self.order:]
+        p = _step_order(self.order, i, self.n, self.lower_order_final)
+        self.x_last, self.s_last, self.order_last = x, s, p
+        self.x_pred = d if s_next == 0 else _unipc_update(x, s, s_next, self.hist, p, self.variant, None)
+        return self.x_pred
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,58 +187,57 @@ def sample_unipc(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Con
 
 
 def sample_ipndm(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
-                 generator: Generators = None, callback: Callback = None, order: int = 4,
-                 lower_order_final: bool = True) -> Tensor:
+                 generator: Generators = None, callback: Callback = None, correct: Correct | None = None,
+                 order: int = 4, lower_order_final: bool = True) -> Tensor:
     """iPNDM (Zhang & Chen 2023): x' = x + (s' - s) sum_k a_k eps_{i-k} with the equal-step Adams-Bashforth
     coefficients of order min(order, i + 1) (lower-order warm start). Order 1-4. NFE = n."""
     order = _check_int("iPNDM order", order, 1, 4)
-    sig, x, denoise = _start(denoiser, noise, sigmas, cond, generator)
-    n = len(sig) - 1
-    eps_hist: list[Tensor] = []
-    for i in range(n):
-        s, s_next = sig[i], sig[i + 1]
-        d = denoise(x, s)
-        report(callback, i, x, s, s_next, d)
-        eps_hist = (eps_hist + [(x - d) / s])[-order:]
+    step = AdamsBashforthStep(order, lower_order_final)
+    return walk(denoiser, noise, sigmas, step, cond=cond, generator=generator, callback=callback, correct=correct)
+
+
+class AdamsBashforthStep(Step):
+    """iPNDM's and PLMS's update: x' = x + (s' - s) sum_k a_k eps_{i-k} with equal-step Adams-Bashforth
+    coefficients; keeps the last `order` eps. pseudo_first: PLMS's pseudo improved Euler first step (two calls;
+    its second slope is not kept); PLMS's order rule min(history, 4), capped only with lower_order_final."""
+
+    def __init__(self, order: int, lower_order_final: bool, pseudo_first: bool = False):
+        self.order, self.lower_order_final, self.pseudo_first = order, lower_order_final, pseudo_first
+        self.eps_hist: list[Tensor] = []
+        self.n = 0
+
+    def begin(self, x, sig, generator):
+        self.n = len(sig) - 1
+
+    def update(self, x, d, s, s_next, denoise, i):
+        eps = (x - d) / s
+        self.eps_hist = (self.eps_hist + [eps])[-self.order:]
         if s_next == 0:
-            x = d
-            continue
-        p = _step_order(order, i, n, lower_order_final)
+            return d
+        if self.pseudo_first:
+            if i == 0:
+                # pseudo improved Euler: average the slope here and at the Euler-predicted point (PNDM's warm
+                # start without the Runge-Kutta steps); the second slope is not kept in the history
+                x_pred = x + (s_next - s) * eps
+                eps_pred = (x_pred - denoise(x_pred, s_next)) / s_next
+                return x + (s_next - s) * (0.5 * (eps + eps_pred))
+            p = min(len(self.eps_hist), 4)
+            if self.lower_order_final:
+                p = max(1, min(p, self.n - i))
+        else:
+            p = _step_order(self.order, i, self.n, self.lower_order_final)
         coef = _AB[p]
-        x = x + (s_next - s) * _combine([(c, e) for c, e in zip(coef, reversed(eps_hist))])
-    return x
+        return x + (s_next - s) * _combine([(c, e) for c, e in zip(coef, reversed(self.eps_hist))])
 
 
 def sample_plms(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
-                generator: Generators = None, callback: Callback = None, lower_order_final: bool = False) -> Tensor:
+                generator: Generators = None, callback: Callback = None, correct: Correct | None = None,
+                lower_order_final: bool = False) -> Tensor:
     """PLMS (Liu et al. 2022): a pseudo improved Euler first step (two calls), then AB2, AB3 and AB4 on eps
     along sigma. NFE = n + 1 (n when n == 1). lower_order_final (off by default, as in PNDM) caps the
     last steps' order like `sample_ipndm`."""
-    sig, x, denoise = _start(denoiser, noise, sigmas, cond, generator)
-    n = len(sig) - 1
-    eps_hist: list[Tensor] = []
-    for i in range(n):
-        s, s_next = sig[i], sig[i + 1]
-        d = denoise(x, s)
-        report(callback, i, x, s, s_next, d)
-        eps = (x - d) / s
-        eps_hist = (eps_hist + [eps])[-4:]
-        if s_next == 0:
-            x = d
-            continue
-        if i == 0:
-            # pseudo improved Euler: average the slope here and at the Euler-predicted point (PNDM's warm
-            # start without the Runge-Kutta steps); the second slope is not kept in the history
-            x_pred = x + (s_next - s) * eps
-            eps_pred = (x_pred - denoise(x_pred, s_next)) / s_next
-            x = x + (s_next - s) * (0.5 * (eps + eps_pred))
-            continue
-        p = min(len(eps_hist), 4)
-        if lower_order_final:
-            p = max(1, min(p, n - i))
-        coef = _AB[p]
-        x = x + (s_next - s) * _combine([(c, e) for c, e in zip(coef, reversed(eps_hist))])
-    return x
+    step = AdamsBashforthStep(4, lower_order_final, pseudo_first=True)
+    return walk(denoiser, noise, sigmas, step, cond=cond, generator=generator, callback=callback, correct=correct)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,8 +281,9 @@ def deis_coefficients(sig_nodes: Sequence[float], s_next: float, target: str, va
 
 
 def sample_deis(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
-                generator: Generators = None, callback: Callback = None, order: int = 3, target: str = "eps",
-                variable: str = "log_sigma", lower_order_final: bool = True) -> Tensor:
+                generator: Generators = None, callback: Callback = None, correct: Correct | None = None,
+                order: int = 3, target: str = "eps", variable: str = "log_sigma",
+                lower_order_final: bool = True) -> Tensor:
     """DEIS (Zhang & Chen 2023), the multistep tAB form: integrate a Lagrange polynomial through the last
     min(order, i + 1) estimates (eps or x0, see module notes) exactly against the exponential integrator's
     weight. Order 1-3; order 1 is DDIM. NFE = n. Deterministic."""
@@ -284,23 +292,30 @@ def sample_deis(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond
         raise SamplerError(f"unknown DEIS target {target!r}; valid: {', '.join(DEIS_TARGETS)}")
     if variable not in DEIS_VARIABLES:
         raise SamplerError(f"unknown DEIS variable {variable!r}; valid: {', '.join(DEIS_VARIABLES)}")
-    sig, x, denoise = _start(denoiser, noise, sigmas, cond, generator)
-    n = len(sig) - 1
-    hist: list[tuple[float, Tensor]] = []  # (sigma, eps or D), newest last
-    for i in range(n):
-        s, s_next = sig[i], sig[i + 1]
-        d = denoise(x, s)
-        report(callback, i, x, s, s_next, d)
-        hist = (hist + [(s, (x - d) / s if target == "eps" else d)])[-order:]
+    step = DeisStep(order, target, variable, lower_order_final)
+    return walk(denoiser, noise, sigmas, step, cond=cond, generator=generator, callback=callback, correct=correct)
+
+
+class DeisStep(Step):
+    """tAB-DEIS: keeps the last `order` (sigma, eps or D) nodes."""
+
+    def __init__(self, order: int, target: str, variable: str, lower_order_final: bool):
+        self.order, self.target, self.variable, self.lower_order_final = order, target, variable, lower_order_final
+        self.hist: list[tuple[float, Tensor]] = []  # (sigma, eps or D), newest last
+        self.n = 0
+
+    def begin(self, x, sig, generator):
+        self.n = len(sig) - 1
+
+    def update(self, x, d, s, s_next, denoise, i):
+        self.hist = (self.hist + [(s, (x - d) / s if self.target == "eps" else d)])[-self.order:]
         if s_next == 0:
-            x = d
-            continue
-        p = _step_order(order, i, n, lower_order_final)
-        nodes = list(reversed(hist[-p:]))
-        c = deis_coefficients([v for v, _ in nodes], s_next, target, variable)
+            return d
+        p = _step_order(self.order, i, self.n, self.lower_order_final)
+        nodes = list(reversed(self.hist[-p:]))
+        c = deis_coefficients([v for v, _ in nodes], s_next, self.target, self.variable)
         terms = [(float(cj), val) for cj, (_, val) in zip(c, nodes)]
-        x = x + _combine(terms) if target == "eps" else (s_next / s) * x + _combine(terms)
-    return x
+        return x + _combine(terms) if self.target == "eps" else (s_next / s) * x + _combine(terms)
 
 
 def nfe_plms(n: int) -> int:

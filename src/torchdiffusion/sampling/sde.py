@@ -39,7 +39,7 @@ from torch import Tensor
 
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
 from torchdiffusion.sampling.noise import randn_like
-from torchdiffusion.sampling.steps import BoundDenoiser, SamplerError, walk
+from torchdiffusion.sampling.steps import BoundDenoiser, Correct, SamplerError, walk
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
 
@@ -84,8 +84,9 @@ def _check_options(snr: float, n_corrector: int, alpha: float) -> None:
 
 
 def sample_pc(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
-              generator: Generators = None, callback: Callback = None, predictor: str = "reverse_diffusion",
-              snr: float = 0.16, n_corrector: int = 1, alpha: float = 1.0) -> Tensor:
+              generator: Generators = None, callback: Callback = None, correct: Correct | None = None,
+              predictor: str = "reverse_diffusion", snr: float = 0.16, n_corrector: int = 1,
+              alpha: float = 1.0) -> Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Alg. 2/3) on any sigma grid.
 
     predictor: "reverse_diffusion" or "euler_maruyama"; snr: the Langevin signal-to-noise ratio (0.16: Song et al.
@@ -102,14 +103,14 @@ def sample_pc(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond =
         x = predict(x, denoised, s, s_next, generator)
         return langevin_correct(x, s_next, denoise, generator, snr, n_corrector, alpha)
 
-    return walk(denoiser, noise, sigmas, cond, generator, callback, step)
+    return walk(denoiser, noise, sigmas, step, cond=cond, generator=generator, callback=callback, correct=correct)
 
 
 def sample_pc_em(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *, cond: Cond = None,
-                 generator: Generators = None, callback: Callback = None, snr: float = 0.16, n_corrector: int = 1,
-                 alpha: float = 1.0) -> Tensor:
+                 generator: Generators = None, callback: Callback = None, correct: Correct | None = None,
+                 snr: float = 0.16, n_corrector: int = 1, alpha: float = 1.0) -> Tensor:
     """`sample_pc` with the Euler-Maruyama predictor."""
-    return sample_pc(denoiser, noise, sigmas, cond=cond, generator=generator, callback=callback,
+    return sample_pc(denoiser, noise, sigmas, cond=cond, generator=generator, callback=callback, correct=correct,
                      predictor="euler_maruyama", snr=snr, n_corrector=n_corrector, alpha=alpha)
 
 
