@@ -270,11 +270,13 @@ def _iddpm_class_model():
     from torchdiffusion.config.schema import ModelConfig
     from torchdiffusion.config.strict import from_dict
 
-    cfg = from_dict(ModelConfig, {"variance": "learned", "unet": {
-        "image_size": 8, "model_channels": 16, "channel_mult": [1, 2], "attn_resolutions": [], "norm_groups": 8,
-        "num_res_blocks": 1, "num_classes": 10}})
+    from torchdiffusion.protocols import CondSpec
+
+    cfg = from_dict(ModelConfig, {"variance": "learned", "data_shape": [1, 8, 8], "backbone": {
+        "kind": "unet", "model_channels": 16, "channel_mult": [1, 2], "attn_resolutions": [], "norm_groups": 8,
+        "num_res_blocks": 1}})
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    model = build_model(cfg, conds=(CondSpec("label", "class", 10),)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
