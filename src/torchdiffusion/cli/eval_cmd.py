@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .common import resolve_device, set_threads
 
 SEED_NAME = re.compile(r"^(\d+)\.(png|jpg|jpeg|webp|bmp)$", re.IGNORECASE)
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -157,10 +158,8 @@ def _common(f):
 
 
 def _setup(threads, device):
-    from .main import _device
-    if threads:
-        torch.set_num_threads(threads)
-    return _device(device, 0)
+    set_threads(threads)
+    return resolve_device(device)
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -305,26 +304,19 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     val_split, else its training split), cached like `eval ref`; the main process computes a missing
     cache file first, the others then read it. Samples: train.eval_sampler / eval_steps (default the
     sample section), one generator per seed like `sample`."""
-    import dataclasses
-
     from ..config.build import build_data, build_sampler, build_sigmas
     from ..eval import InceptionFeatures, InLoopEvaluator, cached_reference
     from ..pipelines.generate import generate
+    from ..pipelines.settings import override_sample
     from ..train import distributed
 
     t = cfg.train
     if not t.eval_every:
         return None
     cache_dir = cache_dir or os.environ.get("TORCHDIFFUSION_CACHE_DIR") or None
-    changes = {}
-    if t.eval_sampler is not None:
-        changes["sampler"] = t.eval_sampler
-    if t.eval_steps is not None:
-        changes["steps"] = t.eval_steps
-    try:
-        scfg = dataclasses.replace(cfg.sample, **changes)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"train.eval_sampler / train.eval_steps: {e}") from None
+    scfg = override_sample(cfg.sample, sampler=t.eval_sampler, steps=t.eval_steps,
+                           source="train.eval_sampler / train.eval_steps", steps_name="train.eval_steps",
+                           grid_name="sample.grid")
     sampler, sigmas = build_sampler(scfg), build_sigmas(scfg, model.process)
     weights = None if t.eval_features == "inception" else t.eval_features
     extractor = InceptionFeatures(weights, device=device, option="train.eval_features (a local default_1.pt)")

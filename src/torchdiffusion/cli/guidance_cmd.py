@@ -1,4 +1,5 @@
-"""Conditional generation on the command line: class conditioning of `train`, and `train-classifier`."""
+"""Conditional generation on the command line: class conditioning of `train`, `train-classifier`, and the
+guidance options of `sample` (the guided sampling itself is pipelines/guided.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,7 @@ import click
 import torch
 
 from ..errors import ConfigError
-from .ranges import parse_int_ranges
+from .common import parse_labels
 
 
 def class_conditioning(cfg, train_set, info, device) -> tuple[object, Optional[Callable], Optional[Callable]]:
@@ -132,23 +133,8 @@ def guidance_options(f):
     return f
 
 
-def parse_labels(text: str, num_classes: int) -> list[int]:
-    """'0-9' | '3' | '0,5,7' | '0-4,9' -> labels, each in [0, num_classes)."""
-    try:
-        out = parse_int_ranges(text)
-    except ValueError:
-        raise ConfigError(f"--labels {text!r} is not valid; use a label (3), a range (0-9), a list (0,5,7) "
-                          f"or both") from None
-    if not out:
-        raise ConfigError("--labels is empty; use e.g. 0-9")
-    bad = [v for v in out if not 0 <= v < num_classes]
-    if bad:
-        raise ConfigError(f"--labels {bad[0]} is out of range; this model/classifier has {num_classes} classes "
-                          f"(0-{num_classes - 1})")
-    return out
-
-
-def _parse_interval(text: Optional[str]) -> Optional[tuple[float, float]]:
+def parse_interval(text: Optional[str]) -> Optional[tuple[float, float]]:
+    """--guidance-interval 'LO,HI' -> (lo, hi) with 0 <= lo < hi (None stays None)."""
     if text is None:
         return None
     try:
@@ -160,113 +146,26 @@ def _parse_interval(text: Optional[str]) -> Optional[tuple[float, float]]:
     return lo, hi
 
 
-class GuidedSampling:
-    """What `sample` generates with: the (guided) denoiser, the labels per seed and, with --reject, the rejection
-    loop. Without any of these options and with an unconditional model it is the plain `base` denoiser."""
+def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None, guidance_scale=None,
+                    guidance_interval=None, classifier_run=None, classifier_scale=1.0, reject=False,
+                    reject_threshold=0.0, reject_budget=None, reject_classifier=None, world_size: int = 1):
+    """The options of `guidance_options` -> pipelines.guided.GuidedSampling of `run` around `base` (run.model or
+    a wrapper of it), with the classifiers loaded from their runs."""
+    from ..config.loaders import load_classifier
+    from ..pipelines.guided import GuidedSampling
 
-    def __init__(self, run, base, seed_list: Sequence[int], device, *, labels=None, guidance_scale=None,
-                 guidance_interval=None, classifier_run=None, classifier_scale=1.0, reject=False,
-                 reject_threshold=0.0, reject_budget=None, reject_classifier=None, world_size: int = 1):
-        from ..config.loaders import load_classifier
-        from ..guidance.cfg import ClassifierFreeGuidance, null_label
-        from ..guidance.classifier import ClassifierGuidance
-
-        k_model = run.config.model.unet.num_classes
-        interval = _parse_interval(guidance_interval)
-        self.classifier = load_classifier(classifier_run, device=device) if classifier_run is not None else None
-        judge_run = reject_classifier or classifier_run
-        if reject and judge_run is None:
-            raise ConfigError("--reject needs a classifier to judge samples: --reject-classifier RUN or --classifier RUN")
-        if reject and world_size > 1:
+    interval = parse_interval(guidance_interval)
+    label_list = parse_labels(labels)
+    classifier = load_classifier(classifier_run, device=device) if classifier_run is not None else None
+    judge_run = reject_classifier or classifier_run
+    judge = None
+    if reject and judge_run is not None:
+        if world_size > 1:
             raise ConfigError("--reject runs in one process; drop torchrun or --reject")
-        self.judge = None
-        if reject:
-            self.judge = (self.classifier if reject_classifier is None and self.classifier is not None
-                          else load_classifier(judge_run, device=device))
-        k_clf = [m.cfg.num_classes for m in (self.classifier, self.judge) if m is not None]
-        if k_model and any(k != k_model for k in k_clf):
-            raise ConfigError(f"the model has {k_model} classes but the classifier has {k_clf[0]}")
-        k = k_model or (k_clf[0] if k_clf else 0)
-        if guidance_scale is not None and not k_model:
-            raise ConfigError("--guidance-scale needs a class-conditional model (train with --set cond.kind=class); "
-                              "for an unconditional model use --classifier RUN --classifier-scale S")
-        if interval is not None and guidance_scale is None and self.classifier is None:
-            raise ConfigError("--guidance-interval applies to --guidance-scale or --classifier guidance")
-        if labels is not None and not k:
-            raise ConfigError("--labels needs a class-conditional model or a --classifier; this model is "
-                              "unconditional")
-        label_list = parse_labels(labels, k) if labels is not None else (list(range(k)) if k else None)
-        self.labels = ([label_list[i % len(label_list)] for i in range(len(seed_list))]
-                       if label_list is not None and (k_model or self.classifier is not None or reject) else None)
-        self.device = device
-        self.label_of = dict(zip(seed_list, self.labels)) if self.labels is not None else {}
-        denoiser = base  # run.model, or a wrapper of it (e.g. an NFE counter)
-        if k_model and guidance_scale is not None and guidance_scale != 1.0:
-            denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, null_label(k_model), interval=interval)
-        if self.classifier is not None:
-            denoiser = ClassifierGuidance(denoiser, self.classifier, classifier_scale,
-                                          denoiser_cond="same" if k_model else "none", interval=interval)
-        self.denoiser = denoiser
-        self.reject, self.reject_threshold, self.reject_budget = reject, reject_threshold, reject_budget
-        self.result = None
-        self.settings = {
-            "labels": labels, "guidance_scale": guidance_scale if k_model else None,
-            "guidance_interval": list(interval) if interval else None,
-            "classifier": str(self.classifier.checkpoint_path) if self.classifier is not None else None,
-            "classifier_noisy": self.classifier.noisy if self.classifier is not None else None,
-            "classifier_scale": classifier_scale if self.classifier is not None else None,
-        }
-        if self.classifier is not None and not self.classifier.noisy:
-            click.echo("warning: --classifier was trained on clean images only; guidance needs a noisy "
-                       "classifier (train-classifier --noisy)", err=True)
-
-    def cond_for(self, labels: Sequence[int]):
-        """cond_for for generate(): the labels of consecutive chunks, in order."""
-        if self.labels is None:
-            return None
-        pos = [0]
-
-        def cond(chunk):
-            out = torch.tensor(labels[pos[0]:pos[0] + len(chunk)], dtype=torch.int64, device=self.device)
-            pos[0] += len(chunk)
-            return {"label": out}
-
-        return cond
-
-    def generate(self, generate_fn, seeds: Sequence[int], shape, sampler, sigmas, *, batch, device, on_batch=None):
-        """generate_fn is pipelines.generate.generate (same arguments, the guided denoiser and labels added)."""
-        denoiser = self.denoiser
-        labels = [self.label_of[s] for s in seeds] if self.labels is not None else None
-        if not self.reject:
-            return generate_fn(denoiser, seeds, shape, sampler, sigmas, batch=batch, device=device,
-                               cond_for=self.cond_for(labels) if labels is not None else None, on_batch=on_batch)
-        from ..data.convert import to_model_range
-        from ..pipelines.rejection import rejection_sample
-
-        def gen(s, y):
-            return generate_fn(denoiser, s, shape, sampler, sigmas, batch=batch, device=device,
-                               cond_for=self.cond_for(y.tolist()))
-
-        @torch.no_grad()
-        def classify(images):
-            return torch.softmax(self.judge(to_model_range(images).to(device)).float(), dim=1).cpu()
-
-        self.result = rejection_sample(gen, classify, list(seeds), torch.tensor(labels),
-                                       threshold=self.reject_threshold, budget=self.reject_budget)
-        summ = self.result.summary()
-        click.echo(f"rejection: {summ['accepted']}/{summ['count']} accepted after {summ['generated']} generations "
-                   f"(acceptance rate {summ['acceptance_rate']:.3f}, final accuracy {summ['final_accuracy']:.3f} by "
-                   f"the judging classifier)")
-        if on_batch is not None:
-            on_batch(list(seeds), self.result.samples)
-        return self.result.samples
-
-    def record(self) -> dict:
-        out = {k: v for k, v in self.settings.items() if v is not None}
-        if self.labels is not None:
-            out["label_per_seed"] = self.labels
-        if self.result is not None:
-            out["rejection"] = {**self.result.summary(), "threshold": self.reject_threshold,
-                                "classifier": str(self.judge.checkpoint_path), "final_seeds": self.result.seeds,
-                                "attempts": self.result.attempts}
-        return out
+        judge = (classifier if reject_classifier is None and classifier is not None
+                 else load_classifier(judge_run, device=device))
+    return GuidedSampling(run.num_classes, base, seed_list, device, labels=label_list, labels_text=labels,
+                          guidance_scale=guidance_scale, interval=interval, classifier=classifier,
+                          classifier_scale=classifier_scale, reject=reject, judge=judge,
+                          reject_threshold=reject_threshold, reject_budget=reject_budget, log=click.echo,
+                          warn=lambda msg: click.echo(msg, err=True))

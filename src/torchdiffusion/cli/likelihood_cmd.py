@@ -19,6 +19,7 @@ import click
 import torch
 
 from ..errors import ConfigError
+from .common import resolve_device, set_threads
 
 ESTIMATORS = ("ode", "vlb", "auto")
 
@@ -67,10 +68,9 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
     from ..config.build import build_data
     from ..config.loaders import load_run
     from ..sampling import likelihood as lik
-    from .main import _device, _set_threads
 
-    _set_threads(threads, 1)
-    dev = _device(device, 0)
+    set_threads(threads)
+    dev = resolve_device(device)
     if count < 1:
         raise ConfigError(f"--n must be >= 1, got {count}")
     if batch < 1:

@@ -36,6 +36,11 @@ class LoadedRun:
         u = self.config.model.unet
         return (u.out_channels, u.image_size, u.image_size)
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model (labels 0..K-1); 0 for an unconditional one."""
+        return self.config.model.unet.num_classes
+
     def hashes(self) -> dict[str, str]:
         return {k: v["sha256"] for k, v in self.checkpoint.manifest["files"].items() if k.endswith(".safetensors")}
 
