@@ -1,22 +1,13 @@
-"""`torchdiffusion grid optimize` / `grid show` and `sample --grid optimized` on a tiny trained model."""
+"""`torchdiffusion grid optimize` / `grid show` and `sample --grid optimized` on a tiny trained model
+(`tiny_run`, tests/conftest.py)."""
 from __future__ import annotations
 
 import json
 
 import pytest
-from test_train_cli import TINY, run
+from tiny_runs import invoke as run
 
 from torchdiffusion.core import grids
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gridrun")
-    args = ["train", "--run", d, "--no-progress"]
-    for s in TINY + ["train.steps=4", "train.ckpt_every=4"]:
-        args += ["--set", s]
-    run(args)
-    return d
 
 
 def test_optimize_show_and_sample_with_the_grid(tiny_run, tmp_path):
