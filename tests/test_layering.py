@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from fixtures_images import write_files
 
 import torchdiffusion
 
@@ -158,11 +159,7 @@ def test_known_cycles_are_still_cycles():
 
 
 def _plant(root: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-    return root
+    return write_files(root, {rel: text.encode() for rel, text in files.items()})
 
 
 def test_checker_catches_a_violation(tmp_path):
