@@ -3,7 +3,7 @@
 classifier guidance scale, and rejection sampling's acceptance rate and accuracy.
 
 Stages (each skipped when its output exists, so the script can be re-run after an interruption):
-  1. train   a class-conditional MNIST model (the mnist preset with cond.kind=class, p_uncond 0.1) -> --model
+  1. train   a class-conditional MNIST model (the mnist preset with cond.label.kind=class, p_uncond 0.1) -> --model
   2. judge   a clean classifier, trained independently (its own seed), that only judges samples -> --judge
   3. noisy   a noisy classifier (x0 + sigma n over the model's sigma range) for guidance and rejection -> --noisy
   4. eval    for each setting, N samples (labels i % 10, seeds 0..N-1, the same noise in every setting):
@@ -62,7 +62,7 @@ def has_checkpoint(run_dir: Path, step: int | None = None) -> bool:
 def train_stages(args) -> None:
     if not has_checkpoint(args.model, args.train_steps):
         run(CLI + ["train", "--preset", "mnist", "--run", str(args.model), "--threads", str(args.threads),
-                   "--no-progress", "--set", "cond.kind=class", "--set", f"train.steps={args.train_steps}",
+                   "--no-progress", "--set", "cond.label.kind=class", "--set", f"train.steps={args.train_steps}",
                    "--set", f"train.max_minutes={args.train_minutes}"])
     if not has_checkpoint(args.judge):
         run(CLI + ["train-classifier", "--preset", "mnist", "--run", str(args.judge), "--seed", "1",
@@ -86,7 +86,7 @@ def evaluate(args) -> dict:
 
     model_run = load_run(args.model)
     model = model_run.model
-    k = model_run.config.model.unet.num_classes
+    k = model_run.num_classes
     judge = load_classifier(args.judge)
     noisy = load_classifier(args.noisy)
     scfg = model_run.config.sample

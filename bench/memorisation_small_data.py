@@ -41,9 +41,8 @@ def write_folder(folder: Path, images: torch.Tensor) -> Path:
 def settings(train_dir: Path, steps: int) -> list[str]:
     return [
         "data.kind=folder", f"data.path={train_dir}", "data.channels=L", "data.resolution=null", "data.val_split=null",
-        f"model.unet.image_size={SIZE}", "model.unet.in_channels=1", "model.unet.out_channels=1",
-        "model.unet.model_channels=16", "model.unet.channel_mult=[1,2]", "model.unet.num_res_blocks=1",
-        "model.unet.attn_resolutions=[]", "model.unet.norm_groups=8", "model.unet.mid_attention=false",
+        "model.backbone.model_channels=16", "model.backbone.channel_mult=[1,2]", "model.backbone.num_res_blocks=1",
+        "model.backbone.attn_resolutions=[]", "model.backbone.norm_groups=8", "model.backbone.mid_attention=false",
         f"train.steps={steps}", "train.batch_size=64", "train.lr=0.002", "train.warmup_steps=50",
         "train.lr_schedule=constant", "train.ema_halflife_images=2000", "train.precision=fp32",
         "train.log_every=50", f"train.sample_every={steps}", f"train.ckpt_every={steps}", "train.max_minutes=0",

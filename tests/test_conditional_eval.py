@@ -114,11 +114,11 @@ def test_bad_inputs_are_one_line_errors(sets):
 
 
 # ----------------------------------------------------------------------------------------- the command
-TINY_CLASS_RUN = ["data.limit=256", "data.val_split=val", "model.unet.model_channels=8", "model.unet.channel_mult=[1,2]",
-                  "model.unet.num_res_blocks=1", "model.unet.attn_resolutions=[]", "model.unet.norm_groups=4",
-                  "model.unet.mid_attention=false", "train.batch_size=8", "train.steps=3", "train.val_every=1000",
+TINY_CLASS_RUN = ["data.limit=256", "data.val_split=val", "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]",
+                  "model.backbone.num_res_blocks=1", "model.backbone.attn_resolutions=[]", "model.backbone.norm_groups=4",
+                  "model.backbone.mid_attention=false", "train.batch_size=8", "train.steps=3", "train.val_every=1000",
                   "train.sample_every=1000", "train.ckpt_every=3", "sample.steps=2", "sample.grid_images=4",
-                  "train.precision=fp32", "train.max_minutes=0", "cond.kind=class"]
+                  "train.precision=fp32", "train.max_minutes=0", "cond.label.kind=class"]
 
 
 def test_eval_cond_command_records_strategy_and_classes(tmp_path):

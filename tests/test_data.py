@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from torchdiffusion.data import (ImageArrayDataset, batch_indices, build_dataset, dataset_fingerprint,
+from torchdiffusion.data import (ImageArrayDataset, batch_indices, dataset_fingerprint,
                                  epoch_permutation, epoch_seed, epoch_shard, iterate_batches,
                                  load_fashion_mnist, load_mnist, pad_to, steps_per_epoch,
                                  to_model_range, to_uint8)
 from torchdiffusion.data import fashion_mnist as fm
 from torchdiffusion.data import mnist as mnist_mod
+from torchdiffusion.config.build import build_dataset
 from torchdiffusion.errors import DataError
 
 # ---------------------------------------------------------------- conversions

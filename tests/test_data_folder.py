@@ -10,8 +10,9 @@ from PIL import Image
 
 from fixtures_images import (MESSY_BAD, MESSY_COUNTS, MESSY_IGNORED, SIZE, encode, gray16_ramp,
                              make_messy_folder, messy_files, noise_rgb, write_files)
-from torchdiffusion.data import (CATEGORIES, build_dataset, check, dataset_fingerprint,
+from torchdiffusion.data import (CATEGORIES, check, dataset_fingerprint,
                                  load_image_folder)
+from torchdiffusion.config.build import build_dataset
 from torchdiffusion.errors import DataError
 
 

@@ -1,4 +1,4 @@
-"""End to end: `train --set cond.kind=class`, `train-classifier`, and `sample` with guidance and rejection."""
+"""End to end: `train --set cond.label.kind=class`, `train-classifier`, and `sample` with guidance and rejection."""
 import json
 
 import pytest
@@ -10,11 +10,11 @@ from torchdiffusion.config.loaders import load_run
 from torchdiffusion.train.checkpoint import load_checkpoint, resolve_latest
 
 TINY = [
-    "data.limit=128", "data.val_split=val", "model.unet.model_channels=8", "model.unet.channel_mult=[1,2]",
-    "model.unet.num_res_blocks=1", "model.unet.attn_resolutions=[14]", "model.unet.norm_groups=4",
-    "model.unet.num_heads=2", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=5", "train.val_every=5",
+    "data.limit=128", "data.val_split=val", "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]",
+    "model.backbone.num_res_blocks=1", "model.backbone.attn_resolutions=[14]", "model.backbone.norm_groups=4",
+    "model.backbone.num_heads=2", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=5", "train.val_every=5",
     "train.val_images=16", "train.sample_every=1000", "train.ckpt_every=6", "sample.steps=2", "sample.grid_images=4",
-    "train.max_minutes=0", "train.precision=fp32", "cond.kind=class",
+    "train.max_minutes=0", "train.precision=fp32", "cond.label.kind=class",
 ]
 
 
@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
 
 def test_class_conditional_training(runs, tmp_path):
     run = load_run(runs / "model")
-    assert run.config.cond.kind == "class" and run.config.model.unet.num_classes == 10  # set from the data
+    assert run.num_classes == 10 and run.config.cond["label"].num_classes == 10  # set from the data
     # resuming the same run with the same settings is not a config change, and dropout is deterministic:
     # 3 + 3 resumed steps give the same weights as 6 uninterrupted ones
     split = tmp_path / "split"
@@ -55,9 +55,12 @@ def test_class_conditional_training(runs, tmp_path):
 
 
 def test_class_conditioning_errors(tmp_path):
-    r = invoke(train_args(tmp_path / "a", 2, ["model.unet.num_classes=7"]), expect=2)
+    r = invoke(train_args(tmp_path / "a", 2, ["cond.label.num_classes=7"]), expect=2)
     assert "num_classes=7" in r.output and "10 classes" in r.output
-    r = invoke(train_args(tmp_path / "b", 2, ["cond.kind=none", "model.unet.num_classes=10"]), expect=2)
+    r = invoke(train_args(tmp_path / "b", 2, ["model.backbone.num_classes=10"]), expect=2)
+    assert "model.backbone.num_classes is set from the conditioners" in r.output
+    # the layout of release 0.1.0 is still read: an unconditional cond with a class count is refused
+    r = invoke(train_args(tmp_path / "c", 2, ["cond={kind: none}", "model.unet.num_classes=10"]), expect=2)
     assert "cond.kind=class" in r.output
 
 

@@ -239,9 +239,9 @@ def test_torchrun_two_processes_gather_all_samples(tmp_path):
 
 # ------------------------------------------------------------------------------------- the train command
 TRAIN_TINY = [
-    "data.limit=64", "data.val_split=val", "model.unet.model_channels=8", "model.unet.channel_mult=[1,2]",
-    "model.unet.num_res_blocks=1", "model.unet.attn_resolutions=[14]", "model.unet.norm_groups=4",
-    "model.unet.num_heads=2", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
+    "data.limit=64", "data.val_split=val", "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]",
+    "model.backbone.num_res_blocks=1", "model.backbone.attn_resolutions=[14]", "model.backbone.norm_groups=4",
+    "model.backbone.num_heads=2", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
     "train.val_every=100", "train.sample_every=1000", "train.ckpt_every=4", "train.keep_last=1",
     "train.max_minutes=0", "train.precision=fp32", "sample.steps=2", "sample.grid_images=2",
     "train.steps=4", "train.eval_every=2", "train.eval_images=6", "train.eval_reference_images=20",

@@ -13,9 +13,9 @@ import torchdiffusion
 ROWS = {
     "protocols": 0, "errors": 0,
     "core": 1, "nn": 1,
-    "sampling": 2, "data": 2, "autoencoders": 2,
-    "guidance": 3, "inverse": 3,
-    "pipelines": 4, "train": 4, "eval": 4,
+    "sampling": 2, "data": 2,
+    "guidance": 3, "inverse": 3, "autoencoders": 3,
+    "pipelines": 4, "train": 4, "eval": 4, "conditioners": 4,
     "config": 5,
     "cli": 6,
 }

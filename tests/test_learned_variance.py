@@ -197,9 +197,9 @@ def test_importance_density_needs_its_state():
         Objective("importance", "eps")
 
 
-TINY = ["data.limit=32", "data.val_split=val", "model.unet.model_channels=8", "model.unet.channel_mult=[1,2]",
-        "model.unet.num_res_blocks=1", "model.unet.attn_resolutions=[14]", "model.unet.norm_groups=4",
-        "model.unet.num_heads=2", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
+TINY = ["data.limit=32", "data.val_split=val", "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]",
+        "model.backbone.num_res_blocks=1", "model.backbone.attn_resolutions=[14]", "model.backbone.norm_groups=4",
+        "model.backbone.num_heads=2", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
         "train.val_every=4", "train.val_images=8", "train.sample_every=1000", "train.ckpt_every=4",
         "sample.steps=3", "sample.grid_images=2", "train.max_minutes=0", "train.precision=fp32",
         "model.process.kind=vp_discrete", "model.process.T=4", "model.process.schedule=cosine", "model.head=eps",

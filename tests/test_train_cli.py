@@ -19,8 +19,8 @@ from torchdiffusion.train.logger import TIMING_COLUMNS
 
 TINY = [
     "data.limit=256", "data.val_split=val",
-    "model.unet.model_channels=8", "model.unet.channel_mult=[1,2]", "model.unet.num_res_blocks=1",
-    "model.unet.attn_resolutions=[14]", "model.unet.norm_groups=4", "model.unet.num_heads=2",
+    "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]", "model.backbone.num_res_blocks=1",
+    "model.backbone.attn_resolutions=[14]", "model.backbone.norm_groups=4", "model.backbone.num_heads=2",
     "train.batch_size=8", "train.lr=0.001", "train.warmup_steps=5", "train.log_every=10", "train.val_every=10",
     "train.val_images=32", "train.sample_every=1000", "train.ckpt_every=20", "train.keep_last=5",
     "sample.steps=3", "sample.grid_images=4", "train.max_minutes=0", "train.precision=fp32",
@@ -107,8 +107,8 @@ def test_resume_refuses_changed_architecture(uninterrupted, tmp_path):
     import shutil
     d = tmp_path / "r"
     shutil.copytree(uninterrupted, d)
-    r = train(d, 60, ["model.unet.model_channels=16", "train.batch_size=16"], expect=1)
-    assert "model.unet.model_channels" in r.output and "train.batch_size" in r.output
+    r = train(d, 60, ["model.backbone.model_channels=16", "train.batch_size=16"], expect=1)
+    assert "model.backbone.model_channels" in r.output and "train.batch_size" in r.output
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
 
@@ -186,9 +186,10 @@ def test_truncated_checkpoint_is_one_line(uninterrupted, tmp_path):
 
 
 def test_data_channel_mismatch_fails_before_training(tmp_path):
-    """RELIABILITY 21."""
-    r = train(tmp_path / "x", 5, ["data.channels=RGB"], expect=2)
-    assert "3 channel(s)" in r.output and "in_channels is 1" in r.output
+    """RELIABILITY 21: the model's shape comes from the data; a config that fixes another one fails in one line."""
+    r = train(tmp_path / "x", 5, ["data.channels=RGB", "model.data_shape=[1,28,28]"], expect=2)
+    assert "3 channel(s)" in r.output and "model.data_shape is [1, 28, 28]" in r.output
+    assert not (tmp_path / "x" / "checkpoints").exists()
 
 
 def test_torchrun_two_processes_matches_one(tmp_path):

@@ -154,9 +154,9 @@ def test_sampling_on_the_learned_grid_recovers_the_data():
     torch.testing.assert_close(ref[:-1], torch.exp(0.5 * (-12.0 + 20.0 * torch.linspace(1, 0, 5, dtype=torch.float64))))
 
 
-TINY = ["data.limit=32", "data.val_split=val", "model.unet.model_channels=8", "model.unet.channel_mult=[1,2]",
-        "model.unet.num_res_blocks=1", "model.unet.attn_resolutions=[14]", "model.unet.norm_groups=4",
-        "model.unet.num_heads=2", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
+TINY = ["data.limit=32", "data.val_split=val", "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]",
+        "model.backbone.num_res_blocks=1", "model.backbone.attn_resolutions=[14]", "model.backbone.norm_groups=4",
+        "model.backbone.num_heads=2", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
         "train.val_every=3", "train.val_images=16", "train.sample_every=1000", "train.ckpt_every=3",
         "sample.steps=3", "sample.grid_images=2", "train.max_minutes=0", "train.precision=fp32", "train.steps=3"]
 
@@ -207,11 +207,11 @@ def test_reconstruction_window_equals_the_full_256_way_softmax(gamma_0):
     (["model.process.kind=vdm", "model.process.gamma_min=3", "model.process.gamma_max=1"], "gamma_min < gamma_max"),
 ])
 def test_bad_combinations_are_config_errors(settings, message):
-    from torchdiffusion.config.build import build_model, build_objective
+    from torchdiffusion.config.build import build_objective, build_run_model
     from torchdiffusion.config.presets_io import load_preset, resolve
     from torchdiffusion.errors import ConfigError
 
-    cfg = resolve(load_preset("mnist"), TINY + settings)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        build_model(cfg.model)
+        cfg = resolve(load_preset("mnist"), TINY + settings + ["model.data_shape=[1,28,28]"])
+        build_run_model(cfg)
         build_objective(cfg.objective, cfg.model)

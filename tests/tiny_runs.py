@@ -7,11 +7,13 @@ from click.testing import CliRunner
 
 from torchdiffusion.cli.main import cli
 
-TINY_RUN = ["data.limit=64", "data.val_split=null", "model.unet.model_channels=8", "model.unet.channel_mult=[1,2]",
-            "model.unet.num_res_blocks=1", "model.unet.attn_resolutions=[]", "model.unet.norm_groups=4",
-            "model.unet.num_heads=2", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1",
-            "train.sample_every=1000", "train.ckpt_every=2", "sample.steps=2", "sample.grid_images=2",
-            "train.max_minutes=0", "train.precision=fp32", "train.steps=2"]
+TINY_RUN = [
+    "data.limit=64", "data.val_split=null", "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]",
+    "model.backbone.num_res_blocks=1", "model.backbone.attn_resolutions=[]", "model.backbone.norm_groups=4",
+    "model.backbone.num_heads=2", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1",
+    "train.sample_every=1000", "train.ckpt_every=2", "sample.steps=2", "sample.grid_images=2", "train.max_minutes=0",
+    "train.precision=fp32", "train.steps=2",
+]
 
 
 def invoke(args, expect: int = 0):

@@ -5,7 +5,8 @@ video (B, C, T, H, W), vectors (B, D)); sigma has shape (B,).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Protocol, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -25,3 +26,34 @@ class Denoiser(Protocol):
 
 #: Called by samplers once per step: callback({"i": step, "x": x, "sigma": sigma, "denoised": x0_hat}).
 Callback = Optional[Callable[[Mapping[str, Any]], None]]
+
+
+#: The kinds of condition a backbone embeds (conditioners/base.py describes each).
+COND_KINDS = ("class", "scalar", "vector", "concat", "context")
+
+
+@dataclass(frozen=True)
+class CondSpec:
+    """What a backbone must embed for one cond key: kind (one of COND_KINDS) and size (number of classes, vector
+    width, concatenated channels or context width; 1 for a scalar)."""
+
+    key: str
+    kind: Literal["class", "scalar", "vector", "concat", "context"]
+    size: int = 1
+
+    def __post_init__(self):
+        from .errors import ConfigError
+        if self.kind not in COND_KINDS:
+            raise ConfigError(f"condition {self.key!r}: kind {self.kind!r} is not valid; valid: {', '.join(COND_KINDS)}")
+        if self.size < 1:
+            raise ConfigError(f"condition {self.key!r}: size must be >= 1, got {self.size}")
+
+
+@dataclass(frozen=True)
+class BackboneIO:
+    """What a backbone is built for: the diffusion-space input shape (C, *S) (from the data and the codec), the
+    output channels (C, or 2C with learned variance) and the declared conditions."""
+
+    shape: tuple[int, ...]
+    out_channels: int
+    conds: tuple[CondSpec, ...] = ()

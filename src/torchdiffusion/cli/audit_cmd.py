@@ -32,7 +32,7 @@ def _echo(msg: str) -> None:
 def _data_sets(run_cfg, data: str | None, train_dir: Path | None, heldout_dir: Path | None, heldout_split: str | None):
     """(train, held-out, description): from image folders, a named data set, or the run's data section."""
     from ..config.build import build_data
-    from ..data import build_dataset
+    from ..config.build import build_dataset
 
     if train_dir is not None and heldout_dir is None:
         raise ConfigError("--train-dir needs --heldout-dir (a folder of images the model never saw)")

@@ -315,8 +315,7 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
         return None
     cache_dir = cache_dir or os.environ.get("TORCHDIFFUSION_CACHE_DIR") or None
     scfg = override_sample(cfg.sample, sampler=t.eval_sampler, steps=t.eval_steps,
-                           source="train.eval_sampler / train.eval_steps", steps_name="train.eval_steps",
-                           grid_name="sample.grid")
+                           source="train.eval_sampler / train.eval_steps", steps_name="train.eval_steps")
     sampler, sigmas = build_sampler(scfg), build_sigmas(scfg, model.process)
     weights = None if t.eval_features == "inception" else t.eval_features
     extractor = InceptionFeatures(weights, device=device, option="train.eval_features (a local default_1.pt)")

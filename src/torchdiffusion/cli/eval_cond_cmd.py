@@ -78,8 +78,8 @@ def eval_cond_cmd(run_dir, ckpt_path, strategy, label, n, seed, reference_split,
     cfg = run.config
     k = run.num_classes
     if k <= 0:
-        raise ConfigError(f"{run.path}: the model is not class-conditional (model.unet.num_classes = 0); train it "
-                          f"with cond.kind=class")
+        raise ConfigError(f"{run.path}: the model is not class-conditional (no class conditioner); train it "
+                          f"with --set cond.label.kind=class")
     if label is not None and not 0 <= label < k:
         raise ConfigError(f"--label {label} is not a class of this model; valid: 0..{k - 1}")
     train_set = build_data(cfg.data)

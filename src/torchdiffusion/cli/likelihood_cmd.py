@@ -84,8 +84,9 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
     if estimator == "auto":
         estimator = "vlb" if _has_vlb(process) else "ode"
     if estimator == "vlb" and not _has_vlb(process):
+        from ..config.registry import kind_name
         raise ConfigError(f"--estimator vlb needs a vp_discrete or vdm model; this run's process is "
-                          f"'{cfg.model.process.kind}' (use --estimator ode)")
+                          f"'{kind_name('process', cfg.model.process)}' (use --estimator ode)")
     s_min = sigma_min if sigma_min is not None else process.sigma_min
     s_max = sigma_max if sigma_max is not None else process.sigma_max
     if not (0 < s_min < s_max):

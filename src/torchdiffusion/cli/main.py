@@ -101,8 +101,8 @@ def _complete_config(cls, stored: dict) -> dict:
 def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, progress, until_step=None):
     import yaml
 
-    from ..config.build import build_data, build_model, build_objective, build_sampler, build_sigmas, \
-        check_data_fits_model
+    from ..config.build import build_conditioning, build_data, build_objective, build_run_model, build_sampler, \
+        build_sigmas, diffusion_shape, resolve_for_data
     from ..config.strict import to_dict
     from ..data import dataset_fingerprint
     from ..errors import CheckpointError
@@ -114,10 +114,11 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
     torch.manual_seed(cfg.seed)
     train_set = build_data(cfg.data)
     val_set = build_data(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
-    model_cfg = cfg.model
-    check_data_fits_model(train_set, model_cfg)
-    from .guidance_cmd import class_conditioning  # cond.kind=class: num_classes from the data, label dropout
-    cfg, make_cond, cond_for = class_conditioning(cfg, train_set, info, device)
+    cfg = resolve_for_data(cfg, train_set)  # model.data_shape and class counts from the data, checked
+    conditioning = build_conditioning(cfg.cond, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                                      device=device)
+    make_cond = conditioning if conditioning else None  # conditioners: cond from the batch, with their dropout
+    cond_for = conditioning.cond_for if conditioning else None  # training grids: each conditioner's default
     model_cfg = cfg.model
     ckpt_dir = run_dir / "checkpoints"
     if resume == "latest":
@@ -132,7 +133,7 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
         if not resume_from.exists():
             raise CheckpointError(f"{resume_from}: --resume checkpoint does not exist; training does not silently "
                                   f"start fresh (use --resume none to start a new run)")
-    model = build_model(model_cfg, cfg.train.precision)
+    model = build_run_model(cfg)
     objective = build_objective(cfg.objective, model_cfg)
     resolved = to_dict(cfg)
     if info.is_main:
@@ -144,7 +145,7 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
 
     sampler = build_sampler(cfg.sample)
     sigmas = build_sigmas(cfg.sample, model.process)
-    shape = (model_cfg.unet.out_channels, model_cfg.unet.image_size, model_cfg.unet.image_size)
+    shape = diffusion_shape(model_cfg)
     seeds = list(range(cfg.sample.grid_images))
 
     def sample_grid(ema, step):

@@ -34,6 +34,7 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
     """Generate one PNG per seed, a grid, and samples.json."""
     from ..config.build import build_sigmas
     from ..config.loaders import load_run
+    from ..config.registry import GRIDS
     from ..config.sampler_options import CountingDenoiser
     from ..pipelines.generate import sample_run
     from ..pipelines.settings import override_sample
@@ -46,7 +47,7 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
     seed_list = parse_seeds(seeds)
     run = load_run(run_dir, ckpt_path, weights, dev)
     scfg = override_sample(run.config.sample, sampler=sampler, steps=steps, grid=grid_kind, grid_file=grid_file,
-                           eta=eta)
+                           eta=eta, grids=GRIDS)
     fn, options, nfe = build_run_sampler(scfg, sampler_opts)
     sigmas = build_sigmas(scfg, run.model.process)
     counter = CountingDenoiser(run.model) if nfe is None else None  # adaptive samplers: measure the NFE

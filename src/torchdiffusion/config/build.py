@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
-from typing import Callable
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -13,54 +14,117 @@ from ..core.objectives import LossHistory, Objective
 from ..core.precond import LearnedVariance, Preconditioned, Preconditioner
 from ..core.vdm import VDM, VDMModel
 from ..core.processes import VPDiscrete
-from ..data import DATASET_OPTIONS, ImageArrayDataset, build_dataset
+from ..data import ImageArrayDataset, open_dataset
 from ..errors import ConfigError
-from ..nn.unet import UNet
-from .registry import PROCESSES, SAMPLERS, lookup
-from .schema import DataConfig, ModelConfig, ObjectiveConfig, ProcessConfig, SampleConfig
+from ..conditioners.base import Conditioning
+from ..protocols import BackboneIO, CondSpec
+from .registry import DATASETS, GRIDS, SAMPLERS, lookup
+from .schema import DataConfig, ModelConfig, ObjectiveConfig, RunConfig, SampleConfig
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_process(cfg: ProcessConfig):
-    cls = lookup(PROCESSES, cfg.kind, "noise process")
-    valid = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name == "kind" or value is None:
-            continue
-        if f.name not in valid:
-            raise ConfigError(f"model.process.{f.name} does not apply to process kind '{cfg.kind}'; "
-                              f"its options: {', '.join(sorted(valid))}")
-        kwargs[f.name] = value
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise ConfigError(f"model.process: {e}") from None
+def build_process(cfg):
+    """The noise process of model.process: a process kind's frozen dataclass is its own config (a copy is
+    returned, so a VDM model's learned schedule never lands on the config)."""
+    if not dataclasses.is_dataclass(cfg):
+        raise ConfigError(f"model.process must be a process config, got {type(cfg).__name__}")
+    return dataclasses.replace(cfg)
 
 
-def build_model(cfg: ModelConfig, precision: str = "fp32") -> Preconditioned:
-    unet_cfg = cfg.unet
+def diffusion_shape(cfg: ModelConfig) -> tuple[int, ...]:
+    """(C, *S) the denoiser works in: the codec's latent shape of model.data_shape."""
+    if not cfg.data_shape:
+        raise ConfigError("model.data_shape is not set: it is set from the data when training starts (or give "
+                          "model.data_shape=[C,H,W] to build an untrained model)")
+    return tuple(build_codec(cfg.codec).latent_shape(tuple(cfg.data_shape)))
+
+
+def build_codec(cfg):
+    from .registry import kind_entry, kind_name
+    return kind_entry("codec", kind_name("codec", cfg)).build(cfg)
+
+
+def build_backbone(cfg: ModelConfig, conds: Sequence[CondSpec] = ()):
+    """The backbone of model.backbone for the model's diffusion-space shape and the declared conditions."""
+    from .registry import kind_entry, kind_name
+    shape = diffusion_shape(cfg)
+    out = shape[0]
     if cfg.variance == "learned":  # the backbone also outputs the variance channels (iDDPM); samples keep C
-        if cfg.process.kind != "vp_discrete":
+        if not isinstance(cfg.process, VPDiscrete):
             raise ConfigError(f"model.variance 'learned' needs model.process.kind 'vp_discrete' (got "
-                              f"'{cfg.process.kind}')")
-        unet_cfg = dataclasses.replace(unet_cfg, out_channels=2 * unet_cfg.out_channels)
+                              f"'{kind_name('process', cfg.process)}')")
+        out = 2 * out
+    kind = kind_name("backbone", cfg.backbone)
     try:
-        backbone = UNet(unet_cfg)
+        return kind_entry("backbone", kind).build(cfg.backbone, BackboneIO(shape, out, tuple(conds)))
     except ValueError as e:
-        raise ConfigError(f"model.unet: {e}") from None
+        raise ConfigError(f"model.backbone ({kind}): {e}") from None
+
+
+def build_model(cfg: ModelConfig, precision: str = "fp32", conds: Sequence[CondSpec] = ()) -> Preconditioned:
+    """The denoiser: backbone (for the declared conditions `conds`, see build_conditioning) + process + head."""
+    backbone = build_backbone(cfg, conds)
     process = build_process(cfg.process)
     cls = VDMModel if isinstance(process, VDM) else LearnedVariance if cfg.variance == "learned" else Preconditioned
     return cls(backbone, process, Preconditioner(cfg.head, cfg.sigma_data), autocast_dtype=PRECISIONS[precision])
 
 
+def build_conditioning(cond: Mapping[str, object], *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                       device: torch.device | str = "cpu") -> Conditioning:
+    """The run's conditioners (cond section), in config order."""
+    from .registry import kind_entry, kind_name
+    items = []
+    for key, ccfg in cond.items():
+        entry = kind_entry("conditioner", kind_name("conditioner", ccfg), f"cond.{key}")
+        items.append(entry.build(key, ccfg, seed=seed, rank=rank, world_size=world_size))
+    return Conditioning(items, device)
+
+
+def build_run_model(cfg: RunConfig, precision: Optional[str] = None) -> Preconditioned:
+    """The denoiser of a resolved run config (data shape and conditioners filled in)."""
+    specs = build_conditioning(cfg.cond, seed=cfg.seed).specs
+    return build_model(cfg.model, cfg.train.precision if precision is None else precision, specs)
+
+
+def resolve_for_data(cfg: RunConfig, dataset, where: str = "data") -> RunConfig:
+    """The config with what the data decide filled in, checked (RELIABILITY 21: before the first forward pass, in
+    one line): model.data_shape from the images, each class conditioner's num_classes from the labels."""
+    shape = (int(dataset.channels), *(int(s) for s in dataset.image_size))
+    if cfg.model.data_shape and tuple(cfg.model.data_shape) != shape:
+        raise ConfigError(f"{where} images are {'x'.join(map(str, shape[1:]))} with {shape[0]} channel(s) but "
+                          f"model.data_shape is {list(cfg.model.data_shape)}; set data.resolution / data.channels "
+                          f"to match (or leave model.data_shape unset: it is set from the data)")
+    cond = {}
+    for key, ccfg in cfg.cond.items():
+        if hasattr(ccfg, "num_classes"):
+            k = dataset.num_classes
+            if k < 1 or not dataset.labelled:
+                raise ConfigError(f"cond.{key} (class) needs labelled data, but data.kind={cfg.data.kind} has no "
+                                  f"class labels; use mnist or fashion-mnist, or data.labels=folder for an image folder")
+            if ccfg.num_classes not in (0, k):
+                raise ConfigError(f"cond.{key}.num_classes={ccfg.num_classes} but the data have {k} classes; "
+                                  f"leave it at 0 (set from the data) or set {k}")
+            ccfg = dataclasses.replace(ccfg, num_classes=k)
+        cond[key] = ccfg
+    model = dataclasses.replace(cfg.model, data_shape=shape)
+    out = dataclasses.replace(cfg, model=model, cond=cond)
+    with torch.random.fork_rng(devices=[]):  # a backbone that cannot take the shape fails here; the trial build
+        build_backbone(out.model, build_conditioning(out.cond).specs)  # leaves the global RNG (the init) alone
+    return out
+
+
+def check_data_fits_model(dataset, cfg: RunConfig, where: str = "data") -> None:
+    """RELIABILITY 21: data whose channels or size differ from the model's fail in one line."""
+    resolve_for_data(cfg, dataset, where)
+
+
 def build_objective(cfg: ObjectiveConfig, model_cfg: ModelConfig) -> Objective:
-    if cfg.density == "discrete" and model_cfg.process.kind != "vp_discrete":
+    from .registry import kind_name
+    kind = kind_name("process", model_cfg.process)
+    if cfg.density == "discrete" and kind != "vp_discrete":
         raise ConfigError(f"objective.density 'discrete' needs model.process.kind 'vp_discrete' (got "
-                          f"'{model_cfg.process.kind}'); use 'lognormal' or 'uniform_t'")
-    kind = model_cfg.process.kind
+                          f"'{kind}'); use 'lognormal' or 'uniform_t'")
     if cfg.density == "importance" and kind != "vp_discrete":
         raise ConfigError(f"objective.density 'importance' needs model.process.kind 'vp_discrete' (got '{kind}')")
     if (cfg.density == "vdm" or cfg.weighting == "vlb") and kind != "vdm":
@@ -70,15 +134,27 @@ def build_objective(cfg: ObjectiveConfig, model_cfg: ModelConfig) -> Objective:
     if cfg.weighting == "hybrid" and (model_cfg.variance != "learned" or kind != "vp_discrete"):
         raise ConfigError("objective.weighting 'hybrid' needs model.variance 'learned' and model.process.kind "
                           "'vp_discrete'")
-    state = LossHistory(build_process(model_cfg.process).T) if cfg.density == "importance" else None
+    state = LossHistory(model_cfg.process.T) if cfg.density == "importance" else None
     return Objective(cfg.density, cfg.weighting, cfg.P_mean, cfg.P_std, model_cfg.sigma_data, cfg.min_snr_gamma,
                      cfg.t_min, cfg.vlb_lambda, state)
+
+
+def build_dataset(kind: str, **options):
+    """The data set of a registered kind (registry.DATASETS) with its options checked (DataError naming the valid
+    kinds/options); options equal to None count as not given."""
+    from ..errors import DataError
+    if kind not in DATASETS:
+        close = difflib.get_close_matches(kind, list(DATASETS), n=1)
+        raise DataError(f"unknown data set kind {kind!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                        f"valid: {', '.join(DATASETS)}")
+    loader, valid, required = DATASETS[kind]
+    return open_dataset(kind, loader, valid, required, **options)
 
 
 def build_data(cfg: DataConfig, split: str | None = None):
     options = dict(split=split or cfg.split, path=cfg.path, channels=cfg.channels, resolution=cfg.resolution,
                    bad_files=cfg.bad_files, labels=cfg.labels)
-    valid = DATASET_OPTIONS[cfg.kind]
+    valid = DATASETS[cfg.kind][1] if cfg.kind in DATASETS else ()
     if cfg.kind == "folder":
         if split not in (None, cfg.split):
             raise ConfigError(f"data.val_split={split!r}: an image folder has no held-out split; set "
@@ -93,52 +169,12 @@ def build_data(cfg: DataConfig, split: str | None = None):
     return dataset
 
 
-def check_data_fits_model(dataset, cfg: ModelConfig, where: str = "data") -> None:
-    """RELIABILITY 21: a mismatch of channels or size fails before the first forward pass, in one line."""
-    c = dataset.channels
-    h, w = dataset.image_size
-    u = cfg.unet
-    if c + u.concat_channels != u.in_channels:
-        raise ConfigError(f"{where} has {c} channel(s) but model.unet.in_channels is {u.in_channels}"
-                          f"{' (minus ' + str(u.concat_channels) + ' concatenated)' if u.concat_channels else ''}; "
-                          f"set data.channels or model.unet.in_channels/out_channels to match")
-    if (h, w) != (u.image_size, u.image_size):
-        raise ConfigError(f"{where} images are {h}x{w} but model.unet.image_size is {u.image_size}; "
-                          f"set data.resolution or model.unet.image_size to match")
-
-
 def build_sigmas(cfg: SampleConfig, process, steps: int | None = None) -> Tensor:
-    """The float64 (n+1,) descending sigma grid of the configured kind, within the process's range."""
+    """The float64 (n+1,) descending sigma grid of kind sample.grid (registry.GRIDS), within the process's range."""
     n = steps if steps is not None else cfg.steps
     smin = cfg.sigma_min if cfg.sigma_min is not None else process.sigma_min
     smax = cfg.sigma_max if cfg.sigma_max is not None else process.sigma_max
-    if cfg.grid == "karras":
-        return grids.karras(n, smin, smax, cfg.rho)
-    if cfg.grid == "loglinear":
-        return grids.loglinear(n, smin, smax)
-    if cfg.grid == "optimized":
-        if not cfg.grid_file:
-            raise ConfigError("sample.grid 'optimized' needs sample.grid_file (a grid written by "
-                              "`torchdiffusion grid optimize`)")
-        return grids.load_grid(cfg.grid_file, n)[0]
-    if cfg.grid == "uniform_t":
-        return _uniform_t_grid(process, n, smin, smax)
-    if not isinstance(process, VPDiscrete):
-        raise ConfigError("sample.grid 'discrete' needs a discrete-time model (model.process.kind vp_discrete); "
-                          "use 'karras' or 'loglinear'")
-    return grids.discrete(process.sigmas(), n, cfg.spacing)
-
-
-def _uniform_t_grid(process, n: int, smin: float, smax: float) -> Tensor:
-    """Uniform in the process's own time: VDM's learned schedule when the process carries one (a VDM model's
-    process), else t_of_sigma on [t(sigma_min), t(sigma_max)] mapped back through sigma(t)."""
-    if getattr(process, "schedule", None) is not None:
-        return process.uniform_t_grid(n)
-    if not (hasattr(process, "sigma") and hasattr(process, "t_of_sigma")):
-        raise ConfigError(f"sample.grid 'uniform_t' needs a process with a time variable; "
-                          f"{type(process).__name__} has none, use 'karras' or 'loglinear'")
-    lo, hi = (float(process.t_of_sigma(torch.tensor(s, dtype=torch.float64))) for s in (smin, smax))
-    return grids.continuous_uniform_t(n, process.sigma, lo, hi)
+    return lookup(GRIDS, cfg.grid, "sample.grid")(process, n, smin, smax, cfg)
 
 
 def build_sampler(cfg: SampleConfig) -> Callable:

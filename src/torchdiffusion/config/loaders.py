@@ -14,7 +14,8 @@ import torch
 from ..core.precond import Preconditioned
 from ..errors import ConfigError
 from ..train import checkpoint as ckpt
-from .build import build_model
+from ..conditioners.base import Conditioning
+from .build import build_codec, build_conditioning, build_run_model, diffusion_shape
 from .schema import RunConfig
 from .strict import from_dict
 
@@ -32,14 +33,29 @@ class LoadedRun:
         return int(self.checkpoint.meta["trainer"]["step"])
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        u = self.config.model.unet
-        return (u.out_channels, u.image_size, u.image_size)
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, *S) of the diffusion space the samplers work in (the codec's latent shape of the data)."""
+        return diffusion_shape(self.config.model)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of the training images (what the codec decodes to)."""
+        return tuple(self.config.model.data_shape)
+
+    @property
+    def conditioning(self) -> Conditioning:
+        """The run's conditioners: sampling cond from user input, null conditions for guidance."""
+        return build_conditioning(self.config.cond, seed=self.config.seed)
 
     @property
     def num_classes(self) -> int:
-        """Classes of a class-conditional model (labels 0..K-1); 0 for an unconditional one."""
-        return self.config.model.unet.num_classes
+        """Classes of the model's class condition ('label'), 0 for a model without one."""
+        label = self.config.cond.get("label")
+        return int(getattr(label, "num_classes", 0) or 0)
+
+    @property
+    def codec(self):
+        return build_codec(self.config.model.codec)
 
     def hashes(self) -> dict[str, str]:
         return {k: v["sha256"] for k, v in self.checkpoint.manifest["files"].items() if k.endswith(".safetensors")}
@@ -68,7 +84,7 @@ def load_run(run_dir: Path | None = None, checkpoint: Path | None = None,
     path = resolve_checkpoint(run_dir, checkpoint)
     c = ckpt.load_checkpoint(path)
     cfg = from_dict(RunConfig, c.meta["config"])
-    model = build_model(cfg.model, cfg.train.precision)
+    model = build_run_model(cfg)
     model.load_state_dict(c.tensors["ema" if weights == "ema" else "model"])
     model.eval().requires_grad_(False).to(device)
     return LoadedRun(model, cfg, c, path, weights)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .schema import RunConfig
-from .strict import _suggest, apply_overrides, from_dict, load_yaml, merge, to_dict
+from .strict import _suggest, apply_overrides, from_dict, load_yaml
 
 
 def preset_names() -> list[str]:
@@ -27,6 +27,6 @@ def load_preset(name_or_path: str) -> dict:
 
 
 def resolve(base: dict, overrides: list[str]) -> RunConfig:
-    """Defaults <- base (a preset or a run's saved config) <- --set overrides, strictly checked."""
-    data = apply_overrides(merge(to_dict(RunConfig()), base), overrides)
-    return from_dict(RunConfig, data)
+    """Defaults <- base (a preset or a run's saved config) <- --set overrides, strictly checked. Keys the base
+    and the overrides leave out take the defaults of their section (for a section chosen by kind: that kind's)."""
+    return from_dict(RunConfig, apply_overrides(base, overrides))

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from ..core import processes, vdm
+from ..core import grids, processes, vdm
 from ..errors import ConfigError
 from ..sampling.ancestral import sample_ddim, sample_ddpm
 from ..sampling.ode import sample_euler, sample_heun
@@ -71,9 +71,127 @@ def _inverse_methods() -> dict[str, tuple[Callable, Callable[..., int]]]:
 
 INVERSE_METHODS = _inverse_methods()
 
+#: sample.grid kinds: name -> grid(process, n, sigma_min, sigma_max, sample_config) -> float64 (n + 1,)
+GRIDS: dict[str, Callable] = {"karras": grids.grid_karras, "loglinear": grids.grid_loglinear,
+                              "discrete": grids.grid_discrete, "optimized": grids.grid_optimized,
+                              "uniform_t": grids.grid_uniform_t}
+
+
+def _datasets() -> dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]]:
+    from ..data.fashion_mnist import load_fashion_mnist
+    from ..data.folder import load_image_folder
+    from ..data.mnist import load_mnist
+    return {
+        "mnist": (load_mnist, ("split", "channels", "resolution", "path", "cache_dir"), ()),
+        "fashion-mnist": (load_fashion_mnist, ("split", "channels", "resolution", "path"), ()),
+        "folder": (load_image_folder, ("path", "channels", "resolution", "bad_files", "labels", "alpha_background",
+                                       "min_size", "max_pixels", "max_bytes"), ("path",)),
+    }
+
+
+#: data set kinds: name -> (loader(**options) -> ImageArrayDataset, its option names, the required ones)
+DATASETS = _datasets()
+
+
+def register_dataset(name: str, loader: Callable, options: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
+    if name in DATASETS and DATASETS[name][0] is not loader:
+        raise ConfigError(f"data set kind '{name}' is already registered")
+    DATASETS[name] = (loader, tuple(options), tuple(required))
+
+
 def lookup(table: dict, name: str, what: str):
     if name in table:
         return table[name]
     close = difflib.get_close_matches(name, list(table), n=1, cutoff=0.4)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise ConfigError(f"unknown {what} '{name}'{hint}; valid: {', '.join(table)}")
+
+
+# --------------------------------------------------------------------------------------------- kinds
+# Config sections that choose a component by `kind` (strict.kind_field): each kind names its frozen config class
+# (beside the component's class) and how to build the component. Adding a backbone, codec or conditioner is one
+# new file plus one register_* line here (or, from another package, a call to register_* or an entry point in
+# the group "torchdiffusion.<table>", e.g. "torchdiffusion.backbone").
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+
+@_dataclass(frozen=True)
+class Kind:
+    config: type
+    build: Optional[Callable] = None  # table-specific: see register_backbone / register_codec / register_conditioner
+    summary: str = ""
+
+
+KINDS: dict[str, dict[str, Kind]] = {"process": {}, "backbone": {}, "codec": {}, "conditioner": {}}
+
+
+def _register(table: str, name: str, config: type, build: Optional[Callable], summary: str) -> None:
+    existing = KINDS[table].get(name)
+    if existing is not None and (existing.config is not config or existing.build is not build):
+        raise ConfigError(f"{table} kind '{name}' is already registered (by {existing.config.__module__})")
+    KINDS[table][name] = Kind(config, build, summary)
+
+
+def register_backbone(name: str, config: type, build: Callable, summary: str = "") -> None:
+    """build(cfg, io: protocols.BackboneIO) -> nn.Module with forward(x, c_noise, cond) -> (B, io.out_channels, *S)."""
+    _register("backbone", name, config, build, summary)
+
+
+def register_codec(name: str, config: type, build: Callable, summary: str = "") -> None:
+    """build(cfg) -> a codec module (autoencoders/__init__.py describes the interface)."""
+    _register("codec", name, config, build, summary)
+
+
+def register_conditioner(name: str, config: type, build: Callable, summary: str = "") -> None:
+    """build(key, cfg, *, seed, rank, world_size) -> a conditioner (conditioners/base.py describes the interface)."""
+    _register("conditioner", name, config, build, summary)
+
+
+def _load_entry_points(table: str) -> None:
+    """Kinds that installed packages declare in the entry-point group torchdiffusion.<table> (loaded on a miss)."""
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=f"torchdiffusion.{table}"):
+        if ep.name not in KINDS[table]:
+            ep.load()  # the module registers its kinds when imported
+
+
+def kinds_of(table: str) -> list[str]:
+    return list(KINDS[table])
+
+
+def kind_entry(table: str, name: Any, where: str = "") -> Kind:
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.kind must be a string; valid: {', '.join(KINDS[table])}")
+    if name not in KINDS[table]:
+        _load_entry_points(table)
+    if name not in KINDS[table]:
+        close = difflib.get_close_matches(name, list(KINDS[table]), n=1, cutoff=0.4)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{where + ': ' if where else ''}unknown {table} kind '{name}'{hint}; "
+                          f"valid: {', '.join(KINDS[table])}")
+    return KINDS[table][name]
+
+
+def kind_name(table: str, config: Any) -> str:
+    """The kind under which the config's class is registered."""
+    for name, entry in KINDS[table].items():
+        if type(config) is entry.config:
+            return name
+    raise ConfigError(f"{type(config).__name__} is not a registered {table} config; registered: "
+                      f"{', '.join(f'{k} ({e.config.__name__})' for k, e in KINDS[table].items())}")
+
+
+def _register_builtin() -> None:
+    from ..autoencoders.identity import IdentityCodec, IdentityCodecConfig
+    from ..conditioners.classlabel import ClassConditioner, ClassConditionerConfig
+    from ..nn.unet import UNetConfig, build_unet
+
+    for name, cls in PROCESSES.items():  # a process's frozen dataclass is its own config
+        _register("process", name, cls, None, (cls.__doc__ or "").strip().split("\n")[0])
+    register_backbone("unet", UNetConfig, build_unet, "U-Net with AdaGN residual blocks and attention (ADM)")
+    register_codec("identity", IdentityCodecConfig, IdentityCodec, "pixel space: [0, 255] -> [-1, 1]")
+    register_conditioner("class", ClassConditionerConfig, ClassConditioner,
+                         "class label with dropout to the null label (classifier-free guidance)")
+
+
+_register_builtin()

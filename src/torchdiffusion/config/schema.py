@@ -1,41 +1,40 @@
 """The run configuration: one frozen dataclass tree, loaded strictly from YAML presets and --set overrides.
 
 Each component's own settings live in its own config class (UNetConfig beside the U-Net, TrainConfig beside
-the trainer); this module only composes them and adds the small sections that name components by `kind`.
+the trainer); this module only composes them. Sections that choose a component by `kind` (process, backbone,
+codec, conditioners) are unions keyed on kind (strict.kind_field). Configs of earlier releases are rewritten on
+read (migrate.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
+from ..autoencoders.identity import IdentityCodecConfig
+from ..core.processes import VPDiscrete
 from ..nn.unet import UNetConfig
 from ..train.trainer import TrainConfig
-
-
-@dataclass(frozen=True)
-class ProcessConfig:
-    """Which noise process the model is trained in; unset (null) fields take the paper defaults of that kind."""
-
-    kind: Literal["vp_discrete", "vp_continuous", "sub_vp", "ve", "edm", "vdm"] = "vp_discrete"
-    T: Optional[int] = None  # vp_discrete: 1000 or 2000 (Ho et al. 2020)
-    schedule: Optional[Literal["linear", "cosine"]] = None  # vp_discrete
-    beta_start: Optional[float] = None  # vp_discrete (linear)
-    beta_end: Optional[float] = None  # vp_discrete (linear)
-    beta_min: Optional[float] = None  # vp_continuous, sub_vp
-    beta_max: Optional[float] = None  # vp_continuous, sub_vp
-    sigma_min: Optional[float] = None  # ve, edm
-    sigma_max: Optional[float] = None  # ve, edm
-    gamma_min: Optional[float] = None  # vdm: log-SNR schedule end point gamma(0) = -log SNR (Kingma et al. 2021: -13.3)
-    gamma_max: Optional[float] = None  # vdm: gamma(1) (Kingma et al. 2021: 5.0)
+from .migrate import migrate_model_config, migrate_run_config
+from .strict import kind_field
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    process: ProcessConfig = field(default_factory=ProcessConfig)
+    """The model spec: a noise process, an output head, a backbone and a codec, each chosen by `kind` through the
+    registry (config.registry.KINDS); each kind's fields are those of its own config class (the process kinds'
+    are the process dataclasses of core.processes / core.vdm, the backbones' beside the backbone, e.g.
+    nn.unet.UNetConfig). data_shape is the (C, H, W) of the training images, set from the data when training
+    starts; the diffusion-space shape is codec.latent_shape(data_shape)."""
+
+    process: Any = kind_field("process", VPDiscrete)
     head: Literal["eps", "x0", "v", "edm"] = "eps"
     variance: Literal["fixed", "learned"] = "fixed"  # learned: iDDPM's interpolated variance (2C output channels)
     sigma_data: float = 0.5  # Karras et al. 2022; used by the v and edm heads and the edm weighting
-    unet: UNetConfig = field(default_factory=UNetConfig)
+    backbone: Any = kind_field("backbone", UNetConfig)
+    codec: Any = kind_field("codec", IdentityCodecConfig)
+    data_shape: tuple[int, ...] = ()  # (C, H, W) of the data; () until training starts (set from the data)
+
+    __migrate__ = staticmethod(migrate_model_config)
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: Literal["mnist", "fashion-mnist", "folder"] = "mnist"
+    kind: str = "mnist"  # a data set kind of registry.DATASETS: mnist, fashion-mnist, folder
     path: Optional[str] = None  # folder or ZIP of images (kind=folder)
     split: str = "train"  # mnist / fashion-mnist: train (50k), val (10k), test (10k), train+val
     val_split: Optional[str] = "val"  # held-out images for the validation loss (null: none)
@@ -61,6 +60,14 @@ class DataConfig:
     bad_files: Literal["skip", "error"] = "error"  # folder: skip bad files (counted) or fail before step 0
     labels: Literal["none", "folder"] = "none"  # folder: class labels from first-level subfolder names
 
+    def __post_init__(self):
+        from .registry import DATASETS
+        if self.kind not in DATASETS:
+            import difflib
+            close = difflib.get_close_matches(self.kind, list(DATASETS), n=1)
+            raise ValueError(f"kind {self.kind!r} is not valid{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                             f"valid: {', '.join(DATASETS)}")
+
 
 @dataclass(frozen=True)
 class SampleConfig:
@@ -68,7 +75,7 @@ class SampleConfig:
 
     sampler: str = "heun"
     steps: int = 18  # EDM uses 18 Heun steps (35 NFE) on CIFAR-10
-    grid: Literal["karras", "loglinear", "discrete", "optimized", "uniform_t"] = "karras"
+    grid: str = "karras"  # a kind of registry.GRIDS: karras, loglinear, discrete, optimized, uniform_t
     grid_file: Optional[str] = None  # grid: optimized -> a JSON grid from `torchdiffusion grid optimize`
     rho: float = 7.0  # Karras et al. 2022
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"  # discrete grids
@@ -80,19 +87,6 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
-class CondConfig:
-    """Conditioning of the denoiser. kind=class: cond = {"label": (B,) int64}, the null label is num_classes
-    (model.unet.num_classes is set from the data's classes when left at 0)."""
-
-    kind: Literal["none", "class"] = "none"
-    p_uncond: float = 0.1  # label dropout for classifier-free guidance (Ho & Salimans 2022 use 0.1 or 0.2)
-
-    def __post_init__(self):
-        if not 0.0 <= self.p_uncond <= 1.0:
-            raise ValueError(f"cond.p_uncond must be in [0, 1], got {self.p_uncond}")
-
-
-@dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -100,4 +94,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    cond: CondConfig = field(default_factory=CondConfig)
+    # conditioners by the cond key they fill: {label: {kind: class, p_uncond: 0.1}}; {} = unconditional
+    cond: dict = kind_field("conditioner", dict, mapping=True)
+
+    __migrate__ = staticmethod(migrate_run_config)

@@ -9,7 +9,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -82,16 +82,66 @@ def _coerce(value: Any, tp, where: str):
     return value
 
 
-def from_dict(cls, data: Mapping[str, Any], where: str = ""):
-    """Build the frozen dataclass `cls` from `data`; missing keys take the defaults."""
+def kind_field(table: str, default: Callable[[], Any], *, mapping: bool = False):
+    """A config field holding one of several config classes chosen by a `kind` key (a union keyed on kind):
+    `table` names the registry table (config.registry.KINDS) that maps kinds to config classes. With
+    mapping=True the field is a {name: config} mapping of such configs (e.g. the conditioners)."""
+    return dataclasses.field(default_factory=default, metadata={"kinds": table, "mapping": mapping})
+
+
+def derived_field(default: Any = None, why: str = "set from the data"):
+    """A field of a component's config that a run config never holds: the builder fills it (e.g. a backbone's
+    input channels from the data and codec). Direct users of the config class may still set it."""
+    return dataclasses.field(default=default, metadata={"derived": why})
+
+
+def _config_fields(cls) -> list:
+    return [f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")]
+
+
+def _coerce_kind(value: Any, table: str, where: str):
+    from .registry import kind_entry, kinds_of
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value  # already a config object (e.g. a default)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with a 'kind' key (one of {', '.join(kinds_of(table))}), "
+                          f"got {value!r}")
+    if "kind" not in value:
+        raise ConfigError(f"{where}: needs a 'kind' key; valid kinds: {', '.join(kinds_of(table))}")
+    entry = kind_entry(table, value["kind"], where)
+    rest = {k: v for k, v in value.items() if k != "kind"}
+    return from_dict(entry.config, rest, where, run_config=True)
+
+
+def from_dict(cls, data: Mapping[str, Any], where: str = "", *, run_config: bool = False):
+    """Build the frozen dataclass `cls` from `data`; missing keys take the defaults.
+
+    A class with a `__migrate__(data) -> data` static method rewrites older layouts of its data first (run
+    folders of earlier releases keep loading). Fields made with kind_field are unions keyed on `kind`; fields
+    made with derived_field are refused inside a run config (run_config=True): the builder sets them."""
+    migrate = getattr(cls, "__migrate__", None)
+    if migrate is not None:
+        data = migrate(dict(data))
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in _config_fields(cls)}
+    valid = [n for n, f in fields.items() if not (run_config and "derived" in f.metadata)]
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown config key '{path}'{_suggest(str(key), list(fields))}; "
-                              f"valid keys{(' of ' + where) if where else ''}: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key '{path}'{_suggest(str(key), valid)}; "
+                              f"valid keys{(' of ' + where) if where else ''}: {', '.join(valid)}")
+        f = fields[key]
+        if run_config and "derived" in f.metadata:
+            raise ConfigError(f"{path} is {f.metadata['derived']}; remove it from the config")
+        if "kinds" in f.metadata:
+            if f.metadata["mapping"]:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{path}: expected a mapping of name -> {{kind: ...}}, got {value!r}")
+                kwargs[key] = {str(k): _coerce_kind(v, f.metadata["kinds"], f"{path}.{k}") for k, v in value.items()}
+            else:
+                kwargs[key] = _coerce_kind(value, f.metadata["kinds"], path)
+            continue
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)
@@ -100,10 +150,26 @@ def from_dict(cls, data: Mapping[str, Any], where: str = ""):
 
 
 def to_dict(obj) -> dict:
-    """Plain (YAML/JSON-safe) dict of a config dataclass; tuples become lists."""
-    def conv(v):
+    """Plain (YAML/JSON-safe) dict of a config dataclass; tuples become lists. A kind_field value is written
+    with its `kind` first; derived fields are left out below a kind_field (the builder sets them)."""
+    from .registry import kind_name
+
+    def conv(v, under_kind=False):
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            out = {}
+            for f in _config_fields(type(v)):
+                if under_kind and "derived" in f.metadata:
+                    continue
+                x = getattr(v, f.name)
+                if "kinds" in f.metadata:
+                    if f.metadata["mapping"]:
+                        out[f.name] = {k: {"kind": kind_name(f.metadata["kinds"], c), **conv(c, True)}
+                                       for k, c in x.items()}
+                    else:
+                        out[f.name] = {"kind": kind_name(f.metadata["kinds"], x), **conv(x, True)}
+                else:
+                    out[f.name] = conv(x)
+            return out
         if isinstance(v, (tuple, list)):
             return [conv(x) for x in v]
         return v

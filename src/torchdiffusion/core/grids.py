@@ -233,3 +233,40 @@ def load_grid(path: Union[str, Path], n: Optional[int] = None) -> tuple[Tensor, 
         raise GridError(f"grid file {path} holds a {sig.numel() - 1}-step grid, but {n} steps were asked for")
     meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
     return sig, meta
+
+
+# ------------------------------------------------------------------ the sample.grid kinds (config.registry.GRIDS)
+# grid(process, n, sigma_min, sigma_max, opts) -> float64 (n + 1,); opts carries rho, spacing, grid_file (a
+# SampleConfig or anything with those attributes).
+def grid_karras(process, n: int, smin: float, smax: float, opts) -> Tensor:
+    return karras(n, smin, smax, opts.rho)
+
+
+def grid_loglinear(process, n: int, smin: float, smax: float, opts) -> Tensor:
+    return loglinear(n, smin, smax)
+
+
+def grid_optimized(process, n: int, smin: float, smax: float, opts) -> Tensor:
+    if not opts.grid_file:
+        raise ConfigError("sample.grid 'optimized' needs sample.grid_file (a grid written by "
+                          "`torchdiffusion grid optimize`)")
+    return load_grid(opts.grid_file, n)[0]
+
+
+def grid_discrete(process, n: int, smin: float, smax: float, opts) -> Tensor:
+    if not (hasattr(process, "sigmas") and hasattr(process, "T")):  # a discrete-time process (VPDiscrete)
+        raise ConfigError("sample.grid 'discrete' needs a discrete-time model (model.process.kind vp_discrete); "
+                          "use 'karras' or 'loglinear'")
+    return discrete(process.sigmas(), n, opts.spacing)
+
+
+def grid_uniform_t(process, n: int, smin: float, smax: float, opts) -> Tensor:
+    """Uniform in the process's own time: VDM's learned schedule when the process carries one (a VDM model's
+    process), else t_of_sigma on [t(sigma_min), t(sigma_max)] mapped back through sigma(t)."""
+    if isinstance(getattr(process, "schedule", None), torch.nn.Module):  # VDM's learned schedule (not a name)
+        return process.uniform_t_grid(n)
+    if not (hasattr(process, "sigma") and hasattr(process, "t_of_sigma")):
+        raise ConfigError(f"sample.grid 'uniform_t' needs a process with a time variable; "
+                          f"{type(process).__name__} has none, use 'karras' or 'loglinear'")
+    lo, hi = (float(process.t_of_sigma(torch.tensor(s, dtype=torch.float64))) for s in (smin, smax))
+    return continuous_uniform_t(n, process.sigma, lo, hi)

@@ -54,7 +54,7 @@ class VDM:
     gamma_max: float = 5.0  # Kingma et al. 2021 (CIFAR-10): gamma(1)
     #: the learned schedule of the model this process belongs to (set by VDMModel; not part of the config, not
     #: compared); only `uniform_t_grid` reads it, every other method uses the fixed end points
-    schedule: nn.Module | None = field(default=None, compare=False, repr=False)
+    schedule: nn.Module | None = field(default=None, compare=False, repr=False, metadata={"internal": True})
 
     def __post_init__(self):
         if not (math.isfinite(self.gamma_min) and math.isfinite(self.gamma_max) and self.gamma_min < self.gamma_max):

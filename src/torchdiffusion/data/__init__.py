@@ -7,7 +7,7 @@ Row 2 of the layering: imports only torch, numpy, Pillow and torchdiffusion.erro
 from torchdiffusion.data.check import CATEGORIES, CheckReport, check
 from torchdiffusion.data.convert import pad_to, to_model_range, to_uint8
 from torchdiffusion.data.dataset import ImageArrayDataset, dataset_fingerprint
-from torchdiffusion.data.factory import DATASET_KINDS, DATASET_OPTIONS, build_dataset
+from torchdiffusion.data.factory import open_dataset
 from torchdiffusion.data.fashion_mnist import load_fashion_mnist
 from torchdiffusion.data.folder import load_image_folder
 from torchdiffusion.data.image_decode import BAD_CATEGORIES, CHANNEL_POLICIES, TRAITS
@@ -17,8 +17,8 @@ from torchdiffusion.data.order import (batch_indices, epoch_permutation, epoch_s
 from torchdiffusion.data.splits import SPLITS
 
 __all__ = [
-    "BAD_CATEGORIES", "CATEGORIES", "CHANNEL_POLICIES", "CheckReport", "DATASET_KINDS", "DATASET_OPTIONS",
-    "ImageArrayDataset", "SPLITS", "TRAITS", "batch_indices", "build_dataset", "check", "dataset_fingerprint",
+    "BAD_CATEGORIES", "CATEGORIES", "CHANNEL_POLICIES", "CheckReport",
+    "ImageArrayDataset", "SPLITS", "TRAITS", "batch_indices", "check", "dataset_fingerprint",
     "epoch_permutation", "epoch_seed", "epoch_shard", "iterate_batches", "load_fashion_mnist",
-    "load_image_folder", "load_mnist", "pad_to", "steps_per_epoch", "to_model_range", "to_uint8",
+    "load_image_folder", "load_mnist", "open_dataset", "pad_to", "steps_per_epoch", "to_model_range", "to_uint8",
 ]

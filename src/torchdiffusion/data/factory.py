@@ -1,4 +1,4 @@
-"""`build_dataset(kind, **options)`: one entry point from a config's data section to a data set.
+"""Opening a data set of a registered kind (config.registry.DATASETS) with checked options.
 
 kinds and their options (defaults in brackets):
   mnist          split [train] | channels [L] (L, RGB) | resolution [28] (>= 28, padded with 0) | path |
@@ -15,25 +15,9 @@ import difflib
 from typing import Any, Callable
 
 from torchdiffusion.data.dataset import ImageArrayDataset
-from torchdiffusion.data.fashion_mnist import load_fashion_mnist
-from torchdiffusion.data.folder import load_image_folder
-from torchdiffusion.data.mnist import load_mnist
 from torchdiffusion.errors import DataError
 
-__all__ = ["build_dataset", "DATASET_KINDS", "DATASET_OPTIONS"]
-
-_LOADERS: dict[str, Callable[..., ImageArrayDataset]] = {
-    "mnist": load_mnist,
-    "fashion-mnist": load_fashion_mnist,
-    "folder": load_image_folder,
-}
-DATASET_KINDS = tuple(_LOADERS)
-DATASET_OPTIONS: dict[str, tuple[str, ...]] = {
-    "mnist": ("split", "channels", "resolution", "path", "cache_dir"),
-    "fashion-mnist": ("split", "channels", "resolution", "path"),
-    "folder": ("path", "channels", "resolution", "bad_files", "labels", "alpha_background",
-               "min_size", "max_pixels", "max_bytes"),
-}
+__all__ = ["open_dataset"]
 
 
 def _did_you_mean(word: str, options: tuple[str, ...]) -> str:
@@ -41,23 +25,18 @@ def _did_you_mean(word: str, options: tuple[str, ...]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def build_dataset(kind: str, **options: Any) -> ImageArrayDataset:
-    """Build the data set of `kind` (see DATASET_KINDS) with keyword `options` (see DATASET_OPTIONS).
-
-    An unknown kind or option raises DataError naming the valid ones; options equal to None are
-    treated as not given (so a config can spell out every key).
-    """
-    if kind not in _LOADERS:
-        raise DataError(f"unknown data set kind {kind!r}{_did_you_mean(kind, DATASET_KINDS)}; "
-                        f"valid: {', '.join(DATASET_KINDS)}")
-    valid = DATASET_OPTIONS[kind]
+def open_dataset(kind: str, loader: Callable[..., ImageArrayDataset], valid: tuple[str, ...],
+                 required: tuple[str, ...] = (), **options: Any) -> ImageArrayDataset:
+    """Call `loader` (the registry's loader of data set `kind`, see config.registry.DATASETS) with keyword
+    `options`, checked against its `valid` option names; options equal to None are treated as not given (so a
+    config can spell out every key). An unknown or missing option raises DataError naming the valid ones."""
     for key in options:
         if key not in valid:
             raise DataError(f"unknown option {key!r} for data set kind {kind!r}{_did_you_mean(key, valid)}; "
                             f"valid: {', '.join(valid)}")
     given = {k: v for k, v in options.items() if v is not None}
-    if kind == "folder":
-        if "path" not in given:
-            raise DataError("data set kind 'folder' needs option 'path' (a folder of images or a .zip of them)")
-        return load_image_folder(given.pop("path"), **given)
-    return _LOADERS[kind](**given)
+    for key in required:
+        if key not in given:
+            raise DataError(f"data set kind {kind!r} needs option {key!r}"
+                            + (" (a folder of images or a .zip of them)" if key == "path" else ""))
+    return loader(**given)

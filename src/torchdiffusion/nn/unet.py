@@ -20,8 +20,8 @@ fused multiply-add.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Optional
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,11 +33,18 @@ from torchdiffusion.nn.embedding import make_noise_embedding
 from torchdiffusion.nn.resblock import Downsample, ResBlock, Upsample, check_groups, conv_nd
 
 
+_FROM_DATA = {"derived": "set from the data and the codec (model.data_shape)"}
+_FROM_COND = {"derived": "set from the conditioners (the run config's cond section)"}
+
+
 @dataclass(frozen=True)
 class UNetConfig:
-    image_size: int = 28                    # H == W
-    in_channels: int = 1
-    out_channels: int = 1
+    """The U-Net's settings. In a run config (`model.backbone: {kind: unet, ...}`) the input/output sizes and the
+    condition fields are not given: build_unet sets them from the data, the codec and the conditioners."""
+
+    image_size: Union[int, tuple[int, int]] = field(default=28, metadata=_FROM_DATA)  # H (== W) or (H, W)
+    in_channels: int = field(default=1, metadata=_FROM_DATA)
+    out_channels: int = field(default=1, metadata=_FROM_DATA)
     model_channels: int = 64                # base width; level l has model_channels * channel_mult[l]
     channel_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 2                 # per level on the way down (one more on the way up)
@@ -45,9 +52,11 @@ class UNetConfig:
     num_heads: int = 4
     head_channels: int = 0                  # > 0: heads = width // head_channels (overrides num_heads)
     dropout: float = 0.0
-    num_classes: int = 0                    # > 0: class embedding; label num_classes is the "null" label
-    context_dim: int = 0                    # > 0: cross-attention to cond["context"] at attention resolutions
-    concat_channels: int = 0                # > 0: cond["concat"] is concatenated to the input
+    num_classes: int = field(default=0, metadata=_FROM_COND)  # > 0: class embedding of cond["label"]; num_classes = null
+    context_dim: int = field(default=0, metadata=_FROM_COND)  # > 0: cross-attention to cond["context"]
+    concat_channels: int = field(default=0, metadata=_FROM_COND)  # > 0: cond["concat"] concatenated to the input
+    # scalar/vector conditions added to the embedding sum: (key, "scalar" | "vector", size)
+    embed_conds: tuple[tuple[str, str, int], ...] = field(default=(), metadata=_FROM_COND)
     noise_embedding: str = "positional"     # or "fourier" (Song et al. 2021)
     scale_shift_norm: bool = True           # AdaGN (Dhariwal & Nichol 2021); False: additive (Ho et al. 2020)
     resample_with_conv: bool = True         # conv in down/up-sampling (Ho et al. 2020)
@@ -59,7 +68,17 @@ class UNetConfig:
     def __post_init__(self):
         for name in ("channel_mult", "attn_resolutions"):  # accept lists (e.g. from YAML)
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-        for name in ("image_size", "in_channels", "out_channels", "model_channels", "num_res_blocks", "emb_mult"):
+        if not isinstance(self.image_size, int):
+            hw = tuple(int(v) for v in self.image_size)
+            if len(hw) != 2:
+                raise ConfigError(f"UNetConfig.image_size must be H or (H, W), got {self.image_size}")
+            object.__setattr__(self, "image_size", hw[0] if hw[0] == hw[1] else hw)
+        object.__setattr__(self, "embed_conds", tuple((str(k), str(kind), int(n)) for k, kind, n in self.embed_conds))
+        for key, kind, n in self.embed_conds:
+            if kind not in ("scalar", "vector") or n < 1:
+                raise ConfigError(f"UNetConfig.embed_conds: ({key!r}, {kind!r}, {n}) must be a scalar or vector "
+                                  f"condition of size >= 1")
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "emb_mult"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"UNetConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_classes", "context_dim", "concat_channels", "head_channels"):
@@ -69,19 +88,56 @@ class UNetConfig:
             raise ConfigError(f"UNetConfig.channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
-        check_spatial_size(self.image_size, len(self.channel_mult))
+        for m in sorted(set(self.channel_mult)):
+            check_groups(self.model_channels * m, self.norm_groups)
+
+    def check_sizes(self) -> None:
+        """The checks that need the input size (a run config learns it from the data: build_unet)."""
+        for side in self.hw:
+            if side < 1:
+                raise ConfigError(f"UNetConfig.image_size must be >= 1, got {self.image_size}")
+            check_spatial_size(side, len(self.channel_mult))
         sizes = self.resolutions
         missing = [r for r in self.attn_resolutions if r not in sizes]
         if missing:
             raise ConfigError(f"UNetConfig.attn_resolutions {missing} are not feature-map sizes of this U-Net; "
                               f"valid sizes are {sizes}")
-        for m in sorted(set(self.channel_mult)):
-            check_groups(self.model_channels * m, self.norm_groups)
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
 
     @property
     def resolutions(self) -> tuple[int, ...]:
-        """Feature-map size at each level: image_size / 2^l."""
-        return tuple(self.image_size >> level for level in range(len(self.channel_mult)))
+        """Feature-map size at each level: the smaller side of the input / 2^l (attn_resolutions refer to it)."""
+        return tuple(min(self.hw) >> level for level in range(len(self.channel_mult)))
+
+
+def build_unet(cfg: UNetConfig, io) -> "UNet":
+    """The backbone-registry builder: the U-Net for a protocols.BackboneIO (input shape (C, H, W), output channels,
+    declared conditions), with cfg's sizes and condition fields replaced by what io says."""
+    if len(io.shape) != 3:
+        raise ConfigError(f"the unet backbone takes images (C, H, W); the model's shape is {tuple(io.shape)}")
+    fields = dict(image_size=tuple(io.shape[1:]), in_channels=io.shape[0], out_channels=io.out_channels,
+                  num_classes=0, context_dim=0, concat_channels=0, embed_conds=())
+    embed = []
+    for spec in io.conds:
+        if spec.kind == "class":
+            if spec.key != "label" or fields["num_classes"]:
+                raise ConfigError(f"the unet backbone embeds one class condition named 'label', got {spec.key!r}")
+            fields["num_classes"] = spec.size
+        elif spec.kind == "concat":
+            if spec.key != "concat":
+                raise ConfigError(f"the unet backbone concatenates cond['concat'], got {spec.key!r}")
+            fields["concat_channels"] = spec.size
+        elif spec.kind == "context":
+            if spec.key != "context":
+                raise ConfigError(f"the unet backbone cross-attends to cond['context'], got {spec.key!r}")
+            fields["context_dim"] = spec.size
+        else:
+            embed.append((spec.key, spec.kind, spec.size))
+    fields["embed_conds"] = tuple(embed)
+    return UNet(replace(cfg, **fields))
 
 
 def check_spatial_size(size: int, levels: int) -> None:
@@ -120,12 +176,18 @@ class UNet(nn.Module):
         super().__init__()
         if not isinstance(cfg, UNetConfig):
             raise ConfigError(f"UNet expects a UNetConfig, got {type(cfg).__name__}")
+        cfg.check_sizes()
         self.cfg = cfg
         mc, g = cfg.model_channels, cfg.norm_groups
         emb_dim = cfg.emb_mult * mc
         self.noise_embed = make_noise_embedding(cfg.noise_embedding, mc)
         self.noise_mlp = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes > 0 else None
+        # scalar conditions are embedded like the noise level, vector ones by a linear map; all add to the sum
+        self.cond_embed = nn.ModuleDict({
+            key: (nn.Sequential(make_noise_embedding(cfg.noise_embedding, mc), nn.Linear(mc, emb_dim))
+                  if kind == "scalar" else nn.Linear(n, emb_dim))
+            for key, kind, n in cfg.embed_conds}) if cfg.embed_conds else None
 
         def layer(c_in: int, c_out: int, size: int) -> _Layer:
             res = ResBlock(c_in, c_out, emb_dim, groups=g, dropout=cfg.dropout,
@@ -184,10 +246,13 @@ class UNet(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def embed(self, c_noise: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
-        """SiLU of the conditioning embedding: noise level (+ class label), (B, emb_dim)."""
+        """SiLU of the conditioning embedding: noise level (+ class label, + scalar/vector conditions), (B, emb_dim)."""
         emb = self.noise_mlp(self.noise_embed(c_noise))
         if self.label_embed is not None:
             emb = emb + self.label_embed(cond["label"])
+        if self.cond_embed is not None:
+            for key, net in self.cond_embed.items():
+                emb = emb + net(cond[key].to(emb.dtype))
         return F.silu(emb)
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Optional[Mapping[str, Tensor]] = None) -> Tensor:
@@ -228,9 +293,18 @@ class UNet(nn.Module):
             check_spatial_size(size, len(cfg.channel_mult))
         if c_noise.shape != (b,):
             raise TorchDiffusionError(f"c_noise must have shape (B,) = ({b},), got {tuple(c_noise.shape)}")
-        unknown = set(cond) - {"label", "context", "concat"}
+        embedded = {key: (kind, n) for key, kind, n in cfg.embed_conds}
+        known = {"label", "context", "concat", *embedded}
+        unknown = set(cond) - known
         if unknown:
-            raise TorchDiffusionError(f"unknown cond keys {sorted(unknown)}; valid keys are 'label', 'context', 'concat'")
+            raise TorchDiffusionError(f"unknown cond keys {sorted(unknown)}; valid keys are "
+                                      f"{', '.join(repr(k) for k in sorted(known))}")
+        for key, (kind, n) in embedded.items():
+            c = cond.get(key)
+            want = (b,) if kind == "scalar" else (b, n)
+            if c is None or tuple(c.shape) != want or not c.is_floating_point():
+                got = "nothing" if c is None else f"{tuple(c.shape)} {c.dtype}"
+                raise TorchDiffusionError(f"cond[{key!r}] must be {want} float, got {got}")
         for key, field in (("label", "num_classes"), ("context", "context_dim"), ("concat", "concat_channels")):
             if key in cond and getattr(cfg, field) == 0:
                 raise TorchDiffusionError(f"cond[{key!r}] was given but this UNet has {field}=0; "
