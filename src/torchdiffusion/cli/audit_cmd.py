@@ -84,7 +84,7 @@ def _match_channels(images: torch.Tensor, channels: int, what: str) -> torch.Ten
 
 
 def _extractors(kind: str, feature_weights, classifier, channels: int, batch: int, device) -> dict:
-    from .eval_cmd import make_extractor
+    from .common import make_extractor
 
     if kind == "none":
         return {}
@@ -171,7 +171,7 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
 
     # ---- the images to audit
     if images_dir is not None:
-        from .eval_cmd import load_sample_folder
+        from ..pipelines.images import load_sample_folder
         if not Path(images_dir).is_dir():
             raise DataError(f"--images {images_dir}: not a folder of images")
         samples, info = load_sample_folder(images_dir, None)

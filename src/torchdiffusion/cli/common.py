@@ -1,5 +1,6 @@
 """Helpers every command shares: the process's place in a torchrun job, CPU threads, the device, the integer-list
-syntax of --seeds and --labels, and the sampler a run samples with after its command-line overrides.
+syntax of --seeds and --labels, the sampler a run samples with after its command-line overrides, and the
+feature network of --feature-weights / --classifier.
 
 A leaf of the cli package: it imports no command module, so commands import it and never each other.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -102,3 +104,22 @@ def build_run_sampler(scfg, sampler_opts: Sequence[str] = ()) -> tuple[Callable,
     if options:
         fn = functools.partial(fn, **options)
     return fn, options, SAMPLERS[scfg.sampler][1](scfg.steps)
+
+
+# ------------------------------------------------------------------------------------------- features
+def make_extractor(feature_weights, classifier, batch: int, device):
+    """Inception (default) or a project-trained classifier (labelled 'classifier')."""
+    if classifier is not None:
+        try:
+            from ..config.loaders import load_classifier
+        except ImportError:
+            raise ConfigError("--classifier needs a classifier run from `torchdiffusion train-classifier`, which "
+                              "this installation does not have") from None
+        from ..eval import ClassifierFeatures
+        from ..eval.inception import file_sha256
+        module = load_classifier(Path(classifier), device=device)
+        weights = Path(getattr(module, "checkpoint_path", "")) / "model.safetensors"
+        return ClassifierFeatures(module, name=f"classifier:{Path(classifier).name}", device=device,
+                                  sha256=file_sha256(weights) if weights.is_file() else "")
+    from ..eval import InceptionFeatures
+    return InceptionFeatures(feature_weights, batch_size=batch, device=device, option="--feature-weights PATH")

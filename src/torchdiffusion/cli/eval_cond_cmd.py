@@ -121,7 +121,7 @@ def eval_cond_cmd(run_dir, ckpt_path, strategy, label, n, seed, reference_split,
         feat_info = {"extractor": extractor.name}
     else:
         from ..eval import cached_reference
-        from .eval_cmd import make_extractor
+        from .common import make_extractor
         if kind == "classifier" and classifier is None:
             raise ConfigError("--features classifier needs --classifier RUN")
         extractor = make_extractor(feature_weights, classifier if kind == "classifier" else None, batch, dev)

@@ -1,15 +1,86 @@
-"""`torchdiffusion sample`: one PNG per seed, a grid and samples.json from a trained run (pipelines.generate)."""
+"""`torchdiffusion sample`: one PNG per seed, a grid and samples.json from a trained run (pipelines.generate), with
+class labels, classifier-free and classifier guidance and rejection sampling (pipelines.guided)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional, Sequence
 
 import click
 
 from ..errors import ConfigError
-from .common import build_run_sampler, dist_info, parse_seeds, resolve_device, set_threads
-from .guidance_cmd import guidance_options, guided_sampling
+from .common import build_run_sampler, dist_info, parse_labels, parse_seeds, resolve_device, set_threads
 
 
+# --------------------------------------------------------------------------------------------- guidance options
+_SAMPLE_OPTIONS = [
+    click.option("--labels", default=None,
+                 help="Class labels, cycled over the seeds: 0-9, 3 or 0,5,7 (default for a class-conditional "
+                      "model: 0..K-1)."),
+    click.option("--guidance-scale", type=float, default=None,
+                 help="Classifier-free guidance scale w: D_u + w (D_c - D_u); 1 = conditional, 0 = unconditional."),
+    click.option("--guidance-interval", default=None, metavar="LO,HI",
+                 help="Guide only for sigma in (LO, HI] (Kynkaanniemi et al. 2024); elsewhere w = 1."),
+    click.option("--classifier", "classifier_run", type=click.Path(path_type=Path), default=None,
+                 help="A train-classifier run (--noisy) for classifier guidance."),
+    click.option("--classifier-scale", type=float, default=1.0, show_default=True,
+                 help="Classifier guidance scale s: D + s sigma^2 grad log p(y | x, sigma)."),
+    click.option("--reject", is_flag=True,
+                 help="Regenerate samples whose label a classifier does not recover (see --reject-*)."),
+    click.option("--reject-threshold", type=float, default=0.0, show_default=True,
+                 help="Also reject samples whose classifier confidence p(y | x) is below this."),
+    click.option("--reject-budget", type=int, default=None,
+                 help="Extra generations allowed in total (default: the number of seeds)."),
+    click.option("--reject-classifier", type=click.Path(path_type=Path), default=None,
+                 help="Classifier run that judges samples for --reject (default: --classifier)."),
+]
+
+
+def guidance_options(f):
+    """Adds the conditional-generation options to `sample`."""
+    for opt in reversed(_SAMPLE_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def parse_interval(text: Optional[str]) -> Optional[tuple[float, float]]:
+    """--guidance-interval 'LO,HI' -> (lo, hi) with 0 <= lo < hi (None stays None)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--guidance-interval {text!r} is not valid; use LO,HI, e.g. 0.28,5.42") from None
+    if not 0 <= lo < hi:
+        raise ConfigError(f"--guidance-interval needs 0 <= LO < HI, got {lo:g},{hi:g}")
+    return lo, hi
+
+
+def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None, guidance_scale=None,
+                    guidance_interval=None, classifier_run=None, classifier_scale=1.0, reject=False,
+                    reject_threshold=0.0, reject_budget=None, reject_classifier=None, world_size: int = 1):
+    """The options of `guidance_options` -> pipelines.guided.GuidedSampling of `run` around `base` (run.model or
+    a wrapper of it), with the classifiers loaded from their runs."""
+    from ..config.loaders import load_classifier
+    from ..pipelines.guided import GuidedSampling
+
+    interval = parse_interval(guidance_interval)
+    label_list = parse_labels(labels)
+    classifier = load_classifier(classifier_run, device=device) if classifier_run is not None else None
+    judge_run = reject_classifier or classifier_run
+    judge = None
+    if reject and judge_run is not None:
+        if world_size > 1:
+            raise ConfigError("--reject runs in one process; drop torchrun or --reject")
+        judge = (classifier if reject_classifier is None and classifier is not None
+                 else load_classifier(judge_run, device=device))
+    return GuidedSampling(run.num_classes, base, seed_list, device, labels=label_list, labels_text=labels,
+                          guidance_scale=guidance_scale, interval=interval, classifier=classifier,
+                          classifier_scale=classifier_scale, reject=reject, judge=judge,
+                          reject_threshold=reject_threshold, reject_budget=reject_budget, log=click.echo,
+                          warn=lambda msg: click.echo(msg, err=True))
+
+
+# --------------------------------------------------------------------------------------------- sample
 @click.command()
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None,
               help="Run folder: its latest verified checkpoint is used.")
@@ -28,7 +99,7 @@ from .guidance_cmd import guidance_options, guided_sampling
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
-@guidance_options  # --labels, --guidance-scale/-interval, --classifier(-scale), --reject* (cli/guidance_cmd.py)
+@guidance_options  # --labels, --guidance-scale/-interval, --classifier(-scale), --reject* (above)
 def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
            device, grid_file=None, **guidance):
     """Generate one PNG per seed, a grid, and samples.json."""
