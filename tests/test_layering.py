@@ -165,7 +165,8 @@ def _plant(root: Path, files: dict[str, str]) -> Path:
 def test_checker_catches_a_violation(tmp_path):
     """The checker itself can fail: a planted upward import is reported (in a copy of the layout, never in the
     installed package)."""
-    root = _plant(tmp_path / "torchdiffusion", {"core/__init__.py": "", "core/planted.py": "from ..train import trainer\n"})
+    root = _plant(tmp_path / "torchdiffusion",
+                  {"core/__init__.py": "", "core/planted.py": "from ..train import trainer\n"})
     found = list(_imports(root / "core" / "planted.py", "core", root))
     assert ("train", 1) in found and ROWS["train"] > ROWS["core"]
 

@@ -177,7 +177,10 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
         sys.exit(EXIT_PREEMPTED)
 
 
-from .common import parse_seeds, resolve_device as _device  # noqa: E402,F401  (restore_cmd imports these here)
+# the helpers' former names here, for code written against them (cli/restore_cmd.py imports _device and
+# parse_seeds from this module); new code imports cli.common
+from .common import (  # noqa: E402,F401
+    dist_info as _dist_info, parse_seeds, resolve_device as _device, set_threads as _set_threads)
 
 from .sample_cmd import sample  # noqa: E402
 cli.add_command(sample)

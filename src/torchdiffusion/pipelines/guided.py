@@ -39,7 +39,8 @@ class GuidedSampling:
         k_model = num_classes
         self.classifier, self.judge, self.log = classifier, judge, log
         if reject and judge is None:
-            raise ConfigError("--reject needs a classifier to judge samples: --reject-classifier RUN or --classifier RUN")
+            raise ConfigError("--reject needs a classifier to judge samples: --reject-classifier RUN or "
+                              "--classifier RUN")
         k_clf = [m.cfg.num_classes for m in (self.classifier, self.judge) if m is not None]
         if k_model and any(k != k_model for k in k_clf):
             raise ConfigError(f"the model has {k_model} classes but the classifier has {k_clf[0]}")
