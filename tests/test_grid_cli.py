@@ -1,22 +1,13 @@
-"""`torchdiffusion grid optimize` / `grid show` and `sample --grid optimized` on a tiny trained model."""
+"""`torchdiffusion grid optimize` / `grid show` and `sample --grid optimized` on a tiny trained model
+(`tiny_run`, tests/conftest.py)."""
 from __future__ import annotations
 
 import json
 
 import pytest
-from test_train_cli import TINY, run
+from tiny_runs import invoke as run
 
 from torchdiffusion.core import grids
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gridrun")
-    args = ["train", "--run", d, "--no-progress"]
-    for s in TINY + ["train.steps=4", "train.ckpt_every=4"]:
-        args += ["--set", s]
-    run(args)
-    return d
 
 
 def test_optimize_show_and_sample_with_the_grid(tiny_run, tmp_path):
@@ -43,4 +34,6 @@ def test_errors_are_one_line(tiny_run, tmp_path):
              "--grid", "optimized", "--grid-file", tmp_path / "missing.json"], expect=2)
     assert "does not exist" in r.output and r.output.count("\n") == 1
     r = run(["grid", "optimize", "--run", tiny_run, "--sampler", "unipc", "--sampler-opt", "colour=3"], expect=2)
-    assert "expected KEY=VALUE" in r.output and r.output.count("\n") == 1
+    # the same parser as `sample --sampler-opt`: it names the sampler's valid options
+    assert "no such option of sampler 'unipc'" in r.output and "order (default 2)" in r.output
+    assert r.output.count("\n") == 1

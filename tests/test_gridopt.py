@@ -19,12 +19,7 @@ FAST = GridSearchConfig(candidates=32, substeps=2, pilot_seeds=tuple(range(1_000
                         refine_sweeps=2, refine_steps=(0.3, 0.1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def brute_force(c1, c2, last, n):

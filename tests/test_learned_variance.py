@@ -212,20 +212,12 @@ TINY = ["data.limit=32", "data.val_split=val", "model.backbone.model_channels=8"
 
 
 def _train(run, steps, until=None):
-    from click.testing import CliRunner
-
-    from torchdiffusion.cli.main import cli
+    from tiny_runs import invoke
 
     args = ["train", "--run", run, "--no-progress", "--threads", "1"] + (["--until-step", until] if until else [])
     for s in TINY + [f"train.steps={steps}"]:
         args += ["--set", s]
-    threads = torch.get_num_threads()
-    try:
-        r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        torch.set_num_threads(threads)
-    assert r.exit_code == 0, r.output
-    return r
+    return invoke(args)
 
 
 def test_cli_learned_variance_with_importance_sampling_resumes_exactly(tmp_path):

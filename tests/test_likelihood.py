@@ -13,12 +13,7 @@ from torchdiffusion.errors import ConfigError
 from torchdiffusion.sampling.likelihood import (bits_per_dim, dequantize, mean_and_stderr, ode_log_likelihood)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _gens(seeds):

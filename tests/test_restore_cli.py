@@ -4,40 +4,20 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
-
-from torchdiffusion.cli.main import cli
-
-TINY = [
-    "data.limit=64", "data.val_split=null",
-    "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]", "model.backbone.num_res_blocks=1",
-    "model.backbone.attn_resolutions=[]", "model.backbone.norm_groups=4", "model.backbone.num_heads=2",
-    "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1", "train.sample_every=1000",
-    "train.ckpt_every=2", "train.steps=2", "train.max_minutes=0", "train.precision=fp32", "sample.grid_images=4",
-]
-
-
-def invoke(args, expect=0):
-    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert r.exit_code == expect, r.output
-    return r
+from tiny_runs import invoke
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_run, tmp_path_factory):
+    """The shared tiny run (tests/conftest.py) and a folder of 4 random 28x28 images."""
     root = tmp_path_factory.mktemp("restore")
-    run_dir = root / "run"
-    args = ["train", "--run", run_dir, "--no-progress"]
-    for s in TINY:
-        args += ["--set", s]
-    invoke(args)
     images = root / "images"
     images.mkdir()
     g = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray(g.integers(0, 256, (28, 28), dtype=np.uint8)).save(images / f"{i}.png")
-    return run_dir, images
+    return tiny_run, images
 
 
 def read_png(path):

@@ -23,13 +23,7 @@ from torchdiffusion.sampling import (NoiseError, SamplerError, randn, sample_ddi
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one thread is fastest, and two threads stall badly on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def ddpm_table(T: int = 1000) -> torch.Tensor:

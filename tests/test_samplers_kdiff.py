@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 from analytic import GaussianData, gaussian_3d, mixture_2d
-from click.testing import CliRunner
+from tiny_runs import invoke as cli_run
 
-from torchdiffusion.cli.main import cli
 from torchdiffusion.config.registry import SAMPLERS
 from torchdiffusion.config.sampler_options import parse_sampler_options, sampler_options
 from torchdiffusion.core import grids
@@ -33,12 +32,7 @@ KDIFF = ["euler_ancestral", "dpm2", "dpm2_ancestral", "lms", "dpm_fast", "dpm_ad
          "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "edm"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def gens(seeds):
@@ -458,30 +452,7 @@ def test_injected_noise_sampler_is_used():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# `torchdiffusion sample --sampler-opt`: a tiny trained run.
-
-TINY = ["data.limit=64", "data.val_split=null", "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]",
-        "model.backbone.num_res_blocks=1", "model.backbone.attn_resolutions=[]", "model.backbone.norm_groups=4",
-        "model.backbone.num_heads=2", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1",
-        "train.sample_every=1000", "train.ckpt_every=2", "sample.steps=2", "sample.grid_images=2",
-        "train.max_minutes=0", "train.precision=fp32", "train.steps=2"]
-
-
-def cli_run(args, expect=0):
-    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert r.exit_code == expect, r.output
-    return r
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("kdiff_run")
-    args = ["train", "--run", d, "--no-progress"]
-    for s in TINY:
-        args += ["--set", s]
-    cli_run(args)
-    return d
-
+# `torchdiffusion sample --sampler-opt`: a tiny trained run (`tiny_run`, tests/conftest.py).
 
 def test_cli_sampler_options_and_record(tiny_run, tmp_path):
     out = tmp_path / "a"

@@ -26,12 +26,7 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 P = functools.partial
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def slope(ns, errs) -> float:

@@ -18,13 +18,7 @@ from torchdiffusion.sampling.steps import bind
 SDES = [VE(sigma_min=0.01, sigma_max=50.0), VPContinuous(), SubVP()]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors, many steps: one thread is faster than several fighting over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _gens(seeds):

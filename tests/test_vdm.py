@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from analytic import GaussianData
-from torchdiffusion.cli.main import cli
+from tiny_runs import invoke as _cli
+
 from torchdiffusion.config.build import build_sigmas
 from torchdiffusion.config.loaders import load_run
 from torchdiffusion.config.schema import SampleConfig
@@ -159,16 +159,6 @@ TINY = ["data.limit=32", "data.val_split=val", "model.backbone.model_channels=8"
         "model.backbone.num_heads=2", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
         "train.val_every=3", "train.val_images=16", "train.sample_every=1000", "train.ckpt_every=3",
         "sample.steps=3", "sample.grid_images=2", "train.max_minutes=0", "train.precision=fp32", "train.steps=3"]
-
-
-def _cli(args):
-    threads = torch.get_num_threads()
-    try:
-        r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        torch.set_num_threads(threads)
-    assert r.exit_code == 0, r.output
-    return r
 
 
 def test_cli_trains_and_samples_a_vdm_model(tmp_path):

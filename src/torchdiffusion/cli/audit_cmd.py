@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .common import resolve_device, set_threads
 
 FEATURE_CHOICES = ("auto", "inception", "classifier", "random-conv", "none")
 
@@ -83,7 +84,7 @@ def _match_channels(images: torch.Tensor, channels: int, what: str) -> torch.Ten
 
 
 def _extractors(kind: str, feature_weights, classifier, channels: int, batch: int, device) -> dict:
-    from .eval_cmd import make_extractor
+    from .common import make_extractor
 
     if kind == "none":
         return {}
@@ -148,15 +149,13 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
     """Memorisation audit: nearest training images of generated samples, near-copy shares, panels, val-loss trend."""
     from ..eval import memorization as mem
     from ..pipelines.generate import make_grid, save_png
-    from .main import _device
 
     if n < 1 or n_heldout < 2 or batch < 1 or rows < 1 or feature_train_limit < 0:
         raise ConfigError("--n, --batch and --rows must be >= 1, --heldout >= 2, --feature-train-limit >= 0")
     if not 0 < ratio_threshold <= 1 or not 0 < heldout_quantile < 1:
         raise ConfigError("--ratio-threshold must be in (0, 1] and --heldout-quantile in (0, 1)")
-    if threads:
-        torch.set_num_threads(threads)
-    dev = _device(device, 0)
+    set_threads(threads)
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     record: dict = {"kind": "memorisation audit", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "torch": torch.__version__}
@@ -172,7 +171,7 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
 
     # ---- the images to audit
     if images_dir is not None:
-        from .eval_cmd import load_sample_folder
+        from ..pipelines.images import load_sample_folder
         if not Path(images_dir).is_dir():
             raise DataError(f"--images {images_dir}: not a folder of images")
         samples, info = load_sample_folder(images_dir, None)
@@ -180,18 +179,10 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
         record["source"] = {"images": str(images_dir), "count": int(len(samples)), **{k: v for k, v in info.items()
                                                                                        if k != "fake_files"}}
     else:
-        import dataclasses
-
         from ..config.build import build_sampler, build_sigmas
         from ..pipelines.generate import generate
-        cfg = run.config
-        changes = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
-        try:
-            scfg = dataclasses.replace(cfg.sample, **changes)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"sample settings: {e}") from None
-        if scfg.steps < 1:
-            raise ConfigError(f"--steps must be >= 1, got {scfg.steps}")
+        from ..pipelines.settings import override_sample
+        scfg = override_sample(run.config.sample, sampler=sampler, steps=steps)
         fn, sigmas = build_sampler(scfg), build_sigmas(scfg, run.model.process)
         seeds = list(range(seed0, seed0 + n))
         k = run.num_classes

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..pipelines.images import IMAGE_EXT, load_sample_folder
+from .common import make_extractor, resolve_device, set_threads
 
-SEED_NAME = re.compile(r"^(\d+)\.(png|jpg|jpeg|webp|bmp)$", re.IGNORECASE)
-IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASETS = ("mnist", "fashion-mnist")
 
 
@@ -34,43 +32,6 @@ def _echo_err(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def load_sample_folder(folder: Path, n: int | None = None, option: str = "--fake") -> tuple[torch.Tensor, dict]:
-    """Images of a folder as uint8 (N, C, H, W): seed-named files (000123.png, as `sample` writes) in seed
-    order when there are any, else every image file in name order; grid.png is never a sample."""
-    from PIL import Image
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{option} {folder}: not a folder of images")
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXT and p.name != "grid.png"]
-    seeded = sorted((int(m.group(1)), p) for p in files if (m := SEED_NAME.match(p.name)))
-    chosen = [p for _, p in seeded] if seeded else sorted(files)
-    if n is not None:
-        if len(chosen) < n:
-            raise DataError(f"{option} {folder}: {len(chosen)} images, --n {n} asks for more")
-        chosen = chosen[:n]
-    if not chosen:
-        raise DataError(f"{option} {folder}: no image files (png, jpg, webp, bmp)")
-    arrays = []
-    for p in chosen:
-        try:
-            with Image.open(p) as im:
-                if im.mode not in ("L", "RGB"):
-                    if im.mode in ("I", "I;16", "I;16B", "F"):
-                        raise DataError(f"{p}: {im.mode} (high bit depth) images are not scored; write 8-bit images")
-                    im = im.convert("RGB")
-                a = np.asarray(im, dtype=np.uint8)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{p}: not a readable image ({type(e).__name__})") from None
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    shapes = sorted({a.shape for a in arrays})
-    if len(shapes) != 1:
-        raise DataError(f"{option} {folder}: images differ in shape/channels {shapes[:3]}; all must be alike")
-    x = torch.from_numpy(np.stack(arrays))
-    return x, {"fake": str(folder), "fake_first": chosen[0].name, "fake_last": chosen[-1].name,
-               "fake_shape": list(x.shape[1:])}
-
-
 def load_real_images(spec: str, split: str | None = None, limit: int | None = None) -> tuple[torch.Tensor, str]:
     """'mnist:test' / 'fashion-mnist:train' / a folder (or ZIP) of images -> (uint8 images, source label)."""
     from ..data import load_fashion_mnist, load_image_folder, load_mnist
@@ -98,24 +59,6 @@ def load_real_images(spec: str, split: str | None = None, limit: int | None = No
         x = x[:limit]
         source += f"[:{len(x)}]"
     return x, source
-
-
-def make_extractor(feature_weights, classifier, batch: int, device):
-    """Inception (default) or a project-trained classifier (labelled 'classifier')."""
-    if classifier is not None:
-        try:
-            from ..config.loaders import load_classifier
-        except ImportError:
-            raise ConfigError("--classifier needs a classifier run from `torchdiffusion train-classifier`, which "
-                              "this installation does not have") from None
-        from ..eval import ClassifierFeatures
-        from ..eval.inception import file_sha256
-        module = load_classifier(Path(classifier), device=device)
-        weights = Path(getattr(module, "checkpoint_path", "")) / "model.safetensors"
-        return ClassifierFeatures(module, name=f"classifier:{Path(classifier).name}", device=device,
-                                  sha256=file_sha256(weights) if weights.is_file() else "")
-    from ..eval import InceptionFeatures
-    return InceptionFeatures(feature_weights, batch_size=batch, device=device, option="--feature-weights PATH")
 
 
 def _progress(what: str):
@@ -157,10 +100,8 @@ def _common(f):
 
 
 def _setup(threads, device):
-    from .main import _device
-    if threads:
-        torch.set_num_threads(threads)
-    return _device(device, 0)
+    set_threads(threads)
+    return resolve_device(device)
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -305,26 +246,18 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     val_split, else its training split), cached like `eval ref`; the main process computes a missing
     cache file first, the others then read it. Samples: train.eval_sampler / eval_steps (default the
     sample section), one generator per seed like `sample`."""
-    import dataclasses
-
     from ..config.build import build_data, build_sampler, build_sigmas
     from ..eval import InceptionFeatures, InLoopEvaluator, cached_reference
     from ..pipelines.generate import generate
+    from ..pipelines.settings import override_sample
     from ..train import distributed
 
     t = cfg.train
     if not t.eval_every:
         return None
     cache_dir = cache_dir or os.environ.get("TORCHDIFFUSION_CACHE_DIR") or None
-    changes = {}
-    if t.eval_sampler is not None:
-        changes["sampler"] = t.eval_sampler
-    if t.eval_steps is not None:
-        changes["steps"] = t.eval_steps
-    try:
-        scfg = dataclasses.replace(cfg.sample, **changes)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"train.eval_sampler / train.eval_steps: {e}") from None
+    scfg = override_sample(cfg.sample, sampler=t.eval_sampler, steps=t.eval_steps,
+                           source="train.eval_sampler / train.eval_steps", steps_name="train.eval_steps")
     sampler, sigmas = build_sampler(scfg), build_sigmas(scfg, model.process)
     weights = None if t.eval_features == "inception" else t.eval_features
     extractor = InceptionFeatures(weights, device=device, option="train.eval_features (a local default_1.pt)")
@@ -346,6 +279,6 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     return InLoopEvaluator(sample_images, extractor, reference, t.eval_images, kid_subsets=t.eval_kid_subsets)
 
 
-__all__ = ["build_inloop_evaluator", "eval_group", "load_sample_folder", "load_real_images"]
+__all__ = ["build_inloop_evaluator", "eval_group", "load_sample_folder", "load_real_images", "make_extractor"]
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(eval_group())

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .common import resolve_device, set_threads
 
 
 @click.command("eval-cond")
@@ -61,7 +62,7 @@ def eval_cond_cmd(run_dir, ckpt_path, strategy, label, n, seed, reference_split,
     from ..eval.conditional import evaluate_conditional, kid_metric, plan_conditions
     from ..eval.fid import fid_from_features
     from ..pipelines.generate import generate
-    from .main import _device
+    from ..pipelines.settings import override_sample
 
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     if not names or any(m not in ("fid", "kid") for m in names):
@@ -70,9 +71,8 @@ def eval_cond_cmd(run_dir, ckpt_path, strategy, label, n, seed, reference_split,
         raise ConfigError("--n must be >= 2 and --batch >= 1")
     if strategy == "fixed" and label is None:
         raise ConfigError("the 'fixed' strategy needs a label >= 0 (--label K)")
-    if threads:
-        torch.set_num_threads(threads)
-    dev = _device(device, 0)
+    set_threads(threads)
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     run = load_run(run_dir, ckpt_path, "ema", dev)
     cfg = run.config
@@ -96,11 +96,7 @@ def eval_cond_cmd(run_dir, ckpt_path, strategy, label, n, seed, reference_split,
                            seed=seed)
 
     # ---- generator: labels -> uint8 images, sample seeds 0..n-1 in order
-    changes = {kk: v for kk, v in (("sampler", sampler), ("steps", steps)) if v is not None}
-    try:
-        scfg = dataclasses.replace(cfg.sample, **changes)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"sample settings: {e}") from None
+    scfg = override_sample(cfg.sample, sampler=sampler, steps=steps)
     fn, sigmas = build_sampler(scfg), build_sigmas(scfg, run.model.process)
     denoiser = run.model
     if guidance_scale is not None and guidance_scale != 1.0:
@@ -125,7 +121,7 @@ def eval_cond_cmd(run_dir, ckpt_path, strategy, label, n, seed, reference_split,
         feat_info = {"extractor": extractor.name}
     else:
         from ..eval import cached_reference
-        from .eval_cmd import make_extractor
+        from .common import make_extractor
         if kind == "classifier" and classifier is None:
             raise ConfigError("--features classifier needs --classifier RUN")
         extractor = make_extractor(feature_weights, classifier if kind == "classifier" else None, batch, dev)

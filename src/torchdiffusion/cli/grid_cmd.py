@@ -12,8 +12,6 @@ sampler's end-point error against that trajectory. Its cost is printed and saved
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import time
 from pathlib import Path
@@ -22,35 +20,7 @@ import click
 import torch
 
 from ..errors import ConfigError
-
-_SKIP = {"cond", "generator", "callback", "noise_sampler", "stats"}
-
-
-def _options(fn, pairs) -> dict:
-    """KEY=VALUE pairs -> keyword options of sampler fn, converted to the type of each default."""
-    params = {p.name: p.default for p in inspect.signature(fn).parameters.values()
-              if p.kind is p.KEYWORD_ONLY and p.name not in _SKIP and p.default is not p.empty}
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in params:
-            valid = ", ".join(params) or "none"
-            raise ConfigError(f"--sampler-opt {pair!r}: expected KEY=VALUE with KEY one of: {valid}")
-        default = params[key]
-        try:
-            if isinstance(default, bool):
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError
-                out[key] = value.lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, int):
-                out[key] = int(value)
-            elif isinstance(default, float):
-                out[key] = float(value)
-            else:
-                out[key] = value
-        except ValueError:
-            raise ConfigError(f"--sampler-opt {key}={value!r}: expected a {type(default).__name__}") from None
-    return out
+from .common import build_run_sampler
 
 
 @click.group("grid")
@@ -76,10 +46,9 @@ def grid_group():
 def optimize_cmd(run_dir, ckpt_path, sampler, steps, sampler_opts, pilot_seeds, candidates, substeps, sweeps, out,
                  weights, threads, device):
     """Compute the grid of STEPS steps that minimises SAMPLER's error on this model; save it as JSON."""
-    from ..config.build import build_sampler
     from ..config.loaders import load_run
-    from ..config.registry import SAMPLERS, lookup
     from ..core import grids
+    from ..pipelines.settings import override_sample
     from ..sampling.gridopt import GridSearchConfig, optimize_grid
 
     if threads is not None:
@@ -91,16 +60,9 @@ def optimize_cmd(run_dir, ckpt_path, sampler, steps, sampler_opts, pilot_seeds, 
             raise ConfigError(f"{name} must be >= {lo}, got {v}")
     run = load_run(run_dir, ckpt_path, weights, device)
     cfg = run.config
-    name = sampler or cfg.sample.sampler
-    fn, nfe_of = lookup(SAMPLERS, name, "sampler")
-    n = steps if steps is not None else cfg.sample.steps
-    if n < 1:
-        raise ConfigError(f"--steps must be >= 1, got {n}")
-    if name == cfg.sample.sampler:
-        fn = build_sampler(cfg.sample)
-    opts = _options(fn, sampler_opts)
-    if opts:
-        fn = functools.partial(fn, **opts)
+    scfg = override_sample(cfg.sample, sampler=sampler, steps=steps)
+    name, n = scfg.sampler, scfg.steps
+    fn, opts, nfe = build_run_sampler(scfg, sampler_opts)
     smin = cfg.sample.sigma_min if cfg.sample.sigma_min is not None else run.model.process.sigma_min
     smax = cfg.sample.sigma_max if cfg.sample.sigma_max is not None else run.model.process.sigma_max
     search = GridSearchConfig(candidates=candidates, substeps=substeps, refine_sweeps=sweeps,
@@ -115,7 +77,7 @@ def optimize_cmd(run_dir, ckpt_path, sampler, steps, sampler_opts, pilot_seeds, 
                         dtype=torch.float32, device=device, log=lambda m: click.echo(m, err=True), baseline=karras)
     karras_err = res.info["baseline_error"]
     seconds = time.perf_counter() - t0
-    meta = {"sampler": name, "sampler_options": opts, "steps": n, "nfe": nfe_of(n), "checkpoint": str(run.path),
+    meta = {"sampler": name, "sampler_options": opts, "steps": n, "nfe": nfe, "checkpoint": str(run.path),
             "checkpoint_sha256": run.hashes(), "weights": weights, "sigma_min": smin, "sigma_max": smax,
             "pilot_seeds": pilot_seeds, "candidates": res.info["candidates"], "substeps": substeps, "sweeps": sweeps,
             "pilot_rms_error": res.pilot_error, "dp_pilot_rms_error": res.dp_error,

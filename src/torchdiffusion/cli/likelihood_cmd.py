@@ -1,6 +1,6 @@
 """`torchdiffusion likelihood`: bits/dim of held-out images under a trained model.
 
-Estimators (docs/likelihood.md):
+Estimators (docs/likelihood.md; the computation is pipelines/likelihood.py):
 - ode: the probability-flow ODE likelihood of uniformly dequantised images (sampling.likelihood), any model;
 - vlb: the variational bound (core.vlb): the discrete DDPM/iDDPM bound for vp_discrete models, VDM's continuous
   bound for vdm models;
@@ -12,26 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import click
 import torch
 
 from ..errors import ConfigError
+from .common import resolve_device, set_threads
 
 ESTIMATORS = ("ode", "vlb", "auto")
-
-
-def _image_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of image `index` of the evaluated split: depends on (seed, index) only, not on the batch."""
-    return torch.Generator().manual_seed((int(seed) << 32) + int(index))
-
-
-def _has_vlb(process) -> bool:
-    from ..core.processes import VPDiscrete
-    from ..core.vdm import VDM
-    return isinstance(process, (VPDiscrete, VDM))
 
 
 @click.command("likelihood")
@@ -66,11 +55,10 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
     """Bits/dim of the first N images of a split: mean and standard error."""
     from ..config.build import build_data
     from ..config.loaders import load_run
-    from ..sampling import likelihood as lik
-    from .main import _device, _set_threads
+    from ..pipelines.likelihood import evaluate_bpd, has_vlb
 
-    _set_threads(threads, 1)
-    dev = _device(device, 0)
+    set_threads(threads)
+    dev = resolve_device(device)
     if count < 1:
         raise ConfigError(f"--n must be >= 1, got {count}")
     if batch < 1:
@@ -82,8 +70,8 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
     model.autocast_dtype = None  # the ODE's divergence and the step control want fp32, whatever training used
     process = model.process
     if estimator == "auto":
-        estimator = "vlb" if _has_vlb(process) else "ode"
-    if estimator == "vlb" and not _has_vlb(process):
+        estimator = "vlb" if has_vlb(process) else "ode"
+    if estimator == "vlb" and not has_vlb(process):
         from ..config.registry import kind_name
         raise ConfigError(f"--estimator vlb needs a vp_discrete or vdm model; this run's process is "
                           f"'{kind_name('process', cfg.model.process)}' (use --estimator ode)")
@@ -98,34 +86,15 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
     if x_all.shape[1:] != run.sample_shape:
         raise ConfigError(f"split '{split}' images have shape {tuple(x_all.shape[1:])} but the model takes "
                           f"{run.sample_shape}")
-    cond_kind = getattr(getattr(cfg, "cond", None), "kind", "none")
-    values, nfes = [], []
-    t0 = time.perf_counter()
-    for start in range(0, count, batch):
-        idx = list(range(start, min(start + batch, count)))
-        x_u8 = x_all[idx].to(dev)
-        cond = None
-        if cond_kind == "class":  # the likelihood of the image given its label
-            cond = {"label": dataset.label[idx].to(dev)}
-        if estimator == "ode":
-            gens = [_image_generator(seed, i) for i in idx]
-            x = lik.dequantize(x_u8, gens)
-            r = lik.ode_log_likelihood(model, x, sigma_min=s_min, sigma_max=s_max, cond=cond,
-                                       divergence="exact" if hutchinson == 0 else "hutchinson",
-                                       probes=max(hutchinson, 1), probe=probe, generator=gens, rtol=rtol, atol=atol,
-                                       method=method)
-            values.append(lik.bits_per_dim(r.log_p, r.dims).cpu())
-            nfes.append(r.nfe.double())
-        else:
-            from ..core.vlb import vlb_bpd
-            options = {} if vlb_timesteps is None else {"timesteps": vlb_timesteps}
-            g = _image_generator(seed, start)
-            values.append(vlb_bpd(model, x_u8, g, cond=cond, **options).double().cpu())
-        done = min(start + batch, count)
-        click.echo(f"{done}/{count} images, {time.perf_counter() - t0:.1f} s", err=True)
-    seconds = time.perf_counter() - t0
-    bpd = torch.cat(values)
-    mean, se = lik.mean_and_stderr(bpd)
+    labels = dataset.label[:count] if run.num_classes > 0 else None  # the likelihood of an image given its label
+
+    def progress(done, total, seconds):
+        click.echo(f"{done}/{total} images, {seconds:.1f} s", err=True)
+
+    res = evaluate_bpd(model, x_all, labels, estimator=estimator, seed=seed, batch=batch, device=dev, sigma_min=s_min,
+                       sigma_max=s_max, hutchinson=hutchinson, probe=probe, rtol=rtol, atol=atol, method=method,
+                       vlb_timesteps=vlb_timesteps, progress=progress)
+    bpd, mean, se, seconds = res.bpd, res.mean, res.stderr, res.seconds
     if not math.isfinite(mean):
         raise ConfigError("the likelihood is not finite; check the model (NaN weights?) and --sigma-min")
     record = {"checkpoint": str(run.path), "step": run.step, "weights": weights,
@@ -136,7 +105,7 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
         record.update(divergence="exact" if hutchinson == 0 else f"hutchinson-{probe}", probes=hutchinson,
                       rtol=rtol, atol=atol, method=method, sigma_min=s_min, sigma_max=s_max,
                       dequantisation="uniform, x = (u8 + w - 1/2) / 127.5 - 1",
-                      nfe_mean=float(torch.cat(nfes).mean()))
+                      nfe_mean=res.nfe_mean)
     else:
         record.update(vlb_timesteps=vlb_timesteps)
     if out is not None:

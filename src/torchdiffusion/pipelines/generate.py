@@ -1,11 +1,13 @@
 """Per-seed generation: noise from one generator per seed, so each seed's image is the same at any batch size
-(RELIABILITY 27), and image grids for looking at the results.
+(RELIABILITY 27), image grids for looking at the results, and `sample_run`, what the `sample` command does.
 
 Shapes: images are uint8 (N, C, H, W); a grid is uint8 (C, H', W').
 """
 from __future__ import annotations
 
+import json
 import math
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -67,3 +69,42 @@ def save_png(image: Tensor, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     pil.save(tmp, format="PNG")
     tmp.replace(path)
+
+
+def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_config, sampler: Callable,
+               sampler_options: dict, sigmas: Tensor, nfe: int | None, seeds_text: str, batch: int = 16,
+               rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"), counter=None) -> dict:
+    """Generate this process's share of `seed_list` (every world_size-th seed from rank) with `guided`
+    (pipelines.guided.GuidedSampling) into OUTDIR/<seed>.png; the main process also writes grid.png (one process
+    only) and samples.json. Returns the samples.json record.
+
+    run: a config.loaders.LoadedRun; nfe: per image, or None for adaptive samplers: then `counter` is the base
+    denoiser of `guided`, counting the rows it evaluates (config.sampler_options.CountingDenoiser), and the
+    record gives the measured mean."""
+    my_seeds = list(seed_list[rank::world_size])
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def write(chunk, images):
+        for s, img in zip(chunk, images):
+            save_png(img, outdir / f"{s:06d}.png")
+
+    t0 = time.perf_counter()
+    images = guided.generate(generate, my_seeds, run.sample_shape, sampler, sigmas, batch=batch, device=device,
+                             on_batch=write)
+    seconds = time.perf_counter() - t0
+    if nfe is None:
+        nfe = round(counter.rows / max(len(my_seeds), 1), 2)  # mean per image (this process's seeds)
+    scfg = sample_config
+    record = {"checkpoint": str(run.path), "step": run.step, "weights": run.weights,
+              "checkpoint_sha256": run.hashes(),
+              "sampler": scfg.sampler, "steps": scfg.steps, "nfe": nfe, "sampler_options": sampler_options,
+              "grid": scfg.grid, "rho": scfg.rho, "spacing": scfg.spacing, "eta": scfg.eta,
+              "sigmas": [float(s) for s in sigmas], "seeds": seeds_text, "count": len(seed_list), "batch": batch,
+              "processes": world_size, "seconds": round(seconds, 3), "torch": torch.__version__,
+              **guided.record()}
+    if rank == 0:
+        if world_size == 1:
+            save_png(make_grid(images[:256]), outdir / "grid.png")
+        (outdir / "samples.json").write_text(json.dumps(record, indent=2))
+    return record

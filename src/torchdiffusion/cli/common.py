@@ -1,0 +1,125 @@
+"""Helpers every command shares: the process's place in a torchrun job, CPU threads, the device, the integer-list
+syntax of --seeds and --labels, the sampler a run samples with after its command-line overrides, and the
+feature network of --feature-weights / --classifier.
+
+A leaf of the cli package: it imports no command module, so commands import it and never each other.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..errors import ConfigError
+
+
+# ------------------------------------------------------------------------------------------- process
+def dist_info():
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (a single process without torchrun)."""
+    from ..train.distributed import DistInfo
+    try:
+        return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                        int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise ConfigError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+
+
+def set_threads(threads: int | None, world_size: int = 1) -> None:
+    """--threads, or with several processes on one machine an equal share of the cores each."""
+    if threads is None and world_size > 1:
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device auto | cpu | cuda | cuda:N; 'auto' and 'cuda' pick this process's GPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; valid: cpu, auto")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"--device {name!r} is not valid; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
+# ------------------------------------------------------------------------------------------- integer lists
+def parse_int_ranges(text: str) -> list[int]:
+    """'0-63', '3', '0,5,9', '0-4,9': ranges and single integers separated by commas, in order; ValueError on
+    anything else (a descending range included). Empty parts are ignored, so the result may be empty."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = (int(v) for v in part.split("-", 1))
+            if b < a:
+                raise ValueError(part)
+            out.extend(range(a, b + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63' or '0,5,9' or '0-3,10' -> list of ints (EDM's --seeds syntax)."""
+    try:
+        seeds = parse_int_ranges(text)
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} is not valid; use a range like 0-63, a list like 0,5,9, or both") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty; use a range like 0-63")
+    if any(s < 0 for s in seeds):
+        raise ConfigError("--seeds must be non-negative")
+    return seeds
+
+
+def parse_labels(text: Optional[str]) -> Optional[list[int]]:
+    """'0-9' | '3' | '0,5,7' | '0-4,9' -> labels (None stays None); whether they are classes of the model is
+    checked where the number of classes is known (pipelines.guided)."""
+    if text is None:
+        return None
+    try:
+        out = parse_int_ranges(text)
+    except ValueError:
+        raise ConfigError(f"--labels {text!r} is not valid; use a label (3), a range (0-9), a list (0,5,7) "
+                          f"or both") from None
+    if not out:
+        raise ConfigError("--labels is empty; use e.g. 0-9")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- sampler
+def build_run_sampler(scfg, sampler_opts: Sequence[str] = ()) -> tuple[Callable, dict, Optional[int]]:
+    """(sampler, its --sampler-opt options, NFE per image or None where only a count can tell) of a sample
+    config (pipelines.settings.override_sample has applied the command's flags to it)."""
+    from ..config.build import build_sampler
+    from ..config.registry import SAMPLERS
+    from ..config.sampler_options import parse_sampler_options
+
+    fn = build_sampler(scfg)
+    options = parse_sampler_options(scfg.sampler, fn, sampler_opts)
+    if options:
+        fn = functools.partial(fn, **options)
+    return fn, options, SAMPLERS[scfg.sampler][1](scfg.steps)
+
+
+# ------------------------------------------------------------------------------------------- features
+def make_extractor(feature_weights, classifier, batch: int, device):
+    """Inception (default) or a project-trained classifier (labelled 'classifier')."""
+    if classifier is not None:
+        try:
+            from ..config.loaders import load_classifier
+        except ImportError:
+            raise ConfigError("--classifier needs a classifier run from `torchdiffusion train-classifier`, which "
+                              "this installation does not have") from None
+        from ..eval import ClassifierFeatures
+        from ..eval.inception import file_sha256
+        module = load_classifier(Path(classifier), device=device)
+        weights = Path(getattr(module, "checkpoint_path", "")) / "model.safetensors"
+        return ClassifierFeatures(module, name=f"classifier:{Path(classifier).name}", device=device,
+                                  sha256=file_sha256(weights) if weights.is_file() else "")
+    from ..eval import InceptionFeatures
+    return InceptionFeatures(feature_weights, batch_size=batch, device=device, option="--feature-weights PATH")
