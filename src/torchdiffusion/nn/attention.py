@@ -40,6 +40,16 @@ def merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, rope=None, bias=None) -> Tensor:
+    """Multi-head attention of (B, N, C) queries on (B, M, C) keys/values -> (B, N, C), through SDPA (its 1/sqrt(d)
+    scale). rope: a posenc.AxialRoPE applied to q and k alike; bias: (heads, N, M) added to the logits (posenc)."""
+    q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)  # (B, heads, N|M, d)
+    if rope is not None:
+        q, k = rope(q), rope(k)
+    mask = None if bias is None else bias.to(q.dtype)
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
 def num_heads_for(channels: int, num_heads: int, head_channels: int) -> int:
     """Heads of an attention layer on `channels`: channels // head_channels if head_channels > 0,
     else num_heads. Both must divide the channels exactly."""
