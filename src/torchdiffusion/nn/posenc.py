@@ -65,7 +65,9 @@ class AxialRoPE(nn.Module):
 
     The cos/sin tables are pure functions of (grid, d, base): non-persistent buffers, rebuilt from the config."""
 
-    def __init__(self, grid: Sequence[int], head_dim: int, base: float = 100.0):  # base 100: Heo et al. 2024
+    def __init__(self, grid: Sequence[int], head_dim: int, base: float = 100.0,  # base 100: Heo et al. 2024
+                 origin: Sequence[float] = ()):
+        """origin: the position of the grid's first token (default 0 on every axis)."""
         super().__init__()
         n = len(grid)
         if head_dim % (2 * n):
@@ -74,6 +76,8 @@ class AxialRoPE(nn.Module):
         m = head_dim // (2 * n)                                              # pairs per axis
         theta = base ** (-torch.arange(m, dtype=torch.float64) / m)          # (m,)
         pos = grid_positions(grid).to(torch.float64)                         # (L, n)
+        if origin:
+            pos = pos + torch.tensor([float(o) for o in origin], dtype=torch.float64)
         angle = (pos[:, :, None] * theta[None, None, :]).reshape(pos.shape[0], n * m)  # (L, d / 2): axis-major
         angle = angle.repeat_interleave(2, dim=1)                            # (L, d): pair (2i, 2i+1) shares angle i
         self.register_buffer("cos", angle.cos().to(torch.float32), persistent=False)
