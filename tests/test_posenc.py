@@ -150,3 +150,40 @@ def test_relative_bias_is_one_dimensional_for_a_temporal_grid():
     assert torch.equal(b, want)
     with pytest.raises(ConfigError, match="max_distance"):
         RelativePositionBias((6,), 1, num_buckets=8, max_distance=2)
+
+
+# --------------------------------------------------------------------------------------------- U-Net attention
+def _unet(attn_pos):
+    from torchdiffusion.nn.unet import UNet, UNetConfig
+    torch.manual_seed(0)
+    return UNet(UNetConfig(image_size=(8, 12), model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(8, 4), norm_groups=4, num_heads=2, attn_pos=attn_pos))
+
+
+def test_unet_attn_pos_is_off_by_default_and_changes_only_self_attention():
+    from torchdiffusion.nn.unet import UNetConfig
+    assert UNetConfig().attn_pos == "none"
+    plain, rope, rel = _unet("none"), _unet("rope"), _unet("relbias")
+    sp, sr, sb = plain.state_dict(), rope.state_dict(), rel.state_dict()
+    assert list(sp) == list(sr) and all(torch.equal(sp[k], sr[k]) for k in sp)   # rope has no parameters
+    extra = [k for k in sb if k not in sp]
+    assert extra and all(k.endswith("attn.pos.tables") for k in extra)        # one table set per attention layer
+    assert [m.pos.grid for m in rope.modules() if hasattr(m, "pos")] == [(8, 12), (4, 6), (4, 6),
+                                                                          (4, 6), (4, 6), (8, 12), (8, 12)]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for model in (plain, rope, rel):
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        x, s = torch.randn(2, 1, 8, 12, generator=g), torch.randn(2, generator=g)
+        a, b = plain(x, s), rope(x, s)
+        assert (a - b).abs().max() > 1e-4
+        # with all-zero tables the relative bias adds nothing: the output is the plain U-Net's, bit for bit
+        for name, t in rel.named_parameters():
+            if name.endswith("pos.tables"):
+                t.zero_()
+        sd = {k: v for k, v in rel.state_dict().items() if k in sp}
+        plain.load_state_dict(sd)
+        torch.testing.assert_close(rel(x, s), plain(x, s), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ConfigError, match="valid: none, rope, relbias"):
+        UNetConfig(attn_pos="absolute")

@@ -11,10 +11,13 @@ x is free (no copy), and the projections are single fused GEMMs over all B * L t
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from torchdiffusion.errors import ConfigError
+from torchdiffusion.nn.posenc import RelativePositionBias
 
 
 def tokens(x: Tensor) -> Tensor:
@@ -67,7 +70,8 @@ def num_heads_for(channels: int, num_heads: int, head_channels: int) -> int:
 class SelfAttention(nn.Module):
     """x + W_o MHA(GN(x)) over the L positions of x; W_o starts at zero so the block starts as identity."""
 
-    def __init__(self, channels: int, heads: int, groups: int, eps: float = 1e-6):
+    def __init__(self, channels: int, heads: int, groups: int, eps: float = 1e-6, pos: Optional[nn.Module] = None):
+        """pos: None, a posenc.AxialRoPE or a posenc.RelativePositionBias for the feature map's grid S."""
         super().__init__()
         self.heads = heads
         self.norm = nn.GroupNorm(groups, channels, eps=eps)
@@ -75,11 +79,17 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        if pos is not None:  # registered only when used: without it the module (and its state dict) is as before
+            self.pos = pos
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C, *S) -> (B, C, *S)."""
         t = tokens(self.norm(x))                                   # (B, L, C)
         q, k, v = self.qkv(t).chunk(3, dim=-1)                     # 3 x (B, L, C)
+        pos = getattr(self, "pos", None)
+        if pos is not None:
+            rope, bias = (None, pos()) if isinstance(pos, RelativePositionBias) else (pos, None)
+            return x + untokens(self.proj(attend(q, k, v, self.heads, rope, bias)), x)
         a = F.scaled_dot_product_attention(split_heads(q, self.heads), split_heads(k, self.heads),
                                            split_heads(v, self.heads))  # (B, heads, L, d)
         return x + untokens(self.proj(merge_heads(a)), x)

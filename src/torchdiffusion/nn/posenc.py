@@ -33,8 +33,7 @@ from torchdiffusion.errors import ConfigError
 POS_KINDS = ("absolute", "rope", "relbias")
 
 
-def check_pos(kind: str, where: str, allow_none: bool = False) -> None:
-    valid = (("none",) if allow_none else ()) + POS_KINDS
+def check_pos(kind: str, where: str, valid: Sequence[str] = POS_KINDS) -> None:
     if kind not in valid:
         raise ConfigError(f"{where} {kind!r} is not valid; valid: {', '.join(valid)}")
 
