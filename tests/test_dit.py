@@ -270,3 +270,14 @@ def test_transformer_trains_resumes_bit_exactly_samples_and_restores(kind, tmp_p
     invoke(["restore", "--run", uncond, "--task", "inpaint", "--method", "replacement", "--input", images,
             "--outdir", tmp_path / "restored", "--steps", "2", "--threads", "1"])
     assert len(list((tmp_path / "restored" / "restored").iterdir())) == 2
+
+
+@pytest.mark.parametrize("cfg", [DiTConfig(patch_size=2, **TINY), UViTConfig(patch_size=2, width=32, depth=1, heads=2)])
+def test_learned_variance_doubles_the_output_channels_through_the_model_spec(cfg):
+    from torchdiffusion.config.build import build_model
+    from torchdiffusion.config.schema import ModelConfig
+    from torchdiffusion.core.precond import LearnedVariance
+    model = build_model(ModelConfig(backbone=cfg, variance="learned", data_shape=(3, 8, 12)))
+    assert isinstance(model, LearnedVariance) and model.backbone.io.out_channels == 6
+    x = torch.randn(2, 3, 8, 12)
+    assert model(x, torch.full((2,), 1.0)).shape == (2, 3, 8, 12)
