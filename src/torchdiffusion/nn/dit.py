@@ -145,8 +145,8 @@ class TokenSelfAttention(nn.Module):
 
 
 class TokenCrossAttention(nn.Module):
-    """Multi-head attention of (B, N, D) tokens on a (B, M, n) context; no positional encoding; the output
-    projection starts at zero."""
+    """Multi-head attention of (B, N, D) tokens on a (B, M, n) context; no positional encoding (DiT.initialize
+    zeroes the output projection)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
