@@ -201,11 +201,15 @@ def kind_name(table: str, config: Any) -> str:
 def _register_builtin() -> None:
     from ..autoencoders.identity import IdentityCodec, IdentityCodecConfig
     from ..conditioners.classlabel import ClassConditioner, ClassConditionerConfig
+    from ..nn.dit import DiTConfig, build_dit
     from ..nn.unet import UNetConfig, build_unet
+    from ..nn.uvit import UViTConfig, build_uvit
 
     for name, cls in PROCESSES.items():  # a process's frozen dataclass is its own config
         _register("process", name, cls, None, (cls.__doc__ or "").strip().split("\n")[0])
     register_backbone("unet", UNetConfig, build_unet, "U-Net with AdaGN residual blocks and attention (ADM)")
+    register_backbone("dit", DiTConfig, build_dit, "diffusion transformer with adaLN-Zero blocks (Peebles & Xie 2023)")
+    register_backbone("uvit", UViTConfig, build_uvit, "U-ViT: all inputs as tokens, long skips (Bao et al. 2023)")
     register_codec("identity", IdentityCodecConfig, IdentityCodec, "pixel space: [0, 255] -> [-1, 1]")
     register_conditioner("class", ClassConditionerConfig, ClassConditioner,
                          "class label with dropout to the null label (classifier-free guidance)")

@@ -11,10 +11,13 @@ x is free (no copy), and the projections are single fused GEMMs over all B * L t
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from torchdiffusion.errors import ConfigError
+from torchdiffusion.nn.posenc import RelativePositionBias
 
 
 def tokens(x: Tensor) -> Tensor:
@@ -40,6 +43,16 @@ def merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, rope=None, bias=None) -> Tensor:
+    """Multi-head attention of (B, N, C) queries on (B, M, C) keys/values -> (B, N, C), through SDPA (its 1/sqrt(d)
+    scale). rope: a posenc.AxialRoPE applied to q and k alike; bias: (heads, N, M) added to the logits (posenc)."""
+    q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)  # (B, heads, N|M, d)
+    if rope is not None:
+        q, k = rope(q), rope(k)
+    mask = None if bias is None else bias.to(q.dtype)
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
 def num_heads_for(channels: int, num_heads: int, head_channels: int) -> int:
     """Heads of an attention layer on `channels`: channels // head_channels if head_channels > 0,
     else num_heads. Both must divide the channels exactly."""
@@ -57,7 +70,8 @@ def num_heads_for(channels: int, num_heads: int, head_channels: int) -> int:
 class SelfAttention(nn.Module):
     """x + W_o MHA(GN(x)) over the L positions of x; W_o starts at zero so the block starts as identity."""
 
-    def __init__(self, channels: int, heads: int, groups: int, eps: float = 1e-6):
+    def __init__(self, channels: int, heads: int, groups: int, eps: float = 1e-6, pos: Optional[nn.Module] = None):
+        """pos: None, a posenc.AxialRoPE or a posenc.RelativePositionBias for the feature map's grid S."""
         super().__init__()
         self.heads = heads
         self.norm = nn.GroupNorm(groups, channels, eps=eps)
@@ -65,11 +79,17 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        if pos is not None:  # registered only when used: without it the module (and its state dict) is as before
+            self.pos = pos
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C, *S) -> (B, C, *S)."""
         t = tokens(self.norm(x))                                   # (B, L, C)
         q, k, v = self.qkv(t).chunk(3, dim=-1)                     # 3 x (B, L, C)
+        pos = getattr(self, "pos", None)
+        if pos is not None:
+            rope, bias = (None, pos()) if isinstance(pos, RelativePositionBias) else (pos, None)
+            return x + untokens(self.proj(attend(q, k, v, self.heads, rope, bias)), x)
         a = F.scaled_dot_product_attention(split_heads(q, self.heads), split_heads(k, self.heads),
                                            split_heads(v, self.heads))  # (B, heads, L, d)
         return x + untokens(self.proj(merge_heads(a)), x)

@@ -21,7 +21,7 @@ fused multiply-add.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Optional, Union
+from typing import Literal, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from torchdiffusion.errors import ConfigError, TorchDiffusionError
 from torchdiffusion.nn.attention import CrossAttention, SelfAttention, num_heads_for
 from torchdiffusion.nn.embedding import make_noise_embedding
+from torchdiffusion.nn.posenc import AxialRoPE, RelativePositionBias, check_pos
 from torchdiffusion.nn.resblock import Downsample, ResBlock, Upsample, check_groups, conv_nd
 
 
@@ -64,6 +65,7 @@ class UNetConfig:
     mid_attention: bool = True              # self-attention in the middle block
     emb_mult: int = 4                       # embedding width = emb_mult * model_channels (Ho et al. 2020)
     channels_last: bool = True              # memory layout of the feature maps; speed only, same math
+    attn_pos: Literal["none", "rope", "relbias"] = "none"  # positions in spatial self-attention: none | rope | relbias (posenc.py)
 
     def __post_init__(self):
         for name in ("channel_mult", "attn_resolutions"):  # accept lists (e.g. from YAML)
@@ -90,6 +92,7 @@ class UNetConfig:
             raise ConfigError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
         for m in sorted(set(self.channel_mult)):
             check_groups(self.model_channels * m, self.norm_groups)
+        check_pos(self.attn_pos, "UNetConfig.attn_pos", ("none", "rope", "relbias"))
 
     def check_sizes(self) -> None:
         """The checks that need the input size (a run config learns it from the data: build_unet)."""
@@ -189,13 +192,22 @@ class UNet(nn.Module):
                   if kind == "scalar" else nn.Linear(n, emb_dim))
             for key, kind, n in cfg.embed_conds}) if cfg.embed_conds else None
 
+        def positions(width: int, heads: int, level: int):
+            """None, or the attn_pos encoding of the level's (H / 2^l, W / 2^l) grid (the U-Net's grids halve)."""
+            grid = tuple(side >> level for side in cfg.hw)
+            if cfg.attn_pos == "rope":
+                return AxialRoPE(grid, width // heads)
+            if cfg.attn_pos == "relbias":
+                return RelativePositionBias(grid, heads)
+            return None
+
         def layer(c_in: int, c_out: int, size: int) -> _Layer:
             res = ResBlock(c_in, c_out, emb_dim, groups=g, dropout=cfg.dropout,
                            scale_shift_norm=cfg.scale_shift_norm)
             attn = xattn = None
             if size in cfg.attn_resolutions:
                 heads = num_heads_for(c_out, cfg.num_heads, cfg.head_channels)
-                attn = SelfAttention(c_out, heads, g)
+                attn = SelfAttention(c_out, heads, g, pos=positions(c_out, heads, sizes.index(size)))
                 if cfg.context_dim > 0:
                     xattn = CrossAttention(c_out, cfg.context_dim, heads, g)
             return _Layer(res, attn, xattn)
@@ -220,7 +232,8 @@ class UNet(nn.Module):
         heads = num_heads_for(ch, cfg.num_heads, cfg.head_channels)
         self.mid = _Layer(ResBlock(ch, ch, emb_dim, groups=g, dropout=cfg.dropout,
                                    scale_shift_norm=cfg.scale_shift_norm),
-                          SelfAttention(ch, heads, g) if cfg.mid_attention else None,
+                          SelfAttention(ch, heads, g, pos=positions(ch, heads, len(widths) - 1))
+                          if cfg.mid_attention else None,
                           CrossAttention(ch, cfg.context_dim, heads, g) if cfg.context_dim > 0 else None)
         self.mid2 = ResBlock(ch, ch, emb_dim, groups=g, dropout=cfg.dropout, scale_shift_norm=cfg.scale_shift_norm)
 
