@@ -25,7 +25,7 @@ from .common import resolve_device, set_threads
 
 @click.command("eval-cond")
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="A class-conditional run folder (cond.kind: class).")
+              help="A class-conditional run folder (cond.label.kind: class).")
 @click.option("--checkpoint", "ckpt_path", type=click.Path(path_type=Path), default=None, help="A checkpoint folder.")
 @click.option("--strategy", type=click.Choice(["fixed", "empirical", "validation"]), required=True,
               help="How the conditions are chosen.")
@@ -100,8 +100,8 @@ def eval_cond_cmd(run_dir, ckpt_path, strategy, label, n, seed, reference_split,
     fn, sigmas = build_sampler(scfg), build_sigmas(scfg, run.model.process)
     denoiser = run.model
     if guidance_scale is not None and guidance_scale != 1.0:
-        from ..guidance.cfg import ClassifierFreeGuidance, null_label
-        denoiser = ClassifierFreeGuidance(run.model, guidance_scale, null_label(k))
+        from ..guidance.cfg import ClassifierFreeGuidance
+        denoiser = ClassifierFreeGuidance(run.model, guidance_scale, run.conditioning.null)
     done = {"next": 0}
 
     def generator(labels: np.ndarray) -> torch.Tensor:

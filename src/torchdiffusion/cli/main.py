@@ -6,6 +6,7 @@ Every user error is one line on stderr and a non-zero exit code; --debug shows t
 """
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 from pathlib import Path
@@ -177,41 +178,23 @@ def _train(cfg, run_dir: Path, resume: str, allow_changes: bool, info, device, p
         sys.exit(EXIT_PREEMPTED)
 
 
-# the helpers' former names here, for code written against them (cli/restore_cmd.py imports _device and
-# parse_seeds from this module); new code imports cli.common
-from .common import (  # noqa: E402,F401
-    dist_info as _dist_info, parse_seeds, resolve_device as _device, set_threads as _set_threads)
-
-from .sample_cmd import sample  # noqa: E402
-cli.add_command(sample)
-
-from .env_cmd import data, env  # noqa: E402
-cli.add_command(data)
-cli.add_command(env)
-
-from .guidance_cmd import train_classifier_cmd  # noqa: E402
-cli.add_command(train_classifier_cmd)
-
-from .eval_cmd import eval_group  # noqa: E402
-cli.add_command(eval_group)
-
-from .audit_cmd import audit_cmd  # noqa: E402
-cli.add_command(audit_cmd)
-
-from .report_cmd import report_cmd  # noqa: E402
-cli.add_command(report_cmd)
-
-from .eval_cond_cmd import eval_cond_cmd  # noqa: E402
-cli.add_command(eval_cond_cmd)
-
-from .grid_cmd import grid_group  # noqa: E402
-cli.add_command(grid_group)
-
-from .restore_cmd import restore_cmd  # noqa: E402
-cli.add_command(restore_cmd)
-
-from .likelihood_cmd import likelihood  # noqa: E402
-cli.add_command(likelihood)
+#: the commands besides train: (module of cli/, its click command or group). A new command is one module plus
+#: one line here.
+COMMANDS = (
+    ("sample_cmd", "sample"),
+    ("env_cmd", "data"),
+    ("env_cmd", "env"),
+    ("guidance_cmd", "train_classifier_cmd"),
+    ("eval_cmd", "eval_group"),
+    ("audit_cmd", "audit_cmd"),
+    ("report_cmd", "report_cmd"),
+    ("eval_cond_cmd", "eval_cond_cmd"),
+    ("grid_cmd", "grid_group"),
+    ("restore_cmd", "restore_cmd"),
+    ("likelihood_cmd", "likelihood"),
+)
+for _module, _name in COMMANDS:
+    cli.add_command(getattr(importlib.import_module(f".{_module}", __package__), _name))
 
 
 def main():

@@ -70,7 +70,7 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     from ..pipelines.generate import make_grid, save_png
     from ..pipelines.restore import (TaskConfig, build_operator, measurement_image, restore_images, restore_sigmas,
                                      solver_options)
-    from .main import _device, parse_seeds
+    from .common import parse_seeds, resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -85,7 +85,7 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     elif sampler_opts:
         raise ConfigError("--sampler-opt needs --sampler NAME (the default sampler under the correction is ddpm)")
     solver_options(method, {}, sampler_name, sampler_fn, sampler_nfe, sampler_kw)  # bad combinations fail here
-    dev = _device(device, 0)
+    dev = resolve_device(device, 0)
     run = load_run(run_dir, ckpt_path, weights, dev)
     model = run.model
     c, h, w = run.sample_shape

@@ -76,7 +76,8 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
     return GuidedSampling(run.num_classes, base, seed_list, device, labels=label_list, labels_text=labels,
                           guidance_scale=guidance_scale, interval=interval, classifier=classifier,
                           classifier_scale=classifier_scale, reject=reject, judge=judge,
-                          reject_threshold=reject_threshold, reject_budget=reject_budget, log=click.echo,
+                          reject_threshold=reject_threshold, reject_budget=reject_budget,
+                          uncond=run.conditioning.null if run.conditioning else None, log=click.echo,
                           warn=lambda msg: click.echo(msg, err=True))
 
 

@@ -26,12 +26,13 @@ class GuidedSampling:
     num_classes: of the model (0: unconditional). labels: requested labels (None: 0..K-1 for a class-conditional
     model or with a classifier); labels_text: how they were written, for the record. classifier: a noisy
     classifier for guidance (config.loaders.load_classifier) or None; judge: the classifier that judges samples
-    for rejection. log / warn: where the rejection summary and warnings go."""
+    for rejection. uncond: cond -> the null condition for classifier-free guidance (the run's
+    Conditioning.null; default: the null label). log / warn: where the rejection summary and warnings go."""
 
     def __init__(self, num_classes: int, base, seed_list: Sequence[int], device, *,
                  labels: Optional[Sequence[int]] = None, labels_text: Optional[str] = None, guidance_scale=None,
                  interval: Optional[tuple[float, float]] = None, classifier=None, classifier_scale=1.0,
-                 reject=False, judge=None, reject_threshold=0.0, reject_budget=None,
+                 reject=False, judge=None, reject_threshold=0.0, reject_budget=None, uncond=None,
                  log: Callable[[str], None] = print, warn: Callable[[str], None] = _stderr):
         from ..guidance.cfg import ClassifierFreeGuidance, null_label
         from ..guidance.classifier import ClassifierGuidance
@@ -46,7 +47,7 @@ class GuidedSampling:
             raise ConfigError(f"the model has {k_model} classes but the classifier has {k_clf[0]}")
         k = k_model or (k_clf[0] if k_clf else 0)
         if guidance_scale is not None and not k_model:
-            raise ConfigError("--guidance-scale needs a class-conditional model (train with --set cond.kind=class); "
+            raise ConfigError("--guidance-scale needs a class-conditional model (train with --set cond.label.kind=class); "
                               "for an unconditional model use --classifier RUN --classifier-scale S")
         if interval is not None and guidance_scale is None and self.classifier is None:
             raise ConfigError("--guidance-interval applies to --guidance-scale or --classifier guidance")
@@ -64,7 +65,8 @@ class GuidedSampling:
         self.label_of = dict(zip(seed_list, self.labels)) if self.labels is not None else {}
         denoiser = base  # the model, or a wrapper of it (e.g. an NFE counter)
         if k_model and guidance_scale is not None and guidance_scale != 1.0:
-            denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, null_label(k_model), interval=interval)
+            denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, uncond or null_label(k_model),
+                                              interval=interval)
         if self.classifier is not None:
             denoiser = ClassifierGuidance(denoiser, self.classifier, classifier_scale,
                                           denoiser_cond="same" if k_model else "none", interval=interval)
