@@ -80,6 +80,7 @@ class _Run:
     """What sample_run reads of a config.loaders.LoadedRun."""
     sample_shape = (1, 4, 4)
     path, step, weights = "ckpt", 7, "ema"
+    codec = None  # pixel space
 
     def hashes(self):
         return {"model.safetensors": "0" * 64}

@@ -180,7 +180,7 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
                                                                                        if k != "fake_files"}}
     else:
         from ..config.build import build_sampler, build_sigmas
-        from ..pipelines.generate import generate
+        from ..pipelines.generate import codec_decoder, generate
         from ..pipelines.settings import override_sample
         scfg = override_sample(run.config.sample, sampler=sampler, steps=steps)
         fn, sigmas = build_sampler(scfg), build_sigmas(scfg, run.model.process)
@@ -189,7 +189,8 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
         cond_for = (lambda chunk: {"label": torch.tensor([s % k for s in chunk], device=dev)}) if k > 0 else None
         _echo(f"audit: generating {n} samples ({scfg.sampler}, {scfg.steps} steps) from {run.path}")
         tg = time.perf_counter()
-        samples = generate(run.model, seeds, run.sample_shape, fn, sigmas, batch=batch, cond_for=cond_for, device=dev)
+        samples = generate(run.model, seeds, run.sample_shape, fn, sigmas, batch=batch, cond_for=cond_for, device=dev,
+                           decode=codec_decoder(run.codec))
         record["source"] = {"run": str(run_dir) if run_dir else None, "checkpoint": str(run.path), "step": run.step,
                             "weights": weights, "checkpoint_sha256": run.hashes(), "sampler": scfg.sampler,
                             "steps": scfg.steps, "grid": scfg.grid, "seeds": f"{seed0}-{seed0 + n - 1}",

@@ -239,7 +239,7 @@ def eval_is(fake, n, is_weights, classifier, splits, out, batch, threads, device
 
 
 # ------------------------------------------------------------------------------------------- in-loop
-def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=None, cache_dir=None):
+def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=None, cache_dir=None, decode=None):
     """The train command's in-loop evaluator (None when train.eval_every is 0).
 
     Reference: the first train.eval_reference_images images of train.eval_reference (default the data's
@@ -274,7 +274,8 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
         reference, _, _ = cached_reference(images, extractor, source=source, cache_dir=cache_dir)
 
     def sample_images(ema, seeds):
-        return generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device, cond_for=cond_for)
+        return generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device, cond_for=cond_for,
+                        decode=decode)
 
     return InLoopEvaluator(sample_images, extractor, reference, t.eval_images, kid_subsets=t.eval_kid_subsets)
 

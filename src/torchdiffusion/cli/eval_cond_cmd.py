@@ -61,7 +61,7 @@ def eval_cond_cmd(run_dir, ckpt_path, strategy, label, n, seed, reference_split,
     from ..config.loaders import load_run
     from ..eval.conditional import evaluate_conditional, kid_metric, plan_conditions
     from ..eval.fid import fid_from_features
-    from ..pipelines.generate import generate
+    from ..pipelines.generate import codec_decoder, generate
     from ..pipelines.settings import override_sample
 
     names = [m.strip() for m in metrics.split(",") if m.strip()]
@@ -110,6 +110,7 @@ def eval_cond_cmd(run_dir, ckpt_path, strategy, label, n, seed, reference_split,
         done["next"] += len(labels)
         by_seed = dict(zip(seeds, labels.tolist()))
         return generate(denoiser, seeds, run.sample_shape, fn, sigmas, batch=batch, device=dev,
+                        decode=codec_decoder(run.codec),
                         cond_for=lambda chunk: {"label": torch.tensor([by_seed[s] for s in chunk], device=dev)})
 
     # ---- features and metrics

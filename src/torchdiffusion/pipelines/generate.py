@@ -29,8 +29,10 @@ def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 def generate(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, ...], sampler: Callable, sigmas: Tensor, *,
              batch: int = 16, cond_for: Callable[[Sequence[int]], Cond] | None = None,
              device: torch.device = torch.device("cpu"),
-             on_batch: Callable[[Sequence[int], Tensor], None] | None = None) -> Tensor:
-    """Sample one image per seed; returns uint8 (N, *shape). `shape` excludes the batch dimension.
+             on_batch: Callable[[Sequence[int], Tensor], None] | None = None,
+             decode: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Sample one image per seed; returns uint8 (N, C, *S). `shape` is the diffusion-space shape (no batch
+    dimension); `decode` maps samples to images in [-1, 1] (the run's codec; None: pixel space).
 
     The initial noise and every later noise draw of row b come from torch.Generator().manual_seed(seeds[b]) (CPU),
     so the result of a seed does not depend on `batch` or on which process draws it."""
@@ -41,11 +43,19 @@ def generate(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, ...], s
         noise = randn((len(chunk), *shape), gens).to(device)
         cond = cond_for(chunk) if cond_for is not None else None
         x = sampler(denoiser, noise, sigmas, cond=cond, generator=gens)
+        if decode is not None:
+            x = decode(x)
         images = to_uint8(x.cpu())
         if on_batch is not None:
             on_batch(chunk, images)
         out.append(images)
     return torch.cat(out) if out else torch.empty((0, *shape), dtype=torch.uint8)
+
+
+def codec_decoder(codec) -> Callable[[Tensor], Tensor] | None:
+    """generate()'s decode for a codec: None for pixel space (the identity codec), else codec.decode."""
+    from ..autoencoders.identity import IdentityCodec
+    return None if codec is None or isinstance(codec, IdentityCodec) else codec.decode
 
 
 def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2) -> Tensor:
@@ -91,7 +101,7 @@ def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_co
 
     t0 = time.perf_counter()
     images = guided.generate(generate, my_seeds, run.sample_shape, sampler, sigmas, batch=batch, device=device,
-                             on_batch=write)
+                             on_batch=write, decode=codec_decoder(run.codec))
     seconds = time.perf_counter() - t0
     if nfe is None:
         nfe = round(counter.rows / max(len(my_seeds), 1), 2)  # mean per image (this process's seeds)

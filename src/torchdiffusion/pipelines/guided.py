@@ -97,19 +97,21 @@ class GuidedSampling:
 
         return cond
 
-    def generate(self, generate_fn, seeds: Sequence[int], shape, sampler, sigmas, *, batch, device, on_batch=None):
+    def generate(self, generate_fn, seeds: Sequence[int], shape, sampler, sigmas, *, batch, device, on_batch=None,
+                 decode=None):
         """generate_fn is pipelines.generate.generate (same arguments, the guided denoiser and labels added)."""
         denoiser = self.denoiser
         labels = [self.label_of[s] for s in seeds] if self.labels is not None else None
         if not self.reject:
             return generate_fn(denoiser, seeds, shape, sampler, sigmas, batch=batch, device=device,
-                               cond_for=self.cond_for(labels) if labels is not None else None, on_batch=on_batch)
+                               cond_for=self.cond_for(labels) if labels is not None else None, on_batch=on_batch,
+                               decode=decode)
         from ..data.convert import to_model_range
         from .rejection import rejection_sample
 
         def gen(s, y):
             return generate_fn(denoiser, s, shape, sampler, sigmas, batch=batch, device=device,
-                               cond_for=self.cond_for(y.tolist()))
+                               cond_for=self.cond_for(y.tolist()), decode=decode)
 
         @torch.no_grad()
         def classify(images):
