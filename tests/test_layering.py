@@ -6,7 +6,7 @@ from pathlib import Path
 import torchdiffusion
 
 ROWS = {
-    "protocols": 0, "errors": 0,
+    "protocols": 0, "errors": 0, "seeding": 0,
     "core": 1, "nn": 1,
     "sampling": 2, "data": 2, "autoencoders": 2,
     "guidance": 3, "inverse": 3,
