@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -277,6 +278,7 @@ def train_classifier(model: Classifier, cfg: ClassifierTrainConfig, train_set, v
     config["classifier"] = dataclasses.asdict(model.cfg)
     config["train"] = dataclasses.asdict(cfg)
     config["seed"] = seed
+    config = json.loads(json.dumps(config))  # as stored (tuples become lists), so resuming compares like with like
     step = ClassifierStep(model, cfg, val_set)
     trainer = Trainer(cfg.loop_config(), step=step, train_set=train_set, val_set=val_set, run_dir=run_dir, seed=seed,
                       resolved_config=config, data_fingerprint=dataset_fingerprint(train_set), dist=dist,

@@ -47,7 +47,9 @@ class EMAPair:
 
 @runtime_checkable
 class TrainStep(Protocol):
-    """A model family's training step (train.diffusion_step, train.classifier, train.multi_step)."""
+    """A model family's training step (train.diffusion_step, train.classifier, train.multi_step).
+
+    Optional: `eval_model` (the module sample grids and in-loop evaluation use, e.g. the EMA)."""
 
     #: extra metrics.csv columns this step reports (after the loop's step, images, loss, grad_norm, lr, ...)
     metric_columns: Sequence[str]
@@ -64,8 +66,14 @@ class TrainStep(Protocol):
     def train_step(self, batch: dict, step: int) -> Optional[dict[str, float]]:
         """One optimiser step (all optimisers due at `step`, in order); metrics or None if non-finite."""
 
+    def nan_metrics(self, step: int) -> dict[str, float]:
+        """The metrics row of a step skipped under nan_policy=skip (NaN losses, the scheduled lr)."""
+
     def validation(self) -> dict[str, float]:
         """Held-out metrics (run on the main process only), e.g. {"val_loss": ...}."""
+
+    def weights(self) -> dict[str, dict[str, Tensor]]:
+        """The weight groups (no optimiser state) of a best-so-far checkpoint (in-loop evaluation)."""
 
     def state_dict(self) -> StepState: ...
 

@@ -390,7 +390,7 @@ class Trainer:
                                        if k.startswith("val_") and isinstance(row[k], float)))
                     t_last, step_last = now, self.step
                 log.metrics(row)
-                log.progress(self.step, {k: v for k, v in out.items() if k.startswith("loss")})
+                log.progress(self.step, {k: v for k, v in out.items() if k == "loss" or k.endswith("_loss")})
                 if self.sample_grid is not None and self.dist.is_main and (
                         self.step % cfg.sample_every == 0 or self.step == cfg.steps):
                     self.sample_grid(self.eval_model, self.step)
@@ -435,6 +435,6 @@ def format_metrics(metrics: dict) -> str:
     for k, v in metrics.items():
         if not isinstance(v, (int, float)):
             continue
-        fmt = ".2e" if k.startswith("lr") else ".3f" if k.startswith("grad_norm") else ".4f"
+        fmt = ".2e" if k == "lr" or k.endswith("_lr") else ".3f" if "grad_norm" in k else ".4f"
         parts.append(f"{k} {v:{fmt}}")
     return " ".join(parts)
