@@ -4,14 +4,12 @@ import json
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 from torch import nn
 
 from torchdiffusion.core.objectives import Objective
-from torchdiffusion.data import ImageArrayDataset
 from torchdiffusion.errors import ConfigError
 from torchdiffusion.nn.classifier import Classifier, ClassifierConfig
 from torchdiffusion.seeding import linear_step_seed, mix_seed
@@ -81,6 +79,21 @@ def test_diffusion_step_uses_the_injected_encode(tmp_path):
     assert rows[0] != rows[1]
 
 
+def test_diffusion_checkpoint_groups_and_metric_columns_are_unchanged(tmp_path):
+    from torchdiffusion.train.logger import METRIC_COLUMNS
+    t = Trainer(TrainConfig(steps=2, batch_size=8, warmup_steps=1, log_every=1, val_every=1, sample_every=9,
+                            ckpt_every=9), model=tiny_model(), objective=Objective("lognormal", "edm"),
+                train_set=tiny_data(), val_set=tiny_data(16), run_dir=tmp_path, seed=0, resolved_config={},
+                data_fingerprint="f", progress=False)
+    t.fit()
+    c = ckpt.load_checkpoint(ckpt.resolve_latest(tmp_path / "checkpoints"))
+    assert sorted(c.tensors) == ["ema", "model", "optim", "rng"]
+    assert {"config", "optim", "rng", "trainer", "data_fingerprint"} <= set(c.meta)
+    assert c.meta["trainer"] == {"step": 2, "nan_skips": 0, "images_seen": 16}
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == ",".join(METRIC_COLUMNS)
+    assert t.model is t.train_step_obj.model and t.opt is t.train_step_obj.optimizers()["model"]
+
+
 # ------------------------------------------------------------------------------ autoencoder + discriminator
 class TinyAE(nn.Module):
     def __init__(self):
@@ -104,16 +117,15 @@ class TinyD(nn.Module):
 D_START = 3
 
 
-def ae_loss(nets, batch, g):
+def ae_loss(nets, batch, step, g):
     """Reconstruction + (from D_START on) the hinge generator loss -D(x_hat) (Lim & Ye 2017)."""
     x = batch["x"]
     x_hat = nets["ae"](x)
     rec = (x_hat - x).abs().mean()
-    adv = -nets["disc"](x_hat).mean() if batch["step"] >= D_START else x_hat.sum() * 0.0
-    return rec + 0.1 * adv
+    return rec - 0.1 * nets["disc"](x_hat).mean() if step >= D_START else rec
 
 
-def disc_loss(nets, batch, g):
+def disc_loss(nets, batch, step, g):
     """Hinge discriminator loss on real images (with a little noise from the step's generator) and reconstructions."""
     x = batch["x"]
     real = x + 0.01 * torch.randn(x.shape, generator=g)
@@ -125,18 +137,13 @@ def gan_step(steps):
     torch.manual_seed(0)
     ae, d = TinyAE(), TinyD()
 
-    class StepWithCounter(MultiModelStep):  # the losses need the global step (the discriminator's start)
-        def train_step(self, batch, step):
-            return super().train_step({**batch, "step": torch.full((batch["x"].shape[0],), step)}, step)
-
     def validate(models):
         x = tiny_data(16).batch(torch.arange(16))["x"].float() / 127.5 - 1
         return {"val_rec": float((models["ae"](x) - x).abs().mean())}
 
-    wrapped_ae_loss = lambda nets, b, g: ae_loss(nets, {**b, "step": int(b["step"][0])}, g)  # noqa: E731
-    return StepWithCounter(
+    return MultiModelStep(
         {"ae": ModelSpec(ae, ema_halflife_images=40.0), "disc": ModelSpec(d)},
-        [Update("ae", "ae", wrapped_ae_loss, LRSchedule(3e-3, 2, steps, "cosine"), grad_clip=1.0),
+        [Update("ae", "ae", ae_loss, LRSchedule(3e-3, 2, steps, "cosine"), grad_clip=1.0),
          Update("disc", "disc", disc_loss, LRSchedule(1e-3, 2, steps, "constant", start_step=D_START),
                 optimizer=lambda p: torch.optim.Adam(p, betas=(0.5, 0.9)), start_step=D_START)],
         validate=validate, validation_columns=("val_rec",))
@@ -175,7 +182,7 @@ def test_autoencoder_with_discriminator_trains_and_resumes_bit_exactly(tmp_path)
     assert [r["disc_loss"] == "" for r in rows] == [True] * D_START + [False] * (8 - D_START)
     assert [float(r["disc_lr"]) for r in rows[D_START:D_START + 3]] == [5e-4, 1e-3, 1e-3]
     assert rows[3]["val_rec"] != "" and rows[7]["val_rec"] != "" and rows[0]["val_rec"] == ""
-    assert ref.train_step_obj.opts["disc"].state_dict()["state"][0]["step"] == 8 - D_START
+    assert ref.train_step_obj.optimizers()["disc"].state_dict()["state"][0]["step"] == 8 - D_START
     # the EMA of the autoencoder moved away from both its start and the raw weights
     ema, raw = a.tensors["ema_ae"]["enc.weight"], a.tensors["model_ae"]["enc.weight"]
     torch.manual_seed(0)

@@ -175,6 +175,9 @@ class ClassifierStep:
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": self.opt}
+
     @property
     def eval_model(self) -> nn.Module:
         return self.ema if self.ema is not None else self.model

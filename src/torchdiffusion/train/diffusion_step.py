@@ -69,6 +69,9 @@ class DiffusionStep:
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": self.opt}
+
     @property
     def eval_model(self) -> nn.Module:
         """The model in-loop evaluation and sample grids use: the EMA."""

@@ -4,8 +4,9 @@ KL-VAE + GAN first stage of latent diffusion, Rombach et al. 2022, Sec. 3 and Ap
 
 Per global step k the updates run in their given order; update u runs when k >= u.start_step:
     lr <- u.schedule(k); zero u's gradients; backward of u.loss over the micro-batches; clip; step u's optimiser.
-u.loss(nets, batch, generator) -> scalar sees every model (under DDP when distributed) by name and the
-encoded batch; a later update sees the parameters the earlier ones just changed. Its generator is seeded by
+u.loss(nets, batch, k, generator) -> scalar sees every model (under DDP when distributed) by name, the
+encoded micro-batch and the global step k (e.g. to switch on an adversarial term where the discriminator
+starts); a later update sees the parameters the earlier ones just changed. Its generator is seeded by
 seeding.mix_seed(seed, k, u's index, rank, tag=b"multi-step") (per process, so W processes draw other numbers
 than one). If any update's loss or gradient is non-finite, the step reports None (the loop's NaN policy);
 updates before it in the order have been applied.
@@ -47,7 +48,7 @@ class Update:
     """One optimiser: it updates the parameters of `model` with the gradient of `loss`, from start_step on."""
     name: str
     model: str
-    loss: Callable[[Mapping[str, nn.Module], dict, torch.Generator], Tensor]
+    loss: Callable[[Mapping[str, nn.Module], dict, int, torch.Generator], Tensor]
     schedule: LRSchedule
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = \
         lambda params: torch.optim.AdamW(params)  # noqa: E731
@@ -107,7 +108,6 @@ class MultiModelStep:
     def modules(self) -> dict[str, nn.Module]:
         return dict(self.models)
 
-    @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return dict(self.opts)
 
@@ -133,7 +133,7 @@ class MultiModelStep:
             opt, scaler = self.opts[u.name], self.scalers[u.name]
             set_lr(opt, u.schedule(step))
             opt.zero_grad(set_to_none=True)
-            loss = ctx.accumulate(self.nets.values(), lambda rows: u.loss(self.nets, split_rows(batch, rows), g),
+            loss = ctx.accumulate(self.nets.values(), lambda rows: u.loss(self.nets, split_rows(batch, rows), step, g),
                                   scaler)
             grad_norm = ctx.apply(opt, self.models[u.model].parameters(), u.grad_clip, scaler, loss)
             if grad_norm is None:

@@ -60,6 +60,9 @@ class TrainStep(Protocol):
     def modules(self) -> dict[str, nn.Module]:
         """The trained models by name (parameter counts, train/eval mode)."""
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers by name, in update order."""
+
     def ema_pairs(self, step: int) -> Sequence[EMAPair]:
         """The EMA copies to update after a successful global step `step` (may depend on it)."""
 
