@@ -1,9 +1,14 @@
 """The training loop: iteration, accumulation, precision, DDP, EMA, cadence, logging, checkpoints, resume.
 
+The loop is the same for every model the project trains; what is trained is a step object (train.step's
+TrainStep: train.diffusion_step.DiffusionStep, train.classifier.ClassifierStep, train.multi_step.MultiModelStep),
+which owns its models, optimisers, lr schedules and losses.
+
 Determinism (RELIABILITY 1, 2, 7): the batch of global step k comes from the data order function of (seed, epoch,
-position), and its training noise (sigma and n) from a generator seeded by (seed, k). Nothing depends on how many
-steps this process has run, so an interrupted and resumed run consumes exactly the same samples and noise as an
-uninterrupted one, and a run on W processes draws the same global batch as a run on one.
+position), and a step's randomness (e.g. the diffusion training noise, sigma and n) from a generator seeded by
+(seed, k). Nothing depends on how many steps this process has run, so an interrupted and resumed run consumes
+exactly the same samples and noise as an uninterrupted one, and a run on W processes draws the same global batch
+as a run on one.
 """
 from __future__ import annotations
 
