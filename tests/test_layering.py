@@ -11,7 +11,7 @@ from fixtures_images import write_files
 import torchdiffusion
 
 ROWS = {
-    "protocols": 0, "errors": 0,
+    "protocols": 0, "errors": 0, "seeding": 0,
     "core": 1, "nn": 1,
     "sampling": 2, "data": 2,
     "guidance": 3, "inverse": 3, "autoencoders": 3,

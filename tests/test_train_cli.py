@@ -285,7 +285,7 @@ def test_folder_with_val_split_is_a_config_error(tmp_path):
 def test_resume_check_fills_keys_an_older_release_did_not_store():
     """A checkpoint written before a config field existed resumes: the stored config is completed with today's
     defaults before the change check; a genuinely changed value is still reported."""
-    from torchdiffusion.cli.main import _complete_config
+    from torchdiffusion.config.training import complete_config as _complete_config
     from torchdiffusion.config.schema import RunConfig
     from torchdiffusion.config.strict import to_dict
     from torchdiffusion.train.trainer import _diff_configs

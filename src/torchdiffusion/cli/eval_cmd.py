@@ -238,48 +238,6 @@ def eval_is(fake, n, is_weights, classifier, splits, out, batch, threads, device
               f" (N={result['n_fake']}, {splits} splits)")
 
 
-# ------------------------------------------------------------------------------------------- in-loop
-def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=None, cache_dir=None, decode=None):
-    """The train command's in-loop evaluator (None when train.eval_every is 0).
-
-    Reference: the first train.eval_reference_images images of train.eval_reference (default the data's
-    val_split, else its training split), cached like `eval ref`; the main process computes a missing
-    cache file first, the others then read it. Samples: train.eval_sampler / eval_steps (default the
-    sample section), one generator per seed like `sample`."""
-    from ..config.build import build_data, build_sampler, build_sigmas
-    from ..eval import InceptionFeatures, InLoopEvaluator, cached_reference
-    from ..pipelines.generate import generate
-    from ..pipelines.settings import override_sample
-    from ..train import distributed
-
-    t = cfg.train
-    if not t.eval_every:
-        return None
-    cache_dir = cache_dir or os.environ.get("TORCHDIFFUSION_CACHE_DIR") or None
-    scfg = override_sample(cfg.sample, sampler=t.eval_sampler, steps=t.eval_steps,
-                           source="train.eval_sampler / train.eval_steps", steps_name="train.eval_steps")
-    sampler, sigmas = build_sampler(scfg), build_sigmas(scfg, model.process)
-    weights = None if t.eval_features == "inception" else t.eval_features
-    extractor = InceptionFeatures(weights, device=device, option="train.eval_features (a local default_1.pt)")
-    split = t.eval_reference or cfg.data.val_split or cfg.data.split
-    real = train_set if (cfg.data.kind == "folder" or split == cfg.data.split) else build_data(cfg.data, split)
-    images = real.x[:t.eval_reference_images] if t.eval_reference_images else real.x
-    source = f"{cfg.data.kind}:{split}[:{len(images)}]"
-    reference = None
-    if info.is_main:
-        reference, _, _ = cached_reference(images, extractor, source=source, cache_dir=cache_dir,
-                                           progress=_progress(f"in-loop reference {source}"))
-    distributed.barrier(info)
-    if reference is None:
-        reference, _, _ = cached_reference(images, extractor, source=source, cache_dir=cache_dir)
-
-    def sample_images(ema, seeds):
-        return generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device, cond_for=cond_for,
-                        decode=decode)
-
-    return InLoopEvaluator(sample_images, extractor, reference, t.eval_images, kid_subsets=t.eval_kid_subsets)
-
-
-__all__ = ["build_inloop_evaluator", "eval_group", "load_sample_folder", "load_real_images", "make_extractor"]
+__all__ = ["eval_group", "load_sample_folder", "load_real_images", "make_extractor"]
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(eval_group())

@@ -25,15 +25,37 @@ from ..errors import ConfigError
 @click.option("--width", type=int, default=16, show_default=True, help="Base channels of the encoder.")
 @click.option("--seed", type=int, default=None, help="Default: the preset's seed.")
 @click.option("--threads", type=int, default=None)
-def train_classifier_cmd(preset, overrides, noisy, run_dir, steps, batch_size, lr, width, seed, threads):
+@click.option("--resume", default="none", show_default=True,
+              help="none: a new run (the folder must hold no checkpoint); latest: continue the folder's latest "
+                   "checkpoint; or a checkpoint folder.")
+def train_classifier_cmd(preset, overrides, noisy, run_dir, steps, batch_size, lr, width, seed, threads, resume):
     """Train an image classifier (clean, for judging samples; --noisy, for classifier guidance)."""
     from ..config.build import build_data, build_process
     from ..config.presets_io import load_preset, resolve
+    from ..config.registry import kind_name
     from ..config.strict import to_dict
-    from ..nn.classifier import Classifier, ClassifierConfig
-    from ..train.classifier import ClassifierTrainConfig, check_run_dir_free, train_classifier
 
-    check_run_dir_free(run_dir)
+    def process_dict(p) -> dict:
+        return {"kind": kind_name("process", p), **to_dict(p)}
+    from ..errors import CheckpointError
+    from ..nn.classifier import Classifier, ClassifierConfig
+    from ..train import checkpoint as ckpt
+    from ..train import distributed
+    from ..train.classifier import ClassifierTrainConfig, check_run_dir_free, train_classifier
+    from .common import dist_info  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+
+    ckpt_dir = run_dir / "checkpoints"
+    if resume == "none":
+        check_run_dir_free(run_dir)
+        resume_from = None
+    elif resume == "latest":
+        resume_from = ckpt.resolve_latest(ckpt_dir) if ckpt_dir.exists() else None
+    else:
+        resume_from = Path(resume)
+        if not resume_from.exists():
+            raise CheckpointError(f"{resume_from}: --resume checkpoint does not exist; training does not silently "
+                                  f"start fresh (use --resume none to start a new run)")
+    info = dist_info()
     if threads:
         torch.set_num_threads(threads)
     cfg = resolve(load_preset(preset), list(overrides))
@@ -50,22 +72,22 @@ def train_classifier_cmd(preset, overrides, noisy, run_dir, steps, batch_size, l
                             model_channels=width, sigma_data=cfg.model.sigma_data)
     tcfg = ClassifierTrainConfig(steps=steps or (2000 if noisy else 800), batch_size=batch_size, lr=lr, noisy=noisy,
                                  sigma_min=float(process.sigma_min), sigma_max=float(process.sigma_max))
+    if batch_size % info.world_size:
+        raise ConfigError(f"--batch-size {batch_size} must split evenly over {info.world_size} processes")
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
     model = Classifier(ccfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(run_dir / "log.txt", "a")
-
-    def log(msg: str) -> None:
-        click.echo(msg)
-        log_file.write(msg + "\n")
-        log_file.flush()
-
-    log(f"training a {'noisy' if noisy else 'clean'} classifier: {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters, {len(train_set):,} images, {train_set.num_classes} classes"
-        + (f", sigma in [{tcfg.sigma_min:g}, {tcfg.sigma_max:g}]" if noisy else ""))
+    if info.is_main and resume_from is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        click.echo(f"training a {'noisy' if noisy else 'clean'} classifier: "
+                   f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(train_set):,} images, "
+                   f"{train_set.num_classes} classes"
+                   + (f", sigma in [{tcfg.sigma_min:g}, {tcfg.sigma_max:g}]" if noisy else ""))
+    device = torch.device("cpu")
+    distributed.init(info, device)
     try:
-        train_classifier(model, tcfg, train_set, val_set, run_dir, seed=seed,
-                         stored_config={"data": to_dict(cfg.data), "process": to_dict(cfg.model.process)}, log=log)
+        train_classifier(model, tcfg, train_set, val_set, run_dir, seed=seed, resume_from=resume_from,
+                         stored_config={"data": to_dict(cfg.data), "process": process_dict(cfg.model.process)},
+                         log=click.echo if info.is_main else None, dist=info, device=device)
     finally:
-        log_file.close()
+        distributed.shutdown(info)

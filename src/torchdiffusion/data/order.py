@@ -14,14 +14,13 @@ epoch k // S, position k % S, so resuming at step k replays the uninterrupted se
 """
 from __future__ import annotations
 
-import hashlib
-import struct
 from typing import Iterator, Protocol
 
 import torch
 from torch import Tensor
 
 from torchdiffusion.errors import DataError
+from torchdiffusion.seeding import mix_seed
 
 __all__ = ["epoch_seed", "epoch_permutation", "epoch_shard", "steps_per_epoch",
            "batch_indices", "iterate_batches"]
@@ -39,8 +38,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
     A hash rather than seed + epoch, so that run (seed=1, epoch=0) and run (seed=0, epoch=1) do
     not share a permutation.
     """
-    digest = hashlib.sha256(struct.pack("<qq", int(seed), int(epoch))).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return mix_seed(seed, epoch)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> Tensor:

@@ -11,19 +11,16 @@ labels of the same images as an uninterrupted run on one process.
 """
 from __future__ import annotations
 
-import hashlib
-import struct
-
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..seeding import mix_seed
 
 
 def dropout_seed(seed: int, step: int) -> int:
     """63-bit generator seed of step `step`'s drop decisions: sha256 over a tag and (seed, step)."""
-    digest = hashlib.sha256(b"cond-dropout" + struct.pack("<qq", int(seed), int(step))).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return mix_seed(seed, step, tag=b"cond-dropout")
 
 
 def drop_mask(batch: int, p: float, seed: int, step: int, rank: int = 0, world_size: int = 1) -> Tensor:

@@ -20,8 +20,10 @@ TIMING_COLUMNS = ("images_per_s", "wall_s")
 
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True,
-                 progress: bool | None = None):
+                 progress: bool | None = None, columns: list[str] | None = None):
+        """columns: metrics.csv's header (default METRIC_COLUMNS; a training step may add its own)."""
         self.enabled = enabled
+        self.columns = list(columns or METRIC_COLUMNS)
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.csv"
         self.log_path = run_dir / "log.txt"
@@ -39,13 +41,13 @@ class RunLogger:
         """On resume, drop rows written after the checkpoint we resume from, so every step has exactly one row."""
         if not self.metrics_path.exists():
             with open(self.metrics_path, "w", newline="") as f:
-                csv.writer(f).writerow(METRIC_COLUMNS)
+                csv.writer(f).writerow(self.columns)
             return
         with open(self.metrics_path, newline="") as f:
             rows = list(csv.reader(f))
         header = rows[0]
-        if header != METRIC_COLUMNS:  # a file from an older version: same columns by name, new ones empty
-            rows = [METRIC_COLUMNS] + [[dict(zip(header, r)).get(c, "") for c in METRIC_COLUMNS] for r in rows[1:] if r]
+        if header != self.columns:  # a file from an older version: same columns by name, new ones empty
+            rows = [self.columns] + [[dict(zip(header, r)).get(c, "") for c in self.columns] for r in rows[1:] if r]
         keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start_step]
         tmp = self.metrics_path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
@@ -67,7 +69,7 @@ class RunLogger:
         if not self.enabled:
             return
         with open(self.metrics_path, "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row.get(c)) for c in METRIC_COLUMNS])
+            csv.writer(f).writerow([_fmt(row.get(c)) for c in self.columns])
 
     def progress(self, step: int, postfix: Mapping[str, Any] | None = None) -> None:
         if self.bar is not None:

@@ -1,14 +1,17 @@
 """The training loop: iteration, accumulation, precision, DDP, EMA, cadence, logging, checkpoints, resume.
 
+The loop is the same for every model the project trains; what is trained is a step object (train.step's
+TrainStep: train.diffusion_step.DiffusionStep, train.classifier.ClassifierStep, train.multi_step.MultiModelStep),
+which owns its models, optimisers, lr schedules and losses.
+
 Determinism (RELIABILITY 1, 2, 7): the batch of global step k comes from the data order function of (seed, epoch,
-position), and its training noise (sigma and n) from a generator seeded by (seed, k). Nothing depends on how many
-steps this process has run, so an interrupted and resumed run consumes exactly the same samples and noise as an
-uninterrupted one, and a run on W processes draws the same global batch as a run on one.
+position), and a step's randomness (e.g. the diffusion training noise, sigma and n) from a generator seeded by
+(seed, k). Nothing depends on how many steps this process has run, so an interrupted and resumed run consumes
+exactly the same samples and noise as an uninterrupted one, and a run on W processes draws the same global batch
+as a run on one.
 """
 from __future__ import annotations
 
-import copy
-from contextlib import nullcontext
 import math
 import time
 from dataclasses import dataclass
@@ -17,19 +20,20 @@ from typing import Any, Callable, Literal, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ..core.objectives import Objective
 from ..core.precond import Preconditioned
-from ..data.convert import to_model_range
 from ..data.order import iterate_batches
 from ..errors import TorchDiffusionError
 from ..protocols import Cond
+from ..seeding import linear_step_seed
 from . import checkpoint as ckpt
-from .distributed import DistInfo, barrier, mean_across
+from .distributed import DistInfo, barrier
 from .ema import ema_beta, ema_update
-from .logger import RunLogger
-from .state import capture_rng, flatten_optimizer_state, restore_rng, unflatten_optimizer_state
+from .logger import METRIC_COLUMNS, RunLogger
+from .schedule import lr_at_step
+from .state import capture_rng, restore_rng
+from .step import LoopContext, StepState, TrainStep
 
 
 @dataclass(frozen=True)
@@ -124,18 +128,13 @@ def interleave(parts: list) -> Any:
 
 
 def step_seed(seed: int, step: int) -> int:
-    """Seed of the training-noise generator of global step `step` (a fixed 64-bit mix, SplitMix64 constants)."""
-    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2**63 - 1)
-    return z
+    """Seed of the diffusion step's training-noise generator of global step `step` (seeding.linear_step_seed)."""
+    return linear_step_seed(seed, step)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up to cfg.lr, then constant or cosine decay to 0 at cfg.steps."""
-    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-    if cfg.lr_schedule == "cosine":
-        progress = min(1.0, max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.lr * warm
+    """Linear warm-up to cfg.lr, then constant or cosine decay to 0 at cfg.steps (train.schedule)."""
+    return lr_at_step(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
 
 
 def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -155,26 +154,39 @@ class TrainResult:
 
 
 class Trainer:
-    """One loop for every model; `model` implements the denoiser contract, `objective` gives per-sample losses."""
+    """The one training loop (DESIGN 2b, "TrainStep"); what is trained, and how, is the `step` (train.step).
 
-    def __init__(self, cfg: TrainConfig, *, model: Preconditioned, objective: Objective, train_set, val_set,
-                 run_dir: Path, seed: int, resolved_config: dict, data_fingerprint: str,
+    Trainer(cfg, step=a TrainStep, ...) trains any step. Trainer(cfg, model=..., objective=..., make_cond=...,
+    encode=...) builds the diffusion step (train.diffusion_step.DiffusionStep) from cfg, as before steps existed.
+    cfg supplies the loop's settings: steps, batch_size, grad_accum, precision, cadence, keep_last, NaN policy,
+    time budget and in-loop evaluation."""
+
+    def __init__(self, cfg: TrainConfig, *, model: Preconditioned | None = None, objective: Objective | None = None,
+                 train_set, val_set, run_dir: Path, seed: int, resolved_config: dict, data_fingerprint: str,
+                 step: TrainStep | None = None,
                  make_cond: Callable[[dict, Optional[int]], Cond] | None = None,
+                 encode: Callable[[Tensor], Tensor] | None = None,
                  sample_grid: Callable[[nn.Module, int], None] | None = None,
                  dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"),
                  should_stop: Callable[[], bool] | None = None, progress: bool | None = None,
                  until_step: int | None = None, evaluator: Evaluator | None = None,
                  complete_config: Callable[[dict], dict] | None = None):
-        self.cfg, self.model, self.objective = cfg, model.to(device), objective
+        self.cfg = cfg
+        if step is None:
+            if model is None or objective is None:
+                raise TrainingError("Trainer needs a training step, or a model and an objective for the diffusion step")
+            from .diffusion_step import DiffusionStep
+            step = DiffusionStep.from_config(cfg, model, objective, make_cond=make_cond, val_set=val_set,
+                                             **({} if encode is None else {"encode": encode}))
+        elif model is not None or objective is not None:
+            raise TrainingError("Trainer takes either a step or a model and an objective, not both")
+        self.train_step_obj = step
         # complete_config(stored) -> the stored config with today's defaults filled in for keys that a checkpoint
         # of an earlier release does not have, so adding a config field never blocks resuming an older run
         self.complete_config = complete_config or (lambda d: d)
         self.train_set, self.val_set = train_set, val_set
         self.run_dir, self.seed, self.resolved_config = Path(run_dir), seed, resolved_config
         self.data_fingerprint = data_fingerprint
-        # make_cond(batch, step): step is the global training step (e.g. to seed condition dropout), None for
-        # validation (the validation loss is the conditional model's: no dropout)
-        self.make_cond = make_cond or (lambda batch, step: None)
         self.sample_grid = sample_grid
         self.dist, self.device = dist, device
         self.should_stop = should_stop or (lambda: False)
@@ -188,35 +200,48 @@ class Trainer:
             raise TrainingError(f"train.batch_size {cfg.batch_size} must split evenly over {dist.world_size} "
                                 f"process(es) x {cfg.grad_accum} accumulation round(s)")
         self.per_rank = per_rank
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                     weight_decay=cfg.weight_decay)
-        self.objective_module = _ObjectiveModule(self.model, objective)
-        self.ddp = (DistributedDataParallel(self.objective_module,
-                                            device_ids=[device.index] if device.type == "cuda" else None)
-                    if dist.enabled else None)
-        # fp16 needs loss scaling; bf16 and fp32 do not (autocast itself is set on the model's backbone).
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.ctx = LoopContext(seed=seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                               precision=cfg.precision, dist=dist, device=device)
+        step.setup(self.ctx)
+        self.columns = METRIC_COLUMNS + [c for c in step.metric_columns if c not in METRIC_COLUMNS]
         self.step = 0
         self.nan_skips = 0
         self.ckpt_dir = self.run_dir / "checkpoints"
 
+    # the diffusion step's parts under their former names (code and tests written before steps existed)
+    @property
+    def model(self) -> nn.Module:
+        return self.train_step_obj.model
+
+    @property
+    def ema(self) -> nn.Module:
+        return self.train_step_obj.ema
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        return self.train_step_obj.opt
+
+    @property
+    def eval_model(self) -> nn.Module | None:
+        return getattr(self.train_step_obj, "eval_model", None)
+
     # ----------------------------------------------------------------- checkpoints
+    def _trainer_meta(self) -> dict:
+        return {"step": self.step, "nan_skips": self.nan_skips, "images_seen": self.step * self.cfg.batch_size,
+                **({"best_value": self.best_value, "best_step": self.best_step,
+                    "evals_since_best": self.evals_since_best} if self.best_step is not None else {})}
+
     def save(self) -> Path | None:
         path = None
         if self.dist.is_main:
-            opt_tensors, opt_skeleton = flatten_optimizer_state(self.opt.state_dict())
+            state = self.train_step_obj.state_dict()
             rng_tensors, rng_json = capture_rng({})
+            extra = dict(state.meta)
+            trainer_meta = {**self._trainer_meta(), **extra.pop("trainer", {})}
             path = ckpt.save_checkpoint(
                 self.ckpt_dir, self.step,
-                tensors={"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optim": opt_tensors,
-                         "rng": rng_tensors, **_objective_state(self.objective)},
-                meta={"config": self.resolved_config, "optim": opt_skeleton, "rng": rng_json,
-                      "trainer": {"step": self.step, "nan_skips": self.nan_skips,
-                                  "images_seen": self.step * self.cfg.batch_size,
-                                  **({"best_value": self.best_value, "best_step": self.best_step,
-                                      "evals_since_best": self.evals_since_best}
-                                     if self.best_step is not None else {})},
+                tensors={**state.tensors, "rng": rng_tensors},
+                meta={"config": self.resolved_config, **extra, "rng": rng_json, "trainer": trainer_meta,
                       "data_fingerprint": self.data_fingerprint},
                 data_fingerprint=self.data_fingerprint)
             ckpt.prune(self.ckpt_dir, self.cfg.keep_last)
@@ -233,11 +258,7 @@ class Trainer:
         if c.meta.get("data_fingerprint") not in (None, self.data_fingerprint) and not allow_changes:
             raise TrainingError(f"{path}: cannot resume, the training data differ from the checkpoint's "
                                 f"(fingerprint {c.meta['data_fingerprint'][:12]} vs {self.data_fingerprint[:12]})")
-        self.model.load_state_dict(c.tensors["model"])
-        self.ema.load_state_dict(c.tensors["ema"])
-        if "objective" in c.tensors and getattr(self.objective, "state", None) is not None:
-            self.objective.state.load_state_dict(c.tensors["objective"])  # e.g. importance sampling's history
-        self.opt.load_state_dict(unflatten_optimizer_state(c.tensors["optim"], c.meta["optim"]))
+        self.train_step_obj.load_state_dict(StepState(c.tensors, c.meta))
         restore_rng(c.tensors.get("rng", {}), c.meta.get("rng"), {})
         self.step = int(c.meta["trainer"]["step"])
         self.nan_skips = int(c.meta["trainer"].get("nan_skips", 0))
@@ -247,69 +268,27 @@ class Trainer:
             self.evals_since_best = int(c.meta["trainer"]["evals_since_best"])
 
     # ----------------------------------------------------------------- one step
-    def _noise(self, step: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """The global batch's (sigma, n) for this step; each process takes its own rows, strided like its data
-        (data.order gives rank r the global batch rows r, r + W, r + 2W, ...)."""
-        g = torch.Generator().manual_seed(step_seed(self.seed, step))
-        sigma = self.objective.sample_sigma(self.cfg.batch_size, self.model.process, g)
-        noise = torch.randn((self.cfg.batch_size,) + tuple(shape[1:]), generator=g)
-        rows = slice(self.dist.rank, None, self.dist.world_size)
-        return sigma[rows].to(self.device), noise[rows].to(self.device)
-
     def _train_step(self, batch: dict) -> dict[str, float] | None:
-        cfg = self.cfg
-        x0 = to_model_range(batch["x"]).to(self.device)
-        cond = self.make_cond(batch, self.step)
-        sigma, noise = self._noise(self.step, tuple(x0.shape))
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(cfg, self.step)
-        self.opt.zero_grad(set_to_none=True)
-        micro = self.per_rank // cfg.grad_accum
-        net = self.ddp or self.objective_module
-        loss_sum = torch.zeros((), device=self.device)
-        for m in range(cfg.grad_accum):
-            rows = slice(m * micro, (m + 1) * micro)
-            mcond = None if cond is None else {k: v[rows] for k, v in cond.items()}
-            last = m == cfg.grad_accum - 1
-            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else nullcontext()
-            with sync:
-                loss = net(x0[rows], mcond, sigma[rows], noise[rows]).mean()
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-        loss_mean = float(mean_across(loss_sum / cfg.grad_accum, self.dist))
-        self.scaler.unscale_(self.opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = float(grad_norm)
-        if not math.isfinite(loss_mean) or (not math.isfinite(grad_norm) and not self.scaler.is_enabled()):
+        out = self.train_step_obj.train_step(batch, self.step)
+        if out is None:
             return None
-        self.scaler.step(self.opt)  # with fp16, an overflow skips the update and lowers the scale
-        self.scaler.update()
-        ema_update(self.ema, self.model, ema_beta(self.step, cfg.batch_size, cfg.ema_halflife_images, cfg.ema_rampup))
-        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": self.opt.param_groups[0]["lr"]}
+        for pair in self.train_step_obj.ema_pairs(self.step):
+            ema_update(pair.ema, pair.model, ema_beta(self.step, self.cfg.batch_size, pair.halflife_images,
+                                                      pair.rampup))
+        return out
 
-    @torch.no_grad()
+    def validation(self) -> dict[str, float]:
+        return self.train_step_obj.validation()
+
     def validation_loss(self) -> float | None:
-        """EMA model's loss on fixed held-out images with fixed sigma and noise (comparable across steps and runs)."""
-        if self.val_set is None or len(self.val_set) == 0:
-            return None
-        n = min(self.cfg.val_images, len(self.val_set))
-        g = torch.Generator().manual_seed(step_seed(self.seed, -1) ^ 0x5EED)
-        total, bs = 0.0, 256
-        for start in range(0, n, bs):
-            idx = torch.arange(start, min(n, start + bs))
-            batch = self.val_set.batch(idx)
-            x0 = to_model_range(batch["x"]).to(self.device)
-            sigma = self.objective.sample_sigma(len(idx), self.model.process, g).to(self.device)
-            noise = torch.randn(x0.shape, generator=g).to(self.device)
-            total += float(self.objective.loss(self.ema, x0, self.make_cond(batch, None), sigma=sigma, noise=noise).sum())
-        return total / n
+        """The step's validation loss ("val_loss"), None without validation data."""
+        return self.validation().get("val_loss")
 
     # ----------------------------------------------------------------- in-loop evaluation
     def evaluate(self) -> dict:
-        """FID/KID of the EMA model's samples: every process samples its share, the main process scores the
-        gathered set, every process gets the scores (so all take the same stop decision)."""
-        feats = self.evaluator.features(self.ema, self.dist.rank, self.dist.world_size)
+        """FID/KID of the step's eval_model samples (the EMA): every process samples its share, the main process
+        scores the gathered set, every process gets the scores (so all take the same stop decision)."""
+        feats = self.evaluator.features(self.eval_model, self.dist.rank, self.dist.world_size)
         if not self.dist.enabled:
             return self.evaluator.score(feats)
         import torch.distributed as tdist
@@ -322,7 +301,7 @@ class Trainer:
         return box[0]
 
     def _record_evaluation(self, scores: dict, log: RunLogger) -> None:
-        """Track the best value of cfg.eval_metric; on improvement keep the EMA and raw weights in
+        """Track the best value of cfg.eval_metric; on improvement keep the step's weights (EMA and raw) in
         checkpoints/best/ (never pruned by keep_last) and describe them in eval/best.json."""
         import json
         metric = self.cfg.eval_metric
@@ -348,7 +327,7 @@ class Trainer:
             best_dir = self.ckpt_dir / "best"
             path = ckpt.save_checkpoint(
                 best_dir, self.step,
-                tensors={"model": self.model.state_dict(), "ema": self.ema.state_dict()},
+                tensors=self.train_step_obj.weights(),
                 meta={"config": self.resolved_config, "eval": entry,
                       "trainer": {"step": self.step, "images_seen": self.step * self.cfg.batch_size},
                       "data_fingerprint": self.data_fingerprint},
@@ -363,16 +342,20 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def fit(self, resume_from: Path | None = None, allow_changes: bool = False) -> TrainResult:
         cfg = self.cfg
+        stepper = self.train_step_obj
         if resume_from is not None:
             self.restore(resume_from, allow_changes)
-        log = RunLogger(self.run_dir, cfg.steps, self.step, enabled=self.dist.is_main, progress=self.progress)
+        log = RunLogger(self.run_dir, cfg.steps, self.step, enabled=self.dist.is_main, progress=self.progress,
+                        columns=self.columns)
         if resume_from is not None:
             log.info(f"resumed from {resume_from} at step {self.step}")
         else:
-            log.info(f"training from scratch: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+            n_params = sum(p.numel() for m in stepper.modules().values() for p in m.parameters())
+            log.info(f"training from scratch: {n_params:,} parameters, "
                      f"{len(self.train_set):,} training images, global batch {cfg.batch_size} on "
                      f"{self.dist.world_size} process(es)")
-        self.model.train()
+        for m in stepper.modules().values():
+            m.train()
         t_start = time.perf_counter()
         t_last, step_last = t_start, self.step
         stopped, last_ckpt = "done", None
@@ -390,12 +373,13 @@ class Trainer:
                                             f"saving. Last good checkpoint: {last or 'none'}")
                     log.info(f"step {self.step}: non-finite loss/gradient, update skipped "
                              f"({self.nan_skips}/{cfg.max_nan_skips})")
-                    out = {"loss": float("nan"), "grad_norm": float("nan"), "lr": lr_at(cfg, self.step)}
+                    out = stepper.nan_metrics(self.step)
                 self.step += 1
                 row = {"step": self.step, "images": self.step * cfg.batch_size, **out}
                 evaluating = self.evaluator is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
                 if self.step % cfg.val_every == 0 or self.step == cfg.steps or evaluating:
-                    row["val_loss"] = self.validation_loss() if self.dist.is_main else None
+                    if self.dist.is_main:
+                        row.update(self.validation())
                 out_of_patience = False
                 if evaluating:
                     scores = self.evaluate()
@@ -406,15 +390,15 @@ class Trainer:
                 row["wall_s"] = round(now - t_start, 3)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     row["images_per_s"] = round((self.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9), 2)
-                    log.info(f"step {self.step}/{cfg.steps} loss {out['loss']:.4f} grad_norm {out['grad_norm']:.3f} "
-                             f"lr {out['lr']:.2e} {row['images_per_s']} img/s"
-                             + (f" val_loss {row['val_loss']:.4f}" if row.get("val_loss") is not None else ""))
+                    log.info(f"step {self.step}/{cfg.steps} {format_metrics(out)} {row['images_per_s']} img/s"
+                             + "".join(f" {k} {row[k]:.4f}" for k in row
+                                       if k.startswith("val_") and isinstance(row[k], float)))
                     t_last, step_last = now, self.step
                 log.metrics(row)
-                log.progress(self.step, {"loss": out["loss"]})
+                log.progress(self.step, {k: v for k, v in out.items() if k == "loss" or k.endswith("_loss")})
                 if self.sample_grid is not None and self.dist.is_main and (
                         self.step % cfg.sample_every == 0 or self.step == cfg.steps):
-                    self.sample_grid(self.ema, self.step)
+                    self.sample_grid(self.eval_model, self.step)
                 if cfg.max_minutes > 0 and (now - t_start) / 60 >= cfg.max_minutes and self.step < cfg.steps:
                     stopped = "time"
                 if self.should_stop() and self.step < cfg.steps:
@@ -430,7 +414,7 @@ class Trainer:
                 if stopped != "done":
                     if stopped == "time" and self.sample_grid is not None and self.dist.is_main \
                             and self.step % cfg.sample_every != 0:
-                        self.sample_grid(self.ema, self.step)
+                        self.sample_grid(self.eval_model, self.step)
                     if stopped == "patience":
                         log.info(f"stopped at step {self.step}: no {cfg.eval_metric} improvement in "
                                  f"{self.evals_since_best} evaluations (train.eval_patience); best at step "
@@ -445,18 +429,17 @@ class Trainer:
         return TrainResult(self.step, stopped, last_ckpt)
 
 
-def _objective_state(objective: Objective) -> dict:
-    """The objective's own training state (the loss history of importance sampling) as a checkpoint group."""
-    state = getattr(objective, "state", None)
-    return {} if state is None else {"objective": state.state_dict()}
+#: the loop's name in the step design; Trainer stays the public name
+TrainLoop = Trainer
 
 
-class _ObjectiveModule(nn.Module):
-    """model + objective as one module, so DDP sees the whole loss computation in its forward."""
-
-    def __init__(self, model: Preconditioned, objective: Objective):
-        super().__init__()
-        self.model, self.objective = model, objective
-
-    def forward(self, x0: Tensor, cond: Cond, sigma: Tensor, noise: Tensor) -> Tensor:
-        return self.objective.loss(self.model, x0, cond, sigma=sigma, noise=noise)
+def format_metrics(metrics: dict) -> str:
+    """'loss 0.1234 grad_norm 1.234 lr 1.00e-03' for a log line: learning rates in e-notation, norms to 3
+    decimals, everything else to 4."""
+    parts = []
+    for k, v in metrics.items():
+        if not isinstance(v, (int, float)):
+            continue
+        fmt = ".2e" if k == "lr" or k.endswith("_lr") else ".3f" if "grad_norm" in k else ".4f"
+        parts.append(f"{k} {v:{fmt}}")
+    return " ".join(parts)

@@ -1,0 +1,156 @@
+"""Training a run from its resolved config: the library function behind `torchdiffusion train`.
+
+It sits in config (row 5) because it assembles components from a config (data, conditioners, codec, model,
+objective, sampler for grids, in-loop evaluation) and hands them to the training loop (train.trainer)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from ..train.distributed import DistInfo
+from ..train.trainer import TrainResult
+from .schema import RunConfig
+
+
+def complete_config(cls, stored: dict) -> dict:
+    """A checkpoint's stored config with today's defaults for the keys it predates (unknown keys: left as stored,
+    so the resume check lists them)."""
+    from .strict import from_dict, to_dict
+    try:
+        return to_dict(from_dict(cls, stored))
+    except ConfigError:
+        return stored
+
+
+def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_changes: bool = False,
+              dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"), progress: bool | None = None,
+              until_step: int | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train (or resume) the run of a resolved config in run_dir: data, conditioners and codec from the config,
+    the model sized from the data, the loop with the diffusion step, training-time grids and in-loop evaluation.
+    resume: latest (the folder's newest verified checkpoint, if any), none (a new run: refused if the folder holds
+    checkpoints) or a checkpoint path (must exist). should_stop() is polled at each step boundary (signals)."""
+    import yaml
+    info = dist
+
+    from .build import build_codec, build_conditioning, build_data, build_objective, build_run_model, \
+        build_sampler, build_sigmas, diffusion_shape, resolve_for_data
+    from .strict import to_dict
+    from ..data import dataset_fingerprint
+    from ..pipelines.generate import codec_decoder, generate, make_grid, save_png
+    from ..train import checkpoint as ckpt
+    from ..train import distributed
+    from ..train.trainer import Trainer
+
+    torch.manual_seed(cfg.seed)
+    train_set = build_data(cfg.data)
+    val_set = build_data(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
+    cfg = resolve_for_data(cfg, train_set)  # model.data_shape and class counts from the data, checked
+    conditioning = build_conditioning(cfg.cond, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                                      device=device)
+    make_cond = conditioning if conditioning else None  # conditioners: cond from the batch, with their dropout
+    cond_for = conditioning.cond_for if conditioning else None  # training grids: each conditioner's default
+    model_cfg = cfg.model
+    ckpt_dir = run_dir / "checkpoints"
+    if resume == "latest":
+        resume_from = ckpt.resolve_latest(ckpt_dir) if ckpt_dir.exists() else None
+    elif resume == "none":
+        if ckpt_dir.exists() and ckpt.resolve_latest(ckpt_dir) is not None:
+            raise ConfigError(f"{run_dir} already holds checkpoints; use --resume latest to continue it, "
+                              f"or another --run folder to start fresh")
+        resume_from = None
+    else:
+        resume_from = Path(resume)
+        if not resume_from.exists():
+            raise CheckpointError(f"{resume_from}: --resume checkpoint does not exist; training does not silently "
+                                  f"start fresh (use --resume none to start a new run)")
+    model = build_run_model(cfg)
+    codec = build_codec(model_cfg.codec).to(device)
+    decode = codec_decoder(codec)
+    objective = build_objective(cfg.objective, model_cfg)
+    resolved = to_dict(cfg)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tmp.replace(run_dir / "config.yaml")
+
+    sampler = build_sampler(cfg.sample)
+    sigmas = build_sigmas(cfg.sample, model.process)
+    shape = diffusion_shape(model_cfg)
+    seeds = list(range(cfg.sample.grid_images))
+
+    def sample_grid(ema, step):
+        images = generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device, cond_for=cond_for,
+                          decode=decode)
+        save_png(make_grid(images), run_dir / "samples" / f"grid_{step:08d}.png")
+
+    distributed.init(info, device)
+    try:
+        evaluator = build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for, decode=decode)
+        trainer = Trainer(cfg.train, model=model, objective=objective, train_set=train_set, val_set=val_set,
+                          run_dir=run_dir, seed=cfg.seed, resolved_config=resolved, make_cond=make_cond,
+                          encode=codec.encode,
+                          data_fingerprint=dataset_fingerprint(train_set), sample_grid=sample_grid, dist=info,
+                          device=device, should_stop=should_stop, progress=progress,
+                          until_step=until_step, evaluator=evaluator,
+                          complete_config=lambda stored: complete_config(type(cfg), stored))
+        return trainer.fit(resume_from, allow_changes)
+    finally:
+        distributed.shutdown(info)
+
+
+def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=None, cache_dir=None, decode=None):
+    """The train command's in-loop evaluator (None when train.eval_every is 0).
+
+    Reference: the first train.eval_reference_images images of train.eval_reference (default the data's
+    val_split, else its training split), cached like `eval ref`; the main process computes a missing
+    cache file first, the others then read it. Samples: train.eval_sampler / eval_steps (default the
+    sample section), one generator per seed like `sample`."""
+    from ..eval import InceptionFeatures, InLoopEvaluator, cached_reference
+    from .build import build_data, build_sampler, build_sigmas
+    from ..pipelines.generate import generate
+    from ..pipelines.settings import override_sample
+    from ..train import distributed
+
+    t = cfg.train
+    if not t.eval_every:
+        return None
+    cache_dir = cache_dir or os.environ.get("TORCHDIFFUSION_CACHE_DIR") or None
+    scfg = override_sample(cfg.sample, sampler=t.eval_sampler, steps=t.eval_steps,
+                           source="train.eval_sampler / train.eval_steps", steps_name="train.eval_steps")
+    sampler, sigmas = build_sampler(scfg), build_sigmas(scfg, model.process)
+    weights = None if t.eval_features == "inception" else t.eval_features
+    extractor = InceptionFeatures(weights, device=device, option="train.eval_features (a local default_1.pt)")
+    split = t.eval_reference or cfg.data.val_split or cfg.data.split
+    real = train_set if (cfg.data.kind == "folder" or split == cfg.data.split) else build_data(cfg.data, split)
+    images = real.x[:t.eval_reference_images] if t.eval_reference_images else real.x
+    source = f"{cfg.data.kind}:{split}[:{len(images)}]"
+    reference = None
+    if info.is_main:
+        reference, _, _ = cached_reference(images, extractor, source=source, cache_dir=cache_dir,
+                                           progress=_progress(f"in-loop reference {source}"))
+    distributed.barrier(info)
+    if reference is None:
+        reference, _, _ = cached_reference(images, extractor, source=source, cache_dir=cache_dir)
+
+    def sample_images(ema, seeds):
+        return generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device, cond_for=cond_for,
+                        decode=decode)
+
+    return InLoopEvaluator(sample_images, extractor, reference, t.eval_images, kid_subsets=t.eval_kid_subsets)
+
+
+def _progress(what: str):
+    import sys
+    t0 = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        print(f"  {what}: {done}/{total} images, {rate:.1f} img/s", file=sys.stderr, flush=True)
+    return report
