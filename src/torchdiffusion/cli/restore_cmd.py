@@ -88,6 +88,11 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     dev = resolve_device(device, 0)
     run = load_run(run_dir, ckpt_path, weights, dev)
     model = run.model
+    if run.sample_shape != run.image_shape:
+        from ..config.registry import kind_name
+        raise ConfigError(f"restore measures and solves in pixel space; this model diffuses in the latent space of "
+                          f"model.codec.kind={kind_name('codec', run.config.model.codec)} (shape "
+                          f"{run.sample_shape} for images {run.image_shape}); use a pixel-space run")
     c, h, w = run.sample_shape
     if not input_dir.exists():
         raise DataError(f"--input {input_dir}: no such folder or ZIP file")
