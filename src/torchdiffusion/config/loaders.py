@@ -105,7 +105,7 @@ def load_classifier(run_dir: Path | None = None, checkpoint: Path | None = None,
         raise ConfigError(f"{path} holds no classifier (a diffusion model? use load_run); train one with "
                           f"`torchdiffusion train-classifier`")
     model = Classifier(from_dict(ClassifierConfig, stored["classifier"]))
-    model.load_state_dict(c.tensors["model"])
+    model.load_state_dict(c.tensors["ema" if "ema" in c.tensors else "model"])  # the EMA weights when trained with EMA
     model.eval().requires_grad_(False).to(device)
     model.noisy = bool(stored.get("train", {}).get("noisy", False))
     model.checkpoint_path = path
