@@ -76,7 +76,7 @@ def test_old_runs_sample(legacy, tmp_path, kind):
     assert img.shape == (28, 28) and img.dtype == np.uint8
 
 
-@pytest.mark.parametrize("kind", ["uncond", "iddpm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_old_runs_restore(legacy, tmp_path, kind):
     run_dir = legacy(kind)
     images = tmp_path / "images"
@@ -87,7 +87,7 @@ def test_old_runs_restore(legacy, tmp_path, kind):
     out = tmp_path / "out"
     invoke(["restore", "--run", run_dir, "--task", "inpaint", "--method", "replacement", "--input", images,
             "--outdir", out, "--steps", 3, "--threads", 1])
-    restored = sorted((out / "restored").iterdir())
+    restored = sorted((out / "restored").iterdir())  # a class-conditional run restores with its null label
     assert len(restored) == 2
     # replacement ends with the known half equal to the input (measurement consistency, to uint8 rounding)
     a, b = np.asarray(Image.open(restored[0])), np.asarray(Image.open(images / "0.png"))

@@ -130,8 +130,10 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
             save_png(a, outdir / "restored" / f"{s:06d}.png")
             save_png(b, outdir / "measurement" / f"{s:06d}.png")
 
+    conditioning = run.conditioning  # a conditional model restores with its null condition (unconditional)
+    cond_for = (lambda chunk: conditioning.null(conditioning.for_sampling(chunk))) if conditioning else None
     result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=method_options,
-                            device=dev, on_batch=write)
+                            device=dev, on_batch=write, cond_for=cond_for)
     k = min(len(images), 16)
     shown = to_uint8(measurement_image(op, result.measurement[:k], (c, h, w)))
     rows = torch.cat([shown, to_uint8(result.restored[:k]), images[:k]])

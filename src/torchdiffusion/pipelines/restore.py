@@ -82,9 +82,11 @@ class Restoration:
 def restore_images(denoiser: Denoiser, images: Tensor, seeds: Sequence[int], op: Operator, noise_std: float,
                    method: Callable, sigmas: Tensor, *, batch: int = 16, options: dict | None = None,
                    device: torch.device = torch.device("cpu"),
-                   on_batch: Callable[[Sequence[int], Tensor, Tensor], None] | None = None) -> Restoration:
+                   on_batch: Callable[[Sequence[int], Tensor, Tensor], None] | None = None,
+                   cond_for: Callable[[Sequence[int]], dict] | None = None) -> Restoration:
     """Measure `images` (N, C, H, W, model range) with op + Gaussian noise and restore them with `method`
-    (an inverse.methods.restore_* function) on `sigmas`; one seed per image."""
+    (an inverse.methods.restore_* function) on `sigmas`; one seed per image. cond_for(seeds): the denoiser's
+    condition of a chunk (None: unconditional)."""
     if len(seeds) != len(images):
         raise ConfigError(f"{len(seeds)} seeds for {len(images)} images; give one seed per image")
     noise_model = GaussianNoise(noise_std)
@@ -98,7 +100,8 @@ def restore_images(denoiser: Denoiser, images: Tensor, seeds: Sequence[int], op:
         y = noise_model(op(x0), gens)
         meas = Measurement(op, y, tuple(x0.shape), noise_std)
         noise = randn(tuple(x0.shape), gens).to(device)
-        x = method(denoiser, meas, noise, sigmas, generator=gens, **(options or {}))
+        cond = cond_for(chunk) if cond_for is not None else None
+        x = method(denoiser, meas, noise, sigmas, cond=cond, generator=gens, **(options or {}))
         x = x.detach()
         outs.append(x.cpu())
         ys.append(y.cpu())
