@@ -14,8 +14,10 @@ would end at the budget without the in-loop validation and grids; with them, tra
 the budget, at ~90% of its schedule (lr already below 3% of its peak), so all backbones train for equal minutes. With --mid F a
 checkpoint near F x the budget is kept too and scored the same way (a second point on the FID-minutes curve).
 
-    python bench/backbones_mnist.py --minutes 4 --n 1000 --workdir /tmp/backbones_mnist \
-        --out bench/results/backbones_mnist.json --plot bench/results/backbones_mnist.png
+    python bench/backbones_mnist.py --minutes 4 --n 1000 --probe-minutes 0.15 \
+        --out bench/results/backbones_mnist.json --plot bench/results/backbones_mnist.png --grids bench/results
+
+Run folders go to --workdir (default: the system temporary folder, backbones_mnist/), never into the repository.
 
 Finished stages (a trained run, a sample folder, a score) are reused when the script is run again.
 """
@@ -30,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,7 +135,7 @@ def score(name: str, work: Path, ckpt: Path, tag: str, args, log: Path) -> dict:
                                   "--label", f"{name} {tag}"])
     res = {"fid": res["fid"], "n": args.n, "checkpoint": ckpt.name, "step": rec["step"],
            "sampling_s": rec["seconds"], "nfe": rec["nfe"], "sampler": rec["sampler"], "steps": rec["steps"],
-           "samples": str(samples)}
+           "samples": samples.name}
     out.write_text(json.dumps(res, indent=1))
     return res
 
@@ -183,7 +186,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--probe-minutes", type=float, default=0.3)
     ap.add_argument("--step-margin", type=float, default=1.0, help="train.steps = budget / probed s per step x this")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "backbones_mnist")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "backbones_mnist")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--grids", type=Path, default=None, help="folder for a 64-sample grid per backbone")
@@ -211,7 +214,7 @@ def main(argv=None) -> dict:
         result["backbones"][name] = {**info, "scores": scores}
         if args.grids is not None:
             args.grids.mkdir(parents=True, exist_ok=True)
-            save_grid(Path(scores[0]["samples"]), args.grids / f"backbones_grid_{name}.png")
+            save_grid(work / scores[0]["samples"], args.grids / f"backbones_grid_{name}.png")
         print(f"{name}: {info['params'] / 1e6:.2f} M params, {info['steps_done']} steps in "
               f"{info['train_minutes']:.2f} min, FID-{args.n} " + ", ".join(f"{s['fid']:.2f} @ {s['train_minutes']:.2f} min"
                                                                           for s in scores), file=sys.stderr)

@@ -15,8 +15,11 @@ Measured, with a clean MNIST classifier (`torchdiffusion train-classifier --pres
 classified with confidence > --threshold, (a) at 28x28 (native, the reference), (b) the centre 28x28 crop of the
 S x S sample, (c) the S x S sample resized (area) to 28x28; same seeds for every variant.
 
-    python bench/dit_extrapolation.py --base-run /tmp/backbones_mnist/dit --workdir /tmp/dit_extrapolation \
-        --n 200 --size 42 --out bench/results/dit_extrapolation.json --grids bench/results
+    python bench/dit_extrapolation.py --n 100 --size 42 --classifier-steps 300 \
+        --out bench/results/dit_extrapolation.json --grids bench/results
+
+Defaults: --base-run is backbones_mnist.py's DiT run (<temporary folder>/backbones_mnist/dit), --workdir
+<temporary folder>/dit_extrapolation; paths in the result are relative to these folders.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import dataclasses
 import datetime as _dt
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,8 +109,9 @@ def side_by_side(grids: list[torch.Tensor], gap: int = 6) -> torch.Tensor:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base-run", type=Path, required=True, help="the absolute-position DiT run (backbones_mnist.py)")
-    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--base-run", type=Path, default=Path(tempfile.gettempdir()) / "backbones_mnist" / "dit",
+                    help="the absolute-position DiT run (backbones_mnist.py)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dit_extrapolation")
     ap.add_argument("--size", type=int, default=42)
     ap.add_argument("--n", type=int, default=200, help="samples per variant and size (seeds 0..n-1)")
     ap.add_argument("--threshold", type=float, default=0.9)
@@ -140,7 +145,7 @@ def main(argv=None) -> dict:
     seeds = list(range(args.n))
     result = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "size": args.size, "n": args.n,
               "threshold": args.threshold, "backbone": BACKBONES["dit"], "base_run_step": base.step,
-              "train_steps_config": base.config.train.steps, "classifier": {"run": str(clf_dir), **classifier.summary},
+              "train_steps_config": base.config.train.steps, "classifier": {"run": clf_dir.name, **classifier.summary},
               "variants": {}}
     grids28, grids_s = [], []
     for pos in POS:
@@ -154,7 +159,7 @@ def main(argv=None) -> dict:
             direct = f"rejected: {e}"
         x28, s28 = sample(r.model, r, seeds, 28, args.batch)
         xs, ss = sample(rebuilt_at(r, args.size), r, seeds, args.size, args.batch)
-        v = {"run": str(runs[pos]), "step": r.step, "direct_call": direct, "sampling_s": {"28": s28, str(args.size): ss},
+        v = {"run": runs[pos].name, "step": r.step, "direct_call": direct, "sampling_s": {"28": s28, str(args.size): ss},
              "native_28": confident(classifier, x28, args.threshold),
              "centre_crop": confident(classifier, centre_crop(xs), args.threshold),
              "resized": confident(classifier, resized(xs), args.threshold),
