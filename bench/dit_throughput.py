@@ -6,8 +6,9 @@ Both models: class-conditional (diffusers' ada_norm_zero DiT always is), width =
 depth, patch size, MLP ratio 4 (tanh-GELU), sin-cos absolute positions, 256 timestep frequencies, learned
 sigma off. Measured: one training step (MSE to noise + AdamW) and one no-grad forward ("sampling" NFE), images
 per second, median of --repeats timed runs after --warmup runs, same inputs for both. Parameter counts are
-printed so "equal config" can be checked (they differ only by the class table's rows: ours has K + 1, the null
-label included; diffusers' has K + 1 too when class dropout > 0).
+printed so "equal config" can be checked: they differ by the conditioning embeddings, since every diffusers
+ada_norm_zero block carries its own timestep MLP and class table (0.81 M of 8.05 M at the defaults) where ours
+share one conditioning vector (README_backbones.md, section 3). Run it with the project's src on PYTHONPATH.
 """
 from __future__ import annotations
 
