@@ -3,11 +3,10 @@ positional-encoding options, and DiT / U-ViT trained, resumed, sampled and resto
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from torchdiffusion.cli.main import cli
+from tiny_runs import invoke, train_short as train, write_noise_pngs
 from torchdiffusion.config import registry
 from torchdiffusion.config.loaders import load_run
 from torchdiffusion.config.strict import from_dict
@@ -199,24 +198,8 @@ def test_bad_configs_fail_in_one_line_naming_what_is_valid():
 
 
 # --------------------------------------------------------------------------------------------- end to end
-BASE = ["data.limit=32", "data.val_split=val", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1",
-        "train.val_every=2", "train.val_images=8", "train.sample_every=1000", "train.ckpt_every=2",
-        "train.max_minutes=0", "train.precision=fp32", "sample.steps=2", "sample.grid_images=4"]
 KINDS = {"dit": "model.backbone={kind: dit, patch_size: 4, width: 32, depth: 2, heads: 2, pos: rope}",
          "uvit": "model.backbone={kind: uvit, patch_size: 4, width: 32, depth: 3, heads: 2, pos: relbias}"}
-
-
-def invoke(args, expect=0):
-    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert r.exit_code == expect, r.output
-    return r
-
-
-def train(run_dir, steps, extra=(), until=None):
-    args = ["train", "--run", run_dir, "--no-progress", "--threads", "1"] + (["--until-step", until] if until else [])
-    for s in BASE + [f"train.steps={steps}"] + list(extra):
-        args += ["--set", s]
-    return invoke(args)
 
 
 def test_bad_backbone_option_on_the_command_line_is_one_line(tmp_path):
@@ -262,11 +245,7 @@ def test_transformer_trains_resumes_bit_exactly_samples_and_restores(kind, tmp_p
     assert len(list(out.glob("00000*.png"))) == 4
     uncond = tmp_path / "uncond"
     train(uncond, 2, [KINDS[kind]])
-    images = tmp_path / "images"
-    images.mkdir()
-    g = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(g.integers(0, 256, (28, 28), dtype=np.uint8)).save(images / f"{i}.png")
+    images = write_noise_pngs(tmp_path / "images", 2)
     invoke(["restore", "--run", uncond, "--task", "inpaint", "--method", "replacement", "--input", images,
             "--outdir", tmp_path / "restored", "--steps", "2", "--threads", "1"])
     assert len(list((tmp_path / "restored" / "restored").iterdir())) == 2

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from torchdiffusion.cli.main import cli
+from tiny_runs import invoke, train_short as train, write_noise_pngs
 from torchdiffusion.config import registry
 from torchdiffusion.config.loaders import load_run
 from torchdiffusion.core import grids
@@ -88,23 +87,7 @@ def plugins(monkeypatch):
     registry.register_conditioner("brightness", BrightnessConfig, Brightness)  # the one registration line
 
 
-BASE = ["data.limit=32", "data.val_split=val", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1",
-        "train.val_every=2", "train.val_images=8", "train.sample_every=1000", "train.ckpt_every=2",
-        "train.max_minutes=0", "train.precision=fp32", "sample.steps=2", "sample.grid_images=4"]
 TINY_CONV = ["model.backbone={kind: tiny-conv, width: 8}"]
-
-
-def invoke(args, expect=0):
-    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert r.exit_code == expect, r.output
-    return r
-
-
-def train(run_dir, steps, extra=(), until=None):
-    args = ["train", "--run", run_dir, "--no-progress", "--threads", "1"] + (["--until-step", until] if until else [])
-    for s in BASE + [f"train.steps={steps}"] + list(extra):
-        args += ["--set", s]
-    return invoke(args)
 
 
 def test_unknown_backbone_kind_is_one_line(tmp_path):
@@ -144,11 +127,7 @@ def test_plugin_backbone_trains_resumes_samples_and_restores(plugins, tmp_path):
     assert len(list(out.glob("00000*.png"))) == 4
     uncond = tmp_path / "uncond"
     train(uncond, 2, TINY_CONV)
-    images = tmp_path / "images"
-    images.mkdir()
-    g = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(g.integers(0, 256, (28, 28), dtype=np.uint8)).save(images / f"{i}.png")
+    images = write_noise_pngs(tmp_path / "images", 2)
     invoke(["restore", "--run", uncond, "--task", "inpaint", "--method", "replacement", "--input", images,
             "--outdir", tmp_path / "restored", "--steps", "2", "--threads", "1"])
     assert len(list((tmp_path / "restored" / "restored").iterdir())) == 2
@@ -181,11 +160,7 @@ def test_plugin_conditioner_is_embedded_by_the_unet(plugins, tmp_path):
 
 def test_non_square_images_train_and_sample(tmp_path):
     """The diffusion-space shape comes from the data: 16x24 images give a (1, 16, 24) model and 16x24 samples."""
-    data = tmp_path / "data"
-    data.mkdir()
-    g = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(g.integers(0, 256, (16, 24), dtype=np.uint8)).save(data / f"{i:02d}.png")
+    data = write_noise_pngs(tmp_path / "data", 16, (16, 24))
     run_dir = tmp_path / "run"
     sets = ["data.kind=folder", f"data.path={data}", "data.channels=L", "data.resolution=null", "data.val_split=null",
             "model.backbone.model_channels=8", "model.backbone.channel_mult=[1,2]", "model.backbone.num_res_blocks=1",

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from tiny_runs import write_noise_pngs
 from torchdiffusion.cli.main import cli
 from torchdiffusion.config.loaders import load_run
 from torchdiffusion.core.processes import EDM, VPDiscrete
@@ -79,11 +80,7 @@ def test_old_runs_sample(legacy, tmp_path, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_old_runs_restore(legacy, tmp_path, kind):
     run_dir = legacy(kind)
-    images = tmp_path / "images"
-    images.mkdir()
-    g = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(g.integers(0, 256, (28, 28), dtype=np.uint8)).save(images / f"{i}.png")
+    images = write_noise_pngs(tmp_path / "images", 2)
     out = tmp_path / "out"
     invoke(["restore", "--run", run_dir, "--task", "inpaint", "--method", "replacement", "--input", images,
             "--outdir", out, "--steps", 3, "--threads", 1])
