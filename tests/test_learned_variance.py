@@ -342,3 +342,43 @@ def test_a_wrapper_without_a_variance_is_one_line():
     with pytest.raises(ConfigError, match="has none"):
         ClassifierFreeGuidance(data, 2.0, null_label(10))(torch.randn(4, 2), torch.ones(4), cond,
                                                           return_variance=True)
+
+
+def test_measurement_ccdf_and_fixed_cond_wrappers_pass_the_learned_variance_through():
+    """DPS/MCG/reconstruction gradients, CCDF's shifted frame and with_cond change the mean estimate only: with
+    return_variance=True they return the inner model's v unchanged (and their own D), so DDPM with the learned
+    variance runs under every one of them."""
+    from torchdiffusion.core.precond import denoise_with_variance
+    from torchdiffusion.guidance.cfg import with_cond
+    from torchdiffusion.inverse import Inpaint, Measurement, dps, half_mask, restore_ccdf, restore_dps, restore_mcg
+    from torchdiffusion.sampling.ccdf import sample_ccdf
+
+    model = _iddpm_class_model()
+    label = {"label": torch.tensor([1, 2])}
+    x, s = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2.0, torch.full((2,), 2.0)
+    d_m, v_m = denoise_with_variance(model, x, s, label)
+    meas = Measurement(Inpaint(half_mask(8)), Inpaint(half_mask(8))(x.clamp(-1, 1)), tuple(x.shape))
+    fixed = with_cond(model, label)
+    wrapped = {"dps": dps(model, meas), "with_cond": fixed}
+    for name, w in wrapped.items():
+        d_w, v_w = w(x, s, label, return_variance=True)
+        torch.testing.assert_close(v_w, v_m, msg=name)
+        torch.testing.assert_close(d_w, w(x, s, label), msg=name)
+    assert not torch.allclose(wrapped["dps"](x, s, label), d_m)  # the gradient term is really there
+    sig = grids.karras(4, model.process.sigma_min, model.process.sigma_max)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+
+    def gens():
+        return [torch.Generator().manual_seed(10 + i) for i in range(2)]
+
+    with torch.no_grad():
+        outs = [sample_ddpm(fixed, noise, sig, generator=gens(), variance="learned"),
+                sample_ccdf(fixed, noise, sig, init=torch.zeros_like(noise), generator=gens(), sampler=sample_ddpm,
+                            sampler_options={"variance": "learned"})]
+    outs += [restore_dps(fixed, meas, noise, sig, generator=gens(), sampler_options={"variance": "learned"}),
+             restore_mcg(fixed, meas, noise, sig, generator=gens(), sampler_options={"variance": "learned"})]
+    assert all(o.shape == noise.shape and torch.isfinite(o).all() for o in outs)
+    # the plain model under with_cond is the model: the learned-variance walk is the same bit for bit
+    with torch.no_grad():
+        torch.testing.assert_close(outs[0], sample_ddpm(model, noise, sig, cond=label, generator=gens(),
+                                                        variance="learned"), rtol=0, atol=0)

@@ -30,6 +30,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
+from ..core.precond import denoise_with_variance, provides_variance
 from ..errors import ConfigError
 from ..protocols import Cond, Denoiser
 
@@ -140,7 +141,9 @@ def with_cond(denoiser: Denoiser, fixed: Mapping[str, Tensor] | Callable[[Cond],
     """A denoiser that ignores the caller's cond and uses `fixed` (a mapping, a function of the caller's cond, or
     None): e.g. an unconditional model inside classifier guidance, which takes the labels for the classifier."""
 
-    def wrapped(x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
-        return denoiser(x, sigma, fixed(cond) if callable(fixed) else fixed)
+    def wrapped(x: Tensor, sigma: Tensor, cond: Cond = None, *, return_variance: bool = False):
+        c = fixed(cond) if callable(fixed) else fixed
+        return denoise_with_variance(denoiser, x, sigma, c) if return_variance else denoiser(x, sigma, c)
 
+    wrapped.learned_variance = provides_variance(denoiser)
     return wrapped

@@ -30,6 +30,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..core.precond import denoise_with_variance, provides_variance
 from ..protocols import Cond, Denoiser
 from .measurement import Measurement
 from .operators import OperatorError
@@ -49,14 +50,25 @@ class MeasurementGradient:
         self.measurement = measurement
         self.weight = weight
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+    @property
+    def learned_variance(self) -> bool:
+        return provides_variance(self.denoiser)
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None, *, return_variance: bool = False):
+        """The corrected estimate; with return_variance=True also the inner model's learned variance v, which the
+        correction of the mean leaves as it is."""
+        v = None
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            d = self.denoiser(xg, sigma, cond)
+            if return_variance:
+                d, v = denoise_with_variance(self.denoiser, xg, sigma, cond)
+            else:
+                d = self.denoiser(xg, sigma, cond)
             loss = 0.5 * self.measurement.residual(d).pow(2).sum()
             (g,) = torch.autograd.grad(loss, xg)
         c = self.weight(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0]))
-        return (d - _col(c.to(device=x.device, dtype=d.dtype), d) * g.to(d.dtype)).detach()
+        d_y = (d - _col(c.to(device=x.device, dtype=d.dtype), d) * g.to(d.dtype)).detach()
+        return (d_y, v.detach()) if return_variance else d_y
 
 
 def likelihood_variance(sigma: Tensor, noise_std: float, prior_std: float, gram: float) -> Tensor:

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
+from torchdiffusion.core.precond import denoise_with_variance, provides_variance
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
 from torchdiffusion.sampling.ancestral import ddpm_step, sample_ddpm
 from torchdiffusion.sampling.steps import (Correct, FunctionStep, SamplerError, bind, check_correct, check_noise,
@@ -41,8 +42,13 @@ def sample_from(sampler: Callable, denoiser: Denoiser, x_init: Tensor, noise: Te
         step = FunctionStep(ddpm_step(options.get("variance", "small"), generator))
         return run(bind(denoiser, cond), x_init + noise * sig[0], sig, step, generator, callback, correct)
 
-    def shifted(u: Tensor, sigma: Tensor, cond_: Cond = None) -> Tensor:
+    def shifted(u: Tensor, sigma: Tensor, cond_: Cond = None, *, return_variance: bool = False):
+        if return_variance:  # the shift moves the mean only; a learned variance passes through
+            d, v = denoise_with_variance(denoiser, u + x_init, sigma, cond_)
+            return d - x_init, v
         return denoiser(u + x_init, sigma, cond_) - x_init
+
+    shifted.learned_variance = provides_variance(denoiser)
 
     shifted_correct = None if correct is None else (lambda u, s, i: correct(u + x_init, s, i) - x_init)
     shifted_callback = None if callback is None else (
