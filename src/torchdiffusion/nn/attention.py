@@ -87,12 +87,10 @@ class SelfAttention(nn.Module):
         t = tokens(self.norm(x))                                   # (B, L, C)
         q, k, v = self.qkv(t).chunk(3, dim=-1)                     # 3 x (B, L, C)
         pos = getattr(self, "pos", None)
+        rope = bias = None
         if pos is not None:
             rope, bias = (None, pos()) if isinstance(pos, RelativePositionBias) else (pos, None)
-            return x + untokens(self.proj(attend(q, k, v, self.heads, rope, bias)), x)
-        a = F.scaled_dot_product_attention(split_heads(q, self.heads), split_heads(k, self.heads),
-                                           split_heads(v, self.heads))  # (B, heads, L, d)
-        return x + untokens(self.proj(merge_heads(a)), x)
+        return x + untokens(self.proj(attend(q, k, v, self.heads, rope, bias)), x)
 
 
 class CrossAttention(nn.Module):
@@ -112,6 +110,4 @@ class CrossAttention(nn.Module):
         """x (B, C, *S), context (B, M, context_dim) -> (B, C, *S)."""
         q = self.q(tokens(self.norm(x)))                           # (B, L, C)
         k, v = self.kv(context).chunk(2, dim=-1)                   # 2 x (B, M, C)
-        a = F.scaled_dot_product_attention(split_heads(q, self.heads), split_heads(k, self.heads),
-                                           split_heads(v, self.heads))  # (B, heads, L, d)
-        return x + untokens(self.proj(merge_heads(a)), x)
+        return x + untokens(self.proj(attend(q, k, v, self.heads)), x)
