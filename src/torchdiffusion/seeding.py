@@ -7,8 +7,8 @@ A hash rather than seed + step, so that (seed=1, step=0) and (seed=0, step=1) ne
 Streams in use (each bit-identical to the release that introduced it):
     data order, epoch e          mix_seed(seed, e)                          (data.order, no tag)
     condition dropout, step k    mix_seed(seed, k, tag=b"cond-dropout")     (guidance.dropout)
-    classifier training, step k  mix_seed(seed, k, tag=b"classifier")       (train.steps.classifier)
-    diffusion training noise     linear_step_seed(seed, k)                  (train.steps.diffusion)
+    classifier training, step k  mix_seed(seed, k, tag=b"classifier")       (train.classifier)
+    diffusion training noise     linear_step_seed(seed, k)                  (train.diffusion_step)
 The last one predates the hash; it is kept so that diffusion runs (and their checkpoints) keep their noise.
 This module is a leaf: it imports only the standard library and torch.
 """

@@ -30,7 +30,6 @@ order of sigma_y); ILVR with sigma_stop > 0 deliberately leaves the last steps f
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 from torch import Tensor

@@ -41,7 +41,7 @@ from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
 from torchdiffusion.sampling.brownian import NOISE_KINDS, NoiseSampler, make_noise
 from torchdiffusion.sampling.kdiff import AncestralNoise, ancestral_step, check_nonneg
 from torchdiffusion.sampling.noise import check_generators
-from torchdiffusion.sampling.steps import Correct, SamplerError, Step, bind, check_correct, start, walk
+from torchdiffusion.sampling.steps import Correct, SamplerError, Step, bind, start, walk
 
 
 def _end_points(sig: list[float]) -> tuple[float, float, bool]:
@@ -107,7 +107,6 @@ class DpmFastStep(Step):
 
     def __init__(self, lams: list[float], orders: list[int], s_min: float, noise: AncestralNoise):
         self.lams, self.orders, self.s_min, self.noise = lams, orders, s_min, noise
-        self.cache: dict = {}
 
     def begin(self, x, sig, generator):
         if self.orders:

@@ -41,7 +41,6 @@ import math
 from typing import Optional
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from torchdiffusion.protocols import Callback, Cond, Denoiser, Generators
