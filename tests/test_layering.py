@@ -187,3 +187,19 @@ def test_cycle_checker_walks_a_longer_circle(tmp_path):
         "pipelines/c.py": "def f():\n    from .a import y\n",
     })
     assert _cycles(_graph(root)) == [["pipelines.a", "pipelines.b", "pipelines.c", "pipelines.a"]]
+
+
+def test_commands_import_neither_each_other_nor_main():
+    """cli/main.py loads the commands by name (importlib), so the circle check cannot see a command importing
+    main or another command: this rule is checked directly."""
+    bad = []
+    for path in (SRC / "cli").glob("*_cmd.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                names = [a.name for a in node.names]
+                targets = ([mod.split(".")[-1]] if mod else names) if node.level == 1 else \
+                    ([mod.split(".")[2]] if mod.startswith("torchdiffusion.cli.") else [])
+                bad += [f"{path.name}:{node.lineno} imports cli.{t}" for t in targets
+                        if t == "main" or t.endswith("_cmd")]
+    assert not bad, "\n".join(bad)
