@@ -42,7 +42,7 @@ def train_classifier_cmd(preset, overrides, noisy, run_dir, steps, batch_size, l
     from ..train import checkpoint as ckpt
     from ..train import distributed
     from ..train.classifier import ClassifierTrainConfig, check_run_dir_free, train_classifier
-    from .common import dist_info  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+    from .common import dist_info, set_threads  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK; --threads
 
     ckpt_dir = run_dir / "checkpoints"
     if resume == "none":
@@ -56,8 +56,7 @@ def train_classifier_cmd(preset, overrides, noisy, run_dir, steps, batch_size, l
             raise CheckpointError(f"{resume_from}: --resume checkpoint does not exist; training does not silently "
                                   f"start fresh (use --resume none to start a new run)")
     info = dist_info()
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads, info.world_size)  # under torchrun: a share of the cores each, like train
     cfg = resolve(load_preset(preset), list(overrides))
     train_set = build_data(cfg.data)
     val_set = build_data(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
