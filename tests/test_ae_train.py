@@ -218,3 +218,15 @@ def test_bad_input_is_one_line(tmp_path):
     r = invoke(["train-ae", "--run", tmp_path / "f"], expect=2)
     assert "train-ae needs --preset" in r.output
     assert not (tmp_path / "b").exists() and not (tmp_path / "e" / "checkpoints").exists()
+
+
+def test_classifier_perceptual_trains_and_a_mismatched_classifier_is_one_line(tmp_path):
+    clf = tmp_path / "clf"
+    invoke(["train-classifier", "--preset", "mnist", "--run", clf, "--steps", "2", "--width", "8", "--batch-size", "8",
+            "--threads", "1", "--set", "data.limit=32", "--set", "data.resolution=28", "--set", "data.val_split=null"])
+    train_ae(tmp_path / "p", extra=["loss.perceptual=classifier", f"loss.perceptual_path={clf}"])
+    fs = load_first_stage(tmp_path / "p")
+    assert fs.config.loss.perceptual_label == "classifier-perceptual"
+    r = train_ae(tmp_path / "q", extra=["loss.perceptual=classifier", f"loss.perceptual_path={clf}",
+                                        "data.resolution=32"], expect=2)
+    assert "the classifier takes 1x28x28 images, the autoencoder's data are 1x32x32" in r.output
