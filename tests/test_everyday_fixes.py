@@ -1,0 +1,110 @@
+"""Everyday fixes found by using the commands as a new user would: restore on class-conditional models and its
+output names, training time across resumes, the warm-up warning, sample's --outdir policy, eval's early
+refusals and shared reference cache, exit codes and the listings."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_runs import TINY_RUN, invoke, train_short, write_noise_pngs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train_tiny(run_dir, extra=()):
+    args = ["train", "--run", run_dir, "--no-progress", "--threads", "1"]
+    for s in TINY_RUN + list(extra):
+        args += ["--set", s]
+    return invoke(args)
+
+
+@pytest.fixture(scope="module")
+def cond_runs(tmp_path_factory):
+    """Two tiny class-conditional runs: with label dropout (p_uncond 0.1, the default) and without."""
+    d = tmp_path_factory.mktemp("cond")
+    train_tiny(d / "drop", ["cond.label.kind=class"])
+    train_tiny(d / "nodrop", ["cond.label.kind=class", "cond.label.p_uncond=0"])
+    images = write_noise_pngs(d / "images", 3)
+    return d, images
+
+
+# ------------------------------------------------------------------------------------------------ restore
+def restore(run, images, out, extra=(), expect=0):
+    return invoke(["restore", "--run", run, "--task", "inpaint", "--method", "replacement", "--input", images,
+                   "--outdir", out, "--steps", 2, "--threads", 1] + list(extra), expect=expect)
+
+
+def test_restore_class_conditional_null_or_labels(cond_runs, tmp_path):
+    d, images = cond_runs
+    restore(d / "drop", images, tmp_path / "null")
+    rec = json.loads((tmp_path / "null" / "restore.json").read_text())
+    assert rec["condition"] == "null" and rec["labels"] is None
+    restore(d / "drop", images, tmp_path / "l3", ["--labels", "3"])
+    restore(d / "drop", images, tmp_path / "l012", ["--labels", "0-2"])
+    assert json.loads((tmp_path / "l3" / "restore.json").read_text())["labels"] == [3, 3, 3]
+    rec = json.loads((tmp_path / "l012" / "restore.json").read_text())
+    assert rec["condition"] == "labels" and rec["labels"] == [0, 1, 2]
+
+    def pixels(out, name):
+        return np.asarray(Image.open(out / "restored" / name))
+    # same seeds, same measurement: the label is what changes the restoration (image 1 has label 3 vs 1)
+    assert not np.array_equal(pixels(tmp_path / "l3", "1.png"), pixels(tmp_path / "l012", "1.png"))
+    assert not np.array_equal(pixels(tmp_path / "null", "1.png"), pixels(tmp_path / "l3", "1.png"))
+
+
+def test_restore_refusals_leave_nothing(cond_runs, tiny_run, tmp_path):
+    d, images = cond_runs
+    r = restore(d / "nodrop", images, tmp_path / "a", expect=2)
+    assert "p_uncond=0" in r.output and "--labels" in r.output and r.output.strip().count("\n") == 0
+    r = restore(d / "drop", images, tmp_path / "b", ["--labels", "0,1"], expect=2)
+    assert "2 labels for 3 images" in r.output
+    r = restore(d / "drop", images, tmp_path / "c", ["--labels", "10"], expect=2)
+    assert "out of range" in r.output
+    r = restore(tiny_run, images, tmp_path / "d", ["--labels", "1"], expect=2)
+    assert "class-conditional" in r.output
+    # a method refusing its operator inside the solve (ilvr needs down-sampling) writes no folders either
+    r = invoke(["restore", "--run", d / "drop", "--task", "inpaint", "--method", "ilvr", "--input", images,
+                "--outdir", tmp_path / "e", "--steps", 2], expect=2)
+    assert not any((tmp_path / n).exists() for n in "abcde")
+    restore(d / "nodrop", images, tmp_path / "f", ["--labels", "2"])  # with labels it works
+
+
+def test_restore_keeps_input_names(tiny_run, tmp_path):
+    src = tmp_path / "in"
+    (src / "cats").mkdir(parents=True)
+    g = np.random.default_rng(1)
+    for name in ("cats/tom.png", "b.jpg", "b.png", "zeta.bmp"):
+        Image.fromarray(g.integers(0, 256, (28, 28), dtype=np.uint8)).save(src / name)
+    out = tmp_path / "out"
+    restore(tiny_run, src, out)
+    rec = json.loads((out / "restore.json").read_text())
+    assert sorted(rec["inputs"]) == ["b.jpg", "b.png", "cats/tom.png", "zeta.bmp"]
+    expect = {"b.jpg": "b.jpg.png", "b.png": "b.png.png", "cats/tom.png": "cats/tom.png", "zeta.bmp": "zeta.png"}
+    assert rec["outputs"] == [expect[i] for i in rec["inputs"]]
+    for sub in ("restored", "measurement"):
+        assert sorted(str(p.relative_to(out / sub)) for p in (out / sub).rglob("*.png")) == sorted(expect.values())
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_training_time_accumulates_across_resumes(tmp_path):
+    import csv
+
+    from torchdiffusion.train.checkpoint import load_checkpoint, resolve_latest
+    run = tmp_path / "run"
+    train_short(run, 4, until=2)
+    first = load_checkpoint(resolve_latest(run / "checkpoints")).meta["trainer"]["wall_s"]
+    train_short(run, 4)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    walls = [float(r["wall_s"]) for r in rows]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert first > 0 and walls[2] > first and walls == sorted(walls)  # the resumed part starts at the first's time
+    final = load_checkpoint(resolve_latest(run / "checkpoints")).meta["trainer"]["wall_s"]
+    assert final >= walls[-1]
+
+
+def test_steps_fewer_than_warmup_warns(tmp_path):
+    r = train_tiny(tmp_path / "a", ["train.warmup_steps=10"])
+    warn = [line for line in r.output.splitlines() if "warning:" in line]
+    assert len(warn) == 1 and "train.warmup_steps=10" in warn[0] and "20%" in warn[0]  # lr at step 1: 2/10
+    r = train_tiny(tmp_path / "b")
+    assert "warning:" not in r.output
