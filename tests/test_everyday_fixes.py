@@ -108,3 +108,22 @@ def test_steps_fewer_than_warmup_warns(tmp_path):
     assert len(warn) == 1 and "train.warmup_steps=10" in warn[0] and "20%" in warn[0]  # lr at step 1: 2/10
     r = train_tiny(tmp_path / "b")
     assert "warning:" not in r.output
+
+
+# ------------------------------------------------------------------------------------------------ sample --outdir
+def test_sample_never_mixes_old_and_new(tiny_run, tmp_path):
+    out = tmp_path / "s"
+    base = ["sample", "--run", tiny_run, "--outdir", out, "--steps", 1, "--threads", 1]
+    invoke(base + ["--seeds", "0-2"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"000000.png", "000001.png", "000002.png", "grid.png", "samples.json"}
+    r = invoke(base + ["--seeds", "5"], expect=1)
+    assert "not empty" in r.output and "--overwrite" in r.output and r.output.strip().count("\n") == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the refusal touched nothing
+    invoke(base + ["--seeds", "5", "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["000005.png", "grid.png", "samples.json"]
+    assert json.loads((out / "samples.json").read_text())["seeds"] == "5"
+    (out / "notes.txt").write_text("mine")
+    r = invoke(base + ["--seeds", "6", "--overwrite"], expect=1)
+    assert "notes.txt" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["000005.png", "grid.png", "notes.txt", "samples.json"]

@@ -23,3 +23,9 @@ class CheckpointError(TorchDiffusionError):
     """A checkpoint or weights file is missing, damaged or untrusted."""
 
     exit_code = 1
+
+
+class OutputError(TorchDiffusionError):
+    """An output folder or file cannot be written without mixing with, or losing, earlier results."""
+
+    exit_code = 1
