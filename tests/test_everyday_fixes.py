@@ -127,3 +127,79 @@ def test_sample_never_mixes_old_and_new(tiny_run, tmp_path):
     r = invoke(base + ["--seeds", "6", "--overwrite"], expect=1)
     assert "notes.txt" in r.output
     assert sorted(p.name for p in out.iterdir()) == ["000005.png", "grid.png", "notes.txt", "samples.json"]
+
+
+# ------------------------------------------------------------------------------------------------ eval
+class CountingExtractor:
+    """A FeatureExtractor (eval.extractors) of per-row pixel means, counting the images it is given."""
+
+    name, sha256, resize = "counting", "0" * 64, "none"
+
+    def __init__(self):
+        self.images = 0
+
+    def __call__(self, images):
+        import torch
+        self.images += len(images)
+        x = torch.as_tensor(images).double().flatten(2).mean(1)  # (N, H*W)
+        return x.reshape(len(images), -1)[:, ::28].numpy()  # (N, 28): one pixel column
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Every command's feature network replaced by one CountingExtractor."""
+    import torchdiffusion.cli.common as common
+    import torchdiffusion.cli.eval_cmd as eval_cmd
+    ex = CountingExtractor()
+    monkeypatch.setattr(eval_cmd, "make_extractor", lambda *a, **k: ex)
+    monkeypatch.setattr(common, "make_extractor", lambda *a, **k: ex)
+    return ex
+
+
+def pngs(folder, n, seed):
+    folder.mkdir(parents=True)
+    g = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(g.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("metric,extra,needle,code", [
+    ("fid", ["--min-n", "20"], "5 reference images is fewer than the minimum 20", 1),
+    ("kid", ["--kid-subsets", "0"], "subsets must be >= 1", 2),
+    ("pr", ["--pr-k", "5"], "k = 5 needs more than 5", 1),
+    ("all", ["--min-n", "4", "--pr-k", "6"], "k = 6 needs more than 6", 1),
+])
+def test_eval_refuses_before_any_feature(counting, tmp_path, metric, extra, needle, code):
+    """A side too small (or a bad option) is refused before the extractor sees one image, real or generated."""
+    real, fake = pngs(tmp_path / "real", 5, 0), pngs(tmp_path / "fake", 30, 1)
+    r = invoke(["eval", metric, "--real", real, "--fake", fake, "--cache-dir", tmp_path / "c"] + extra, expect=code)
+    assert needle in r.output and r.output.strip().count("\n") == 0
+    assert counting.images == 0 and not (tmp_path / "c").exists()
+
+
+def test_eval_commands_offer_only_their_own_options(tmp_path):
+    from torchdiffusion.cli.eval_cmd import eval_group
+    own = {"fid": {"--min-n", "--allow-small-n"}, "kid": {"--kid-subsets", "--kid-subset-size", "--seed"},
+           "pr": {"--pr-k"}}
+    for name, cmd in eval_group.commands.items():
+        if name not in ("fid", "kid", "pr", "all"):
+            continue
+        opts = {o for p in cmd.params for o in p.opts}
+        for metric, names in own.items():
+            assert (names <= opts) == (name in (metric, "all")), (name, metric)
+    r = invoke(["eval", "kid", "--real", tmp_path, "--fake", tmp_path, "--min-n", "3"], expect=2)
+    assert "--min-n" in r.output and "--allow-small-n" not in r.output
+
+
+def test_eval_reuses_the_features_audit_cached(counting, tmp_path):
+    train, held, samples = pngs(tmp_path / "train", 12, 0), pngs(tmp_path / "held", 6, 1), pngs(tmp_path / "s", 8, 2)
+    cache = tmp_path / "cache"
+    invoke(["audit", "--images", samples, "--train-dir", train, "--heldout-dir", held, "--heldout", 6,
+            "--cache-dir", cache, "--out", tmp_path / "audit"])
+    assert counting.images == 12 + 6 + 8  # training (cached), held-out and samples
+    counting.images = 0
+    r = invoke(["eval", "kid", "--real", train, "--fake", samples, "--cache-dir", cache, "--kid-subsets", 2])
+    res = json.loads(r.stdout)
+    assert res["reference_cache_hit"] is True and counting.images == 8  # only the generated side
+    assert len(list(cache.glob("*.npz"))) == 1  # one cache file for both commands
