@@ -203,3 +203,22 @@ def test_eval_reuses_the_features_audit_cached(counting, tmp_path):
     res = json.loads(r.stdout)
     assert res["reference_cache_hit"] is True and counting.images == 8  # only the generated side
     assert len(list(cache.glob("*.npz"))) == 1  # one cache file for both commands
+
+
+# ------------------------------------------------------------------------------------------------ advice
+def test_folder_split_advice_only_when_it_applies(tmp_path):
+    """likelihood on a folder run (data.val_split already null) is not told to set data.val_split=null."""
+    from torchdiffusion.config.build import build_data
+    from torchdiffusion.config.schema import DataConfig
+    from torchdiffusion.errors import ConfigError
+    folder = write_noise_pngs(tmp_path / "images", 8)
+    cfg = DataConfig(kind="folder", path=str(folder), val_split=None, channels="L")
+    with pytest.raises(ConfigError) as e:
+        build_data(cfg, "test")
+    assert "val_split=null" not in str(e.value) and "ask for split 'train'" in str(e.value)
+    with pytest.raises(ConfigError, match="set data.val_split=null"):
+        build_data(DataConfig(kind="folder", path=str(folder), val_split="val", channels="L"), "val")
+    run = tmp_path / "run"
+    train_tiny(run, ["data.kind=folder", f"data.path={folder}", "data.channels=L", "data.limit=null"])
+    r = invoke(["likelihood", "--run", run, "--n", 2, "--threads", 1], expect=2)
+    assert "val_split" not in r.output and "'train'" in r.output
