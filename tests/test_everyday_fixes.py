@@ -222,3 +222,74 @@ def test_folder_split_advice_only_when_it_applies(tmp_path):
     train_tiny(run, ["data.kind=folder", f"data.path={folder}", "data.channels=L", "data.limit=null"])
     r = invoke(["likelihood", "--run", run, "--n", 2, "--threads", 1], expect=2)
     assert "val_split" not in r.output and "'train'" in r.output
+
+
+# ------------------------------------------------------------------------------------------------ exit codes
+def test_exit_code_table_is_applied_and_documented(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    import torch
+
+    import torchdiffusion.cli.list_cmd as list_cmd
+    from torchdiffusion import errors
+    assert errors.ConfigError.exit_code == errors.EXIT_USAGE == 2
+    for cls in (errors.DataError, errors.CheckpointError, errors.OutputError, errors.TorchDiffusionError):
+        assert cls.exit_code == errors.EXIT_REFUSED == 1
+    from torchdiffusion.train.trainer import EXIT_PREEMPTED
+    assert EXIT_PREEMPTED == errors.EXIT_PREEMPTED == 75
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", doc, re.M)}
+    assert documented == set(errors.EXIT_CODES)
+    # the command line: usage 2 (a project ConfigError and click's own), refusal 1, out of memory 1, Ctrl-C 130
+    invoke(["sample", "--run", tmp_path / "none", "--outdir", tmp_path / "o"], expect=2)
+    invoke(["list", "sampler"], expect=2)
+    invoke(["eval", "fid", "--real", tmp_path / "x.npz", "--fake", tmp_path], expect=1)
+    for exc, code in ((KeyboardInterrupt(), 130), (torch.OutOfMemoryError("CUDA out of memory"), 1),
+                      (errors.OutputError("full"), 1)):
+        def boom(what, exc=exc):
+            raise exc
+        monkeypatch.setattr(list_cmd, "listing", boom)
+        r = invoke(["list", "samplers"], expect=code)
+        assert r.output.strip().count("\n") == 0 and "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------------------------ listings
+def test_listings_have_one_described_line_per_name():
+    from torchdiffusion.config import registry
+    from torchdiffusion.config.presets_io import preset_names
+    assert set(registry.SAMPLER_SUMMARIES) == set(registry.SAMPLERS)
+    assert set(registry.INVERSE_SUMMARIES) == set(registry.INVERSE_METHODS)
+    for what, names in (("samplers", list(registry.SAMPLERS)), ("methods", list(registry.INVERSE_METHODS)),
+                        ("presets", preset_names())):
+        lines = invoke(["list", what]).output.strip().splitlines()
+        assert [line.split()[0] for line in lines] == names
+        assert all(len(line.split()) >= 4 for line in lines), lines  # a name and a description
+    assert "replacement (pocs)" in invoke(["list", "methods"]).output
+
+
+def test_version_and_debug_after_the_command(tmp_path):
+    import torchdiffusion
+    assert invoke(["--version"]).output.strip() == f"torchdiffusion {torchdiffusion.__version__}"
+    args = ["--run", tmp_path / "none", "--outdir", tmp_path / "o"]
+    r = invoke(["sample"] + args, expect=2)
+    assert r.output.startswith("error:") and r.output.strip().count("\n") == 0
+    from click.testing import CliRunner
+
+    from torchdiffusion.cli.main import cli
+    from torchdiffusion.errors import ConfigError
+    for argv in (["--debug", "sample"] + args, ["sample", "--debug"] + args, ["sample"] + args + ["--debug"]):
+        r = CliRunner().invoke(cli, [str(a) for a in argv])
+        assert isinstance(r.exception, ConfigError), argv  # raised, not turned into one line
+    r = CliRunner().invoke(cli, ["eval", "fid", "--debug", "--real", "x", "--fake", str(tmp_path / "none")])
+    assert r.exception is not None and not isinstance(r.exception, SystemExit)
+
+
+def test_readme_lists_every_command():
+    from pathlib import Path
+
+    from torchdiffusion.cli.main import cli
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [name for name in cli.commands if f"torchdiffusion {name} " not in readme]
+    assert not missing, f"README's command list lacks {missing}"
+    assert "torchdiffusion --version" in readme

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..core.objectives import Objective
 from ..core.precond import Preconditioned
 from ..data.order import iterate_batches
-from ..errors import TorchDiffusionError
+from ..errors import EXIT_PREEMPTED as _EXIT_PREEMPTED, TorchDiffusionError
 from ..protocols import Cond
 from ..seeding import linear_step_seed
 from . import checkpoint as ckpt
@@ -94,8 +94,8 @@ class TrainingError(TorchDiffusionError):
     pass
 
 
-#: exit code after a SIGTERM/SIGINT stop that saved a resumable checkpoint (documented in the README)
-EXIT_PREEMPTED = 75
+#: exit code after a SIGTERM/SIGINT stop that saved a resumable checkpoint (the table in errors.py)
+EXIT_PREEMPTED = _EXIT_PREEMPTED
 
 #: config keys that may change between a checkpoint and its resumption (cadence and budgets, not the maths)
 RESUMABLE_CHANGES = ("train.steps", "train.max_minutes", "train.log_every", "train.val_every", "train.sample_every",
