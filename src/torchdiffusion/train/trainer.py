@@ -364,9 +364,9 @@ class Trainer:
                      f"{len(self.train_set):,} training images, global batch {cfg.batch_size} on "
                      f"{self.dist.world_size} process(es)")
         if 0 < cfg.steps < cfg.warmup_steps and self.step < cfg.steps:
-            log.info(f"warning: train.steps={cfg.steps} is fewer than train.warmup_steps={cfg.warmup_steps}: the "
-                     f"learning rate ends at {lr_at(cfg, cfg.steps - 1) / cfg.lr:.0%} of train.lr={cfg.lr:g}; "
-                     f"lower train.warmup_steps or raise train.steps")
+            log.info(f"warning: {cfg.steps} steps are fewer than the {cfg.warmup_steps} warm-up steps, so the learning "
+                     f"rate ends at {lr_at(cfg, cfg.steps - 1) / cfg.lr:.0%} of its peak {cfg.lr:g}; lower the "
+                     f"warm-up (train.warmup_steps) or train longer (train.steps)")
         for m in stepper.modules().values():
             m.train()
         t_start = self._t_fit = time.perf_counter()
