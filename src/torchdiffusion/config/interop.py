@@ -308,3 +308,133 @@ def convert_diffusers(folder, run_dir, *, overwrite: bool = False) -> Path:
     tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
     tmp.replace(run_dir / "config.yaml")
     return path
+
+
+# --------------------------------------------------------------------------------------------- export
+def _export_refusal(what: str) -> ConfigError:
+    return ConfigError(f"cannot export to diffusers' UNet2DModel layout: {what}; exportable: a pixel-space "
+                       f"(codec identity) unet run on vp_discrete with head eps, x0 or v (sigma_data 1), fixed "
+                       f"variance, channel_mult[0] 1, positional noise embedding, no attn_pos, no context/concat/"
+                       f"scalar conditions, one attention head width (docs/interop.md)")
+
+
+def export_config(cfg: RunConfig) -> tuple[dict, dict]:
+    """(UNet2DModel config.json, DDPMScheduler scheduler_config.json) of a run config whose U-Net coincides with
+    diffusers' layout, or a one-line ConfigError saying what differs."""
+    from ..nn.unet import UNetConfig
+    from .registry import kind_name
+
+    m = cfg.model
+    net = m.backbone
+    if not isinstance(net, UNetConfig):
+        raise _export_refusal(f"the backbone is {kind_name('backbone', net)}, not unet")
+    if kind_name("codec", m.codec) != "identity":
+        raise _export_refusal(f"the model works in a codec's latent space ({kind_name('codec', m.codec)})")
+    p = m.process
+    if not isinstance(p, VPDiscrete):
+        raise _export_refusal(f"the process is {kind_name('process', p)} (its noise label is not a DDPM timestep)")
+    if m.variance != "fixed":
+        raise _export_refusal("model.variance is learned")
+    if m.head not in ("eps", "x0", "v") or (m.head == "v" and m.sigma_data != 1.0):
+        raise _export_refusal(f"head {m.head} with sigma_data {m.sigma_data} has no diffusers prediction_type")
+    if p.schedule == "cosine" and (p.cosine_s != 0.008 or p.max_beta != 0.999):
+        raise _export_refusal("the cosine schedule's s / max_beta differ from squaredcos_cap_v2's 0.008 / 0.999")
+    if net.channel_mult[0] != 1:
+        raise _export_refusal(f"channel_mult[0] = {net.channel_mult[0]} (diffusers' first level has conv_in's width)")
+    if net.noise_embedding != "positional" or net.attn_pos != "none" or not net.resample_with_conv:
+        raise _export_refusal("noise_embedding, attn_pos or resample_with_conv differ from DDPM's")
+    if net.context_dim or net.concat_channels or net.embed_conds or any(k != "label" for k in cfg.cond):
+        raise _export_refusal("the U-Net takes context, concat or scalar/vector conditions")
+    C, H, W = m.data_shape
+    widths = [net.model_channels * k for k in net.channel_mult]
+    sizes = tuple(min(H, W) >> level for level in range(len(widths)))
+    attn = [s in net.attn_resolutions for s in sizes]
+    attn_widths = {w for w, a in zip(widths, attn) if a} | ({widths[-1]} if net.mid_attention else set())
+    if net.head_channels:
+        head_dim = net.head_channels
+    else:
+        dims = {w // net.num_heads for w in attn_widths}
+        if len(dims) > 1:
+            raise _export_refusal(f"num_heads={net.num_heads} gives head widths {sorted(dims)}; diffusers has one "
+                                  f"attention_head_dim (set head_channels)")
+        head_dim = dims.pop() if dims else None
+    num_classes = int(getattr(cfg.cond.get("label"), "num_classes", 0) or 0)
+    unet = {
+        "_class_name": UNET_CLASS, "sample_size": H if H == W else [H, W], "in_channels": C, "out_channels": C,
+        "center_input_sample": False, "time_embedding_type": "positional", "freq_shift": 0, "flip_sin_to_cos": True,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "mid_block_type": "UNetMidBlock2D", "add_attention": bool(net.mid_attention),
+        "block_out_channels": widths, "layers_per_block": net.num_res_blocks, "mid_block_scale_factor": 1,
+        "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": net.dropout,
+        "act_fn": "silu", "attention_head_dim": head_dim, "norm_num_groups": net.norm_groups,
+        "attn_norm_num_groups": net.norm_groups, "norm_eps": 1e-5,
+        "resnet_time_scale_shift": "scale_shift" if net.scale_shift_norm else "default",
+        "time_embedding_dim": net.emb_mult * net.model_channels, "class_embed_type": None,
+        "num_class_embeds": num_classes + 1 if num_classes else None,  # + the null label of CFG
+    }
+    k = 1000.0 / p.T  # VPDiscrete's end-point scaling; diffusers takes the betas' end points as they are
+    beta_schedule = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}[p.schedule]
+    scheduler = {
+        "_class_name": "DDPMScheduler", "num_train_timesteps": p.T, "beta_schedule": beta_schedule,
+        "beta_start": p.beta_start * k if p.T != 1000 else p.beta_start,
+        "beta_end": p.beta_end * k if p.T != 1000 else p.beta_end, "trained_betas": None,
+        "prediction_type": {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[m.head],
+        "variance_type": "fixed_small", "clip_sample": False, "thresholding": False,
+        "timestep_spacing": cfg.sample.spacing, "steps_offset": 0, "rescale_betas_zero_snr": False,
+    }
+    return unet, scheduler
+
+
+def export_state_dict(unet_sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """nn.unet.UNet parameter names -> diffusers UNet2DModel's (the fused qkv split into to_q, to_k, to_v)."""
+    import re
+
+    simple = [(r"^noise_mlp\.0\.", "time_embedding.linear_1."), (r"^noise_mlp\.2\.", "time_embedding.linear_2."),
+              (r"^label_embed\.", "class_embedding."), (r"^norm_out\.", "conv_norm_out."),
+              (r"^down\.(\d+)\.(\d+)\.res\.", r"down_blocks.\1.resnets.\2."),
+              (r"^down\.(\d+)\.(\d+)\.attn\.", r"down_blocks.\1.attentions.\2."),
+              (r"^downsample\.(\d+)\.conv\.", r"down_blocks.\1.downsamplers.0.conv."),
+              (r"^up\.(\d+)\.(\d+)\.res\.", r"up_blocks.\1.resnets.\2."),
+              (r"^up\.(\d+)\.(\d+)\.attn\.", r"up_blocks.\1.attentions.\2."),
+              (r"^upsample\.(\d+)\.conv\.", r"up_blocks.\1.upsamplers.0.conv."),
+              (r"^mid\.res\.", "mid_block.resnets.0."), (r"^mid\.attn\.", "mid_block.attentions.0."),
+              (r"^mid2\.", "mid_block.resnets.1.")]
+    leaf = [(r"\.emb\.", ".time_emb_proj."), (r"\.skip\.", ".conv_shortcut."), (r"\.norm\.", ".group_norm."),
+            (r"\.proj\.", ".to_out.0.")]
+    out: dict[str, Tensor] = {}
+    for key, t in unet_sd.items():
+        new = key
+        for pat, rep in simple:
+            new = re.sub(pat, rep, new)
+        if ".resnets." in new or ".attentions." in new:
+            for pat, rep in leaf:
+                new = re.sub(pat, rep, new)
+        t = t.detach().cpu().float().contiguous()
+        if new.endswith((".qkv.weight", ".qkv.bias")):
+            for name, part in zip(("to_q", "to_k", "to_v"), t.chunk(3, dim=0)):
+                out[new.replace(".qkv.", f".{name}.")] = part.contiguous()
+        else:
+            out[new] = t
+    return out
+
+
+def export_diffusers(run_dir, out_dir, *, weights: str = "ema", overwrite: bool = False) -> Path:
+    """Write a flat diffusers folder (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json)
+    from a unet run whose architecture coincides with UNet2DModel's (export_config says when it does not).
+    Loads with diffusers' UNet2DModel.from_pretrained(out_dir) and DDPMScheduler.from_pretrained(out_dir)."""
+    import safetensors.torch
+
+    from .loaders import load_run
+
+    run = load_run(Path(run_dir), weights=weights)
+    unet_cfg, sched_cfg = export_config(run.config)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"{out_dir} is not empty; choose an empty or new folder (or --overwrite)")
+    sd = export_state_dict(run.model.backbone.state_dict())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(sd, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    for name, doc in (("config.json", unet_cfg), ("scheduler_config.json", sched_cfg)):
+        (out_dir / name).write_text(json.dumps(doc, indent=2) + "\n")
+    return out_dir

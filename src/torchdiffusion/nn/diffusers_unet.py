@@ -102,6 +102,9 @@ class DiffusersUNet2DConfig:
             if self.attention_head_dim is not None and w % self.attention_head_dim and self.has_attention(w):
                 raise ConfigError(f"diffusers_unet2d: attention_head_dim={self.attention_head_dim} must divide the "
                                   f"attention width {w}")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ConfigError(f"diffusers_unet2d: resnet_time_scale_shift {self.resnet_time_scale_shift!r} is not "
+                              f"supported; supported: default, scale_shift")
         if self.num_class_embeds is not None and self.num_class_embeds < 1:
             raise ConfigError(f"diffusers_unet2d: num_class_embeds must be >= 1 or null, got {self.num_class_embeds}")
 
