@@ -109,3 +109,25 @@ def test_exported_unet_loads_in_diffusers(tmp_path, backbone):
         F, _, _ = ours.raw(x_t * (1 + sig**2).sqrt().float().reshape(-1, 1, 1, 1), sig.float())
     assert F.abs().max() > 0.1
     torch.testing.assert_close(ref, F, atol=2e-5, rtol=2e-5)
+
+
+def test_class_conditional_unet_same_output_as_diffusers(tmp_path):
+    torch.manual_seed(5)
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                                  layers_per_block=1, norm_num_groups=2, attention_head_dim=4, num_class_embeds=3,
+                                  down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+                                  resnet_time_scale_shift="scale_shift").eval()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    fixture.tiny_scheduler("epsilon", "linear").save_pretrained(tmp_path)
+    loaded = load_diffusers(tmp_path)
+    assert loaded.conditioning.specs[0].size == 3
+    x_t, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 50, 900]), torch.tensor([0, 2, 1])
+    sig = loaded.process.sigmas()[t]
+    x = x_t * (1 + sig**2).sqrt().float().reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        ref = model(x_t, t, class_labels=y).sample
+        F = loaded.model.raw(x, sig.float(), {"label": y})[0]
+        null = loaded.model.raw(x, sig.float(), {"label": torch.full_like(y, 3)})[0]
+    torch.testing.assert_close(F, ref, atol=1e-5, rtol=1e-5)
+    assert (null - ref).abs().max() > 1e-3  # the null label drops the class embedding

@@ -221,3 +221,14 @@ def test_export_refuses_what_diffusers_cannot_hold(tmp_path, backbone, match):
         export_config(load_run(run).config)
     r = invoke(["export-diffusers", "--run", run, "--out", tmp_path / "x"], expect=2)
     assert "cannot export" in r.output and not (tmp_path / "x").exists()
+
+
+def test_training_does_not_resume_from_a_converted_run(tmp_path):
+    """A converted run holds weights only: `train` on it is one line, not a traceback."""
+    from tiny_runs import write_noise_pngs
+    run = tmp_path / "run"
+    convert_diffusers(FIXTURE, run)
+    images = write_noise_pngs(tmp_path / "images", 4, shape=(8, 8))
+    r = invoke(["train", "--run", run, "--no-progress", "--threads", "1", "--set", "data.kind=folder",
+                "--set", f"data.path={images}", "--set", "data.val_split=null", "--set", "train.steps=1"], expect=1)
+    assert "holds weights only" in r.output and "Traceback" not in r.output
