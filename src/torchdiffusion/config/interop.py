@@ -23,9 +23,9 @@ import dataclasses
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import yaml
@@ -149,7 +149,7 @@ def map_scheduler(sc: dict) -> SchedulerMapping:
         raise ConfigError(f"scheduler timestep_spacing {spacing!r} is not supported; supported: leading, trailing, "
                           f"linspace")
     notes = []
-    if sc.get("clip_sample", name in SCHEDULERS):
+    if sc.get("clip_sample", True):
         notes.append(f"clip_sample (x0 clipped to +-{sc.get('clip_sample_range', 1.0)} inside the diffusers step) is "
                      f"not reproduced: the samplers here use the network's x0 estimate as it is")
     if sc.get("thresholding"):
@@ -216,7 +216,7 @@ def _weights(folder: DiffusersFolder) -> dict[str, Tensor]:
     out = {}
     for key, t in sd.items():
         for old, new in _OLD_ATTENTION.items():
-            if f".attentions." in key and f".{old}" in key:
+            if ".attentions." in key and f".{old}" in key:
                 key = key.replace(f".{old}", f".{new}")
         out[key] = t.float() if t.is_floating_point() else t
     return out
