@@ -232,3 +232,16 @@ def test_training_does_not_resume_from_a_converted_run(tmp_path):
     r = invoke(["train", "--run", run, "--no-progress", "--threads", "1", "--set", "data.kind=folder",
                 "--set", f"data.path={images}", "--set", "data.val_split=null", "--set", "train.steps=1"], expect=1)
     assert "holds weights only" in r.output and "Traceback" not in r.output
+
+
+def test_old_attention_names_load(folder):
+    """Weights saved by diffusers' old attention blocks (query/key/value/proj_attn) load as today's names."""
+    path = folder / "diffusion_pytorch_model.safetensors"
+    sd = safetensors.torch.load_file(str(path))
+    old = {k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+           .replace(".to_out.0.", ".proj_attn."): v for k, v in sd.items()}
+    assert old.keys() != sd.keys()
+    safetensors.torch.save_file(old, str(path))
+    ref = _ref()
+    torch.testing.assert_close(_network_output(load_diffusers(folder), ref["x_t"], ref["t"]), ref["model_output"],
+                               atol=1e-5, rtol=1e-5)
