@@ -88,6 +88,8 @@ COMMANDS = (
     ("restore_cmd", "restore_cmd"),
     ("likelihood_cmd", "likelihood"),
     ("list_cmd", "list_cmd"),
+    ("interop_cmd", "convert_diffusers_cmd"),
+    ("interop_cmd", "export_diffusers_cmd"),
 )
 for _module, _name in COMMANDS:
     _command = getattr(importlib.import_module(f".{_module}", __package__), _name)
