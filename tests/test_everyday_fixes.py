@@ -105,7 +105,7 @@ def test_training_time_accumulates_across_resumes(tmp_path):
 def test_steps_fewer_than_warmup_warns(tmp_path):
     r = train_tiny(tmp_path / "a", ["train.warmup_steps=10"])
     warn = [line for line in r.output.splitlines() if "warning:" in line]
-    assert len(warn) == 1 and "2 steps are fewer than the 10 warm-up" in warn[0] and "20%" in warn[0]  # lr at step 1: 2/10
+    assert len(warn) == 1 and "2 steps are fewer than the 10 warm-up" in warn[0] and "20%" in warn[0]  # lr(1) = 2/10
     r = train_tiny(tmp_path / "b")
     assert "warning:" not in r.output
 

@@ -159,8 +159,8 @@ def cached_reference(images, extractor, *, source: str, cache_dir: str | Path | 
     """(reference, its file, cache hit?): load the file of this fingerprint, or compute and store it.
 
     Hashing the pixels is cheap (memory speed); the extractor runs only on a miss. Any file of the cache with this
-    fingerprint is a hit, whatever its label (so `eval` reuses what `audit` stored, and the other way round). A file whose stored
-    fingerprint differs from its name's (a damaged or foreign file) is recomputed and replaced."""
+    fingerprint is a hit, whatever its label (so `eval` reuses what `audit` stored, and the other way round). A file
+    whose stored fingerprint differs from its name's (a damaged or foreign file) is recomputed and replaced."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data_sha = images_sha256(images)
     fp = reference_fingerprint(data_sha, extractor.name, extractor.sha256, extractor.resize)
