@@ -62,10 +62,12 @@ def _data_sets(run_cfg, data: str | None, train_dir: Path | None, heldout_dir: P
     held_split = heldout_split or d.val_split
     if not held_split:
         raise ConfigError("the run's data has no held-out split (data.val_split is null); give --heldout-dir DIR "
-                          "(images the model never saw), or --heldout-split for a data set with splits")
+                          "(images the model never saw), or --heldout-split for a data set with splits"
+                          + (" (a folder run holds out files when trained with data.val_fraction)"
+                             if d.kind == "folder" else ""))
     train = build_data(d)
     held = build_data(d, held_split)
-    if d.kind != "folder" and d.limit is not None:
+    if d.limit is not None:
         # build_data limits every split alike; held-out images need not be few
         from dataclasses import replace
         held = build_data(replace(d, limit=None), held_split)

@@ -1,5 +1,5 @@
 """Helpers every command shares: the process's place in a torchrun job, CPU threads, the device, the integer-list
-syntax of --seeds and --labels, the sampler a run samples with after its command-line overrides, and the
+syntax of --seeds and --labels (class names too), the sampler a run samples with after its command-line overrides, and the
 feature network of --feature-weights / --classifier.
 
 A leaf of the cli package: it imports no command module, so commands import it and never each other.
@@ -76,18 +76,40 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_labels(text: Optional[str]) -> Optional[list[int]]:
-    """'0-9' | '3' | '0,5,7' | '0-4,9' -> labels (None stays None); whether they are classes of the model is
-    checked where the number of classes is known (pipelines.guided)."""
+def _names_line(class_names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(class_names[:limit]) + (f", ... ({len(class_names)} in all)" if len(class_names) > limit else "")
+    return f"{shown} (or labels 0..{len(class_names) - 1})"
+
+
+def parse_labels(text: Optional[str], class_names: Sequence[str] = ()) -> Optional[list[int]]:
+    """'0-9' | '3' | '0,5,7' | '0-4,9' | 'circle,square' -> labels (None stays None). With the run's class names
+    (data.class_names) a comma-separated part that is a class name (exactly, else ignoring case) is its label;
+    other parts are integers or ranges. Whether integers are classes of the model is checked where the number
+    of classes is known (pipelines.guided)."""
     if text is None:
         return None
-    try:
-        out = parse_int_ranges(text)
-    except ValueError:
-        raise ConfigError(f"--labels {text!r} is not valid; use a label (3), a range (0-9), a list (0,5,7) "
-                          f"or both") from None
+    names = [str(c) for c in class_names]
+    exact = {c: k for k, c in enumerate(names)}
+    folded: dict[str, int] = {}
+    for k, c in enumerate(names):
+        folded.setdefault(c.casefold(), k)
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part in exact or part.casefold() in folded:
+            out.append(exact.get(part, folded.get(part.casefold())))
+            continue
+        try:
+            out.extend(parse_int_ranges(part))
+        except ValueError:
+            if names:
+                raise ConfigError(f"--labels: {part!r} is not a class of this run; valid: {_names_line(names)}") from None
+            raise ConfigError(f"--labels {text!r} is not valid; use a label (3), a range (0-9), a list (0,5,7) "
+                              f"or both (this run records no class names)") from None
     if not out:
-        raise ConfigError("--labels is empty; use e.g. 0-9")
+        raise ConfigError("--labels is empty; use e.g. 0-9" + (f" or class names: {_names_line(names)}" if names else ""))
     return out
 
 

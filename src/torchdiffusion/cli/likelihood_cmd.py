@@ -31,7 +31,9 @@ ESTIMATORS = ("ode", "vlb", "auto")
               help="ode: probability-flow ODE; vlb: variational bound (vp_discrete, vdm); auto: vlb where the model "
                    "has one, else ode.")
 @click.option("--n", "count", type=int, default=64, show_default=True, help="Number of images (the split's first N).")
-@click.option("--split", default="test", show_default=True, help="Data split of the run's data set (train, val, test).")
+@click.option("--split", default=None,
+              help="Data split of the run's data set (train, val, test; default: test, or for an image folder the "
+                   "run's held-out data.val_split).")
 @click.option("--hutchinson", type=int, default=1, show_default=True,
               help="ode: Hutchinson probes per image; 0 = exact divergence (one backward pass per dimension).")
 @click.option("--probe", type=click.Choice(["rademacher", "gaussian"]), default="rademacher", show_default=True)
@@ -79,6 +81,11 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
     s_max = sigma_max if sigma_max is not None else process.sigma_max
     if not (0 < s_min < s_max):
         raise ConfigError(f"need 0 < --sigma-min < --sigma-max, got {s_min}, {s_max}")
+    if split is None:
+        split = "test" if cfg.data.kind != "folder" else cfg.data.val_split
+        if not split:
+            raise ConfigError("this run's image folder has no held-out split (data.val_split is null); give --split "
+                              "train to score training images, or train with data.val_fraction to hold some out")
     dataset = build_data(cfg.data, split)
     if len(dataset) < count:
         raise ConfigError(f"--n {count}: split '{split}' has only {len(dataset)} images")

@@ -14,8 +14,8 @@ from .common import build_run_sampler, dist_info, parse_labels, parse_seeds, res
 # --------------------------------------------------------------------------------------------- guidance options
 _SAMPLE_OPTIONS = [
     click.option("--labels", default=None,
-                 help="Class labels, cycled over the seeds: 0-9, 3 or 0,5,7 (default for a class-conditional "
-                      "model: 0..K-1)."),
+                 help="Class labels, cycled over the seeds: 0-9, 3, 0,5,7 or the run's class names (circle,square) "
+                      "(default for a class-conditional model: 0..K-1)."),
     click.option("--guidance-scale", type=float, default=None,
                  help="Classifier-free guidance scale w: D_u + w (D_c - D_u); 1 = conditional, 0 = unconditional."),
     click.option("--guidance-interval", default=None, metavar="LO,HI",
@@ -64,7 +64,7 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
     from ..pipelines.guided import GuidedSampling
 
     interval = parse_interval(guidance_interval)
-    label_list = parse_labels(labels)
+    label_list = parse_labels(labels, getattr(run.config.data, "class_names", ()))  # names or integers
     classifier = load_classifier(classifier_run, device=device) if classifier_run is not None else None
     judge_run = reject_classifier or classifier_run
     judge = None

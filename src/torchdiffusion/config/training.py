@@ -17,14 +17,23 @@ from ..train.trainer import TrainResult
 from .schema import RunConfig
 
 
-def complete_config(cls, stored: dict) -> dict:
+#: keys that training sets from the data (build.resolve_for_data); a checkpoint that predates one takes the value
+#: the data give today (the data fingerprint check still compares the data themselves)
+DATA_DERIVED = (("data", "class_names"),)
+
+
+def complete_config(cls, stored: dict, current: dict | None = None) -> dict:
     """A checkpoint's stored config with today's defaults for the keys it predates (unknown keys: left as stored,
-    so the resume check lists them)."""
+    so the resume check lists them); keys of DATA_DERIVED it predates take their value in `current`."""
     from .strict import from_dict, to_dict
     try:
-        return to_dict(from_dict(cls, stored))
+        out = to_dict(from_dict(cls, stored))
     except ConfigError:
         return stored
+    for section, key in DATA_DERIVED if current else ():
+        if key not in (stored.get(section) or {}) and key in (current.get(section) or {}):
+            out[section][key] = current[section][key]
+    return out
 
 
 def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_changes: bool = False,
@@ -99,7 +108,7 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_ch
                           data_fingerprint=dataset_fingerprint(train_set), sample_grid=sample_grid, dist=info,
                           device=device, should_stop=should_stop, progress=progress,
                           until_step=until_step, evaluator=evaluator,
-                          complete_config=lambda stored: complete_config(type(cfg), stored))
+                          complete_config=lambda stored: complete_config(type(cfg), stored, resolved))
         return trainer.fit(resume_from, allow_changes)
     finally:
         distributed.shutdown(info)
@@ -128,7 +137,7 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     weights = None if t.eval_features == "inception" else t.eval_features
     extractor = InceptionFeatures(weights, device=device, option="train.eval_features (a local default_1.pt)")
     split = t.eval_reference or cfg.data.val_split or cfg.data.split
-    real = train_set if (cfg.data.kind == "folder" or split == cfg.data.split) else build_data(cfg.data, split)
+    real = train_set if split == cfg.data.split else build_data(cfg.data, split)
     images = real.x[:t.eval_reference_images] if t.eval_reference_images else real.x
     source = f"{cfg.data.kind}:{split}[:{len(images)}]"
     reference = None
