@@ -36,7 +36,7 @@ import torch
 
 from torchdiffusion.data.check import CheckReport, probe_entry
 from torchdiffusion.data.dataset import ImageArrayDataset
-from torchdiffusion.data.image_decode import (CHANNEL_POLICIES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE,
+from torchdiffusion.data.image_decode import (CHANNEL_POLICIES, CROP_POLICIES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE,
                                               image_to_array)
 from torchdiffusion.data.image_sources import DEFAULT_MAX_BYTES, LABEL_FILE, open_image_source
 from torchdiffusion.errors import DataError
@@ -116,7 +116,7 @@ def load_image_folder(path: str | PathLike, *, channels: str = "auto", resolutio
                       bad_files: str = "error", labels: str = "none", alpha_background: int = 255,
                       min_size: int = DEFAULT_MIN_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS,
                       max_bytes: int = DEFAULT_MAX_BYTES, split: str = "train",
-                      val_fraction: Optional[float] = None) -> ImageArrayDataset:
+                      val_fraction: Optional[float] = None, crop: str = "center") -> ImageArrayDataset:
     """Decode every usable image of `split` under `path` (folder or .zip) into uint8 (N, C, H, W).
 
     channels: auto | L | RGB | RGBA (see image_decode.CHANNEL_POLICIES); resolution: int or None;
@@ -125,9 +125,11 @@ def load_image_folder(path: str | PathLike, *, channels: str = "auto", resolutio
     max_pixels / max_bytes: decompression-bomb limits per file; split: train | val | train+val, held
     out by a hash of each file's path with share val_fraction (None: no held-out files).
     Class names (labels folder/json) come from every file of the folder, so both splits agree.
+    crop: center (the largest centred square) | none (the whole image, squeezed), with resolution.
     """
     for name, value, valid in (("channels", channels, CHANNEL_POLICIES), ("bad_files", bad_files, BAD_FILE_POLICIES),
-                               ("labels", labels, LABEL_POLICIES), ("split", split, FOLDER_SPLITS)):
+                               ("labels", labels, LABEL_POLICIES), ("split", split, FOLDER_SPLITS),
+                               ("crop", crop, CROP_POLICIES)):
         if value not in valid:
             raise DataError(f"folder: unknown {name} {value!r}; valid: {', '.join(valid)}")
     if val_fraction is not None and (isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float))
@@ -168,7 +170,7 @@ def load_image_folder(path: str | PathLike, *, channels: str = "auto", resolutio
                                     f"{probe.detail}); remove or fix it, or set bad_files='skip' "
                                     "(`data check` lists every bad file)")
                 continue
-            arrays.append(image_to_array(probe.image, channels, resolution, alpha_background))
+            arrays.append(image_to_array(probe.image, channels, resolution, alpha_background, crop))
             label_list.append(label_of[entry.relpath] if labels != "none" else -1)
     if not arrays:
         if val_fraction and split != "train+val" and report.files == 0:
