@@ -89,8 +89,11 @@ def test_parse_labels_takes_class_names_and_integers():
     with pytest.raises(ConfigError) as e:
         parse_labels("circel", names)
     assert "circle, square, T-shirt/top (or labels 0..2)" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="records no class names"):
+    with pytest.raises(ConfigError, match="--labels 'circle' is not valid"):
         parse_labels("circle")
+    with pytest.raises(ConfigError, match="--labels 'x' is not valid"):  # names that are the integers add nothing
+        parse_labels("x", tuple(str(k) for k in range(10)))
+    assert parse_labels("3", tuple(str(k) for k in range(10))) == [3]
 
 
 # --------------------------------------------------------------------------------------------- data prepare

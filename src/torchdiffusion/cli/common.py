@@ -89,6 +89,8 @@ def parse_labels(text: Optional[str], class_names: Sequence[str] = ()) -> Option
     if text is None:
         return None
     names = [str(c) for c in class_names]
+    if names == [str(k) for k in range(len(names))]:
+        names = []  # the names are the integers themselves (MNIST's digits): nothing to add
     exact = {c: k for k, c in enumerate(names)}
     folded: dict[str, int] = {}
     for k, c in enumerate(names):
@@ -107,7 +109,7 @@ def parse_labels(text: Optional[str], class_names: Sequence[str] = ()) -> Option
             if names:
                 raise ConfigError(f"--labels: {part!r} is not a class of this run; valid: {_names_line(names)}") from None
             raise ConfigError(f"--labels {text!r} is not valid; use a label (3), a range (0-9), a list (0,5,7) "
-                              f"or both (this run records no class names)") from None
+                              f"or both") from None
     if not out:
         raise ConfigError("--labels is empty; use e.g. 0-9" + (f" or class names: {_names_line(names)}" if names else ""))
     return out

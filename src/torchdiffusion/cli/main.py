@@ -15,6 +15,7 @@ import torch
 from ..errors import TorchDiffusionError
 
 EXIT_INTERRUPTED = 130
+EXIT_OUT_OF_MEMORY = 1  # out of memory (RELIABILITY 24): a one-line message with the knobs to turn
 
 
 class _Group(click.Group):
@@ -31,9 +32,10 @@ class _Group(click.Group):
         except (torch.OutOfMemoryError, MemoryError):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo("error: out of memory; lower train.batch_size (with train.grad_accum to keep the global batch), "
-                       "the model size, or --batch when sampling; the last checkpoint is intact", err=True)
-            sys.exit(1)
+            click.echo("error: out of memory; lower --batch (sample, restore, eval, audit, likelihood) or, when "
+                       "training, train.batch_size (with train.grad_accum to keep the global batch), "
+                       "train.precision=bf16 or the model size; files already written are intact", err=True)
+            sys.exit(EXIT_OUT_OF_MEMORY)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)

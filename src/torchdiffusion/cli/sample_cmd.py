@@ -64,7 +64,10 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
     from ..pipelines.guided import GuidedSampling
 
     interval = parse_interval(guidance_interval)
-    label_list = parse_labels(labels, getattr(run.config.data, "class_names", ()))  # names or integers
+    names = tuple(getattr(run.config.data, "class_names", ()))  # the run's classes by name (data.class_names)
+    if len(names) != (run.num_classes or (len(names) if classifier_run is not None else -1)):
+        names = ()  # the names are those of the model's classes (or of a classifier trained on the run's data)
+    label_list = parse_labels(labels, names)
     classifier = load_classifier(classifier_run, device=device) if classifier_run is not None else None
     judge_run = reject_classifier or classifier_run
     judge = None

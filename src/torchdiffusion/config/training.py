@@ -42,7 +42,18 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_ch
     """Train (or resume) the run of a resolved config in run_dir: data, conditioners and codec from the config,
     the model sized from the data, the loop with the diffusion step, training-time grids and in-loop evaluation.
     resume: latest (the folder's newest verified checkpoint, if any), none (a new run: refused if the folder holds
-    checkpoints) or a checkpoint path (must exist). should_stop() is polled at each step boundary (signals)."""
+    checkpoints) or a checkpoint path (must exist). should_stop() is polled at each step boundary (signals).
+    The main process holds the run folder's lock (train.runlock) throughout: a second `train` on the same folder
+    is refused in one line naming the holder's pid."""
+    from ..train.runlock import run_lock
+    with run_lock(run_dir, enabled=dist.is_main):
+        return _train_run(cfg, run_dir, resume=resume, allow_changes=allow_changes, dist=dist, device=device,
+                          progress=progress, until_step=until_step, should_stop=should_stop)
+
+
+def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: bool, dist: DistInfo,
+               device: torch.device, progress: bool | None, until_step: int | None,
+               should_stop: Callable[[], bool] | None) -> TrainResult:
     import yaml
     info = dist
 

@@ -424,6 +424,14 @@ class Trainer:
                     log.info(f"stopped at step {self.step} ({why}); "
                              f"run the same command again to resume")
                     break
+        except torch.OutOfMemoryError as e:  # RELIABILITY 24: one line with the knobs; nothing saved is touched
+            last = ckpt.resolve_latest(self.ckpt_dir)
+            raise TrainingError(
+                f"out of memory at step {self.step + 1}; lower train.batch_size (raise train.grad_accum to keep the "
+                f"global batch of {cfg.batch_size})"
+                + (", use train.precision=bf16" if cfg.precision == "fp32" else "")
+                + f" or a smaller model (model.backbone.model_channels); last checkpoint: {last or 'none'} "
+                  f"(intact; the same command resumes from it)") from e
         finally:
             log.close()
         return TrainResult(self.step, stopped, last_ckpt)
