@@ -129,7 +129,7 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     """The train command's in-loop evaluator (None when train.eval_every is 0).
 
     Reference: the first train.eval_reference_images images of train.eval_reference (default the data's
-    val_split, else its training split), cached like `eval ref`; the main process computes a missing
+    val_split, else its training split; an image folder's training split), cached like `eval ref`; the main process computes a missing
     cache file first, the others then read it. Samples: train.eval_sampler / eval_steps (default the
     sample section), one generator per seed like `sample`."""
     from ..eval import InceptionFeatures, InLoopEvaluator, cached_reference
@@ -147,7 +147,9 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     sampler, sigmas = build_sampler(scfg), build_sigmas(scfg, model.process)
     weights = None if t.eval_features == "inception" else t.eval_features
     extractor = InceptionFeatures(weights, device=device, option="train.eval_features (a local default_1.pt)")
-    split = t.eval_reference or cfg.data.val_split or cfg.data.split
+    # an image folder's held-out share (data.val_fraction) is usually too small for reference statistics: its
+    # training split is the default reference there
+    split = t.eval_reference or (cfg.data.split if cfg.data.kind == "folder" else cfg.data.val_split or cfg.data.split)
     real = train_set if split == cfg.data.split else build_data(cfg.data, split)
     images = real.x[:t.eval_reference_images] if t.eval_reference_images else real.x
     source = f"{cfg.data.kind}:{split}[:{len(images)}]"
