@@ -149,7 +149,8 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     extractor = InceptionFeatures(weights, device=device, option="train.eval_features (a local default_1.pt)")
     # an image folder's held-out share (data.val_fraction) is usually too small for reference statistics: its
     # training split is the default reference there
-    split = t.eval_reference or (cfg.data.split if cfg.data.kind == "folder" else cfg.data.val_split or cfg.data.split)
+    default = cfg.data.split if cfg.data.kind == "folder" else cfg.data.val_split or cfg.data.split
+    split = t.eval_reference or default
     real = train_set if split == cfg.data.split else build_data(cfg.data, split)
     images = real.x[:t.eval_reference_images] if t.eval_reference_images else real.x
     source = f"{cfg.data.kind}:{split}[:{len(images)}]"
