@@ -129,8 +129,8 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     """The train command's in-loop evaluator (None when train.eval_every is 0).
 
     Reference: the first train.eval_reference_images images of train.eval_reference (default the data's
-    val_split, else its training split; an image folder's training split), cached like `eval ref`; the main process computes a missing
-    cache file first, the others then read it. Samples: train.eval_sampler / eval_steps (default the
+    val_split, else its training split; an image folder's training split), cached like `eval ref`; the main
+    process computes a missing cache file first, the others then read it. Samples: train.eval_sampler / eval_steps (default the
     sample section), one generator per seed like `sample`."""
     from ..eval import InceptionFeatures, InLoopEvaluator, cached_reference
     from .build import build_data, build_sampler, build_sigmas
