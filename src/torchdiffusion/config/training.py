@@ -130,8 +130,8 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
 
     Reference: the first train.eval_reference_images images of train.eval_reference (default the data's
     val_split, else its training split; an image folder's training split), cached like `eval ref`; the main
-    process computes a missing cache file first, the others then read it. Samples: train.eval_sampler / eval_steps (default the
-    sample section), one generator per seed like `sample`."""
+    process computes a missing cache file first, the others then read it. Samples: train.eval_sampler /
+    eval_steps (default the sample section), one generator per seed like `sample`."""
     from ..eval import InceptionFeatures, InLoopEvaluator, cached_reference
     from .build import build_data, build_sampler, build_sigmas
     from ..pipelines.generate import generate
