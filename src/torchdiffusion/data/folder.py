@@ -11,8 +11,8 @@ label is -1.
 Splits: with val_fraction=f (0 < f < 1) a file is held out ("val") when the first 8 bytes of the
 sha256 of its relative path, read as an integer, fall below f * 2**64; "train" is the rest and
 "train+val" all of them. The choice depends on the path only, so adding or removing files never
-moves any other file between the splits (the idea of the hash split in Google's "Rules of ML" and
-TFDS's split by key). Without val_fraction the folder is one split: "train" (= "train+val") is
+moves any other file between the splits (the stable test set by a hash of each instance's
+identifier of Géron, "Hands-On Machine Learning", ch. 2). Without val_fraction the folder is one split: "train" (= "train+val") is
 every file, and "val" is an error.
 
 Bad files (see image_decode for the categories): bad_files="error" stops at the first one in
