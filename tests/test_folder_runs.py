@@ -19,7 +19,7 @@ from torchdiffusion.config.build import build_data
 from torchdiffusion.config.schema import DataConfig
 from torchdiffusion.data import load_image_folder
 from torchdiffusion.data.folder import held_out
-from torchdiffusion.errors import ConfigError, DataError
+from torchdiffusion.errors import ConfigError, DataError, OutputError
 from torchdiffusion.pipelines.prepare import prepare_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,7 +130,7 @@ def test_prepare_writes_edm_layout_that_reads_back(tmp_path):
         assert torch.equal(back.x, direct.x) and torch.equal(back.label, direct.label)  # PNG is lossless
         assert back.class_names == ("circle", "square")
     before = out.read_bytes()
-    with pytest.raises(DataError, match="--overwrite"):
+    with pytest.raises(OutputError, match="--overwrite"):
         prepare_dataset(src, out, resolution=16)
     assert prepare_dataset(src, out, resolution=16, overwrite=True).count == 10
     assert out.read_bytes() == before  # deterministic: same input, same bytes

@@ -18,7 +18,8 @@ every file, and "val" is an error.
 Bad files (see image_decode for the categories): bad_files="error" stops at the first one in
 path order, before anything is trained, naming it; "skip" leaves them out and records the
 CheckReport in dataset.info["report"] (and a one-line summary in info["skipped"]). A set with
-no usable image left is an error that gives the counts (RELIABILITY 22).
+no usable image left is an error that gives the counts (RELIABILITY 22). info["files"] holds the
+relative path of every decoded image, in the order of x (restore names its outputs after them).
 
 Size: resolution=N centre-crops the largest square and resizes it to N x N (LANCZOS);
 resolution=None keeps the files' size, which must then be the same for all.
@@ -147,6 +148,7 @@ def load_image_folder(path: str | PathLike, *, channels: str = "auto", resolutio
     report = CheckReport(source=str(path))
     arrays: list[np.ndarray] = []
     label_list: list[int] = []
+    kept: list[str] = []  # relative paths of the decoded images, in order
     with open_image_source(path, max_bytes=max_bytes) as listing:
         report.ignored = listing.ignored
         relpaths = [e.relpath for e in listing.entries]
@@ -171,6 +173,7 @@ def load_image_folder(path: str | PathLike, *, channels: str = "auto", resolutio
                                     "(`data check` lists every bad file)")
                 continue
             arrays.append(image_to_array(probe.image, channels, resolution, alpha_background, crop))
+            kept.append(entry.relpath)
             label_list.append(label_of[entry.relpath] if labels != "none" else -1)
     if not arrays:
         if val_fraction and split != "train+val" and report.files == 0:
@@ -188,5 +191,6 @@ def load_image_folder(path: str | PathLike, *, channels: str = "auto", resolutio
         arrays = _unify_channels(arrays)
     x = torch.from_numpy(np.stack(arrays))  # (N, C, H, W) uint8
     info = {"source": "folder", "path": str(path), "channels": channels, "resolution": resolution,
-            "bad_files": bad_files, "labels": labels, "split": split, "val_fraction": val_fraction, "report": report, "skipped": report.one_line()}
+            "bad_files": bad_files, "labels": labels, "split": split, "val_fraction": val_fraction,
+            "report": report, "skipped": report.one_line(), "files": kept}
     return ImageArrayDataset(x, torch.tensor(label_list, dtype=torch.int64), class_names=class_names, info=info)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..data.folder import LABEL_POLICIES, load_image_folder
 from ..data.image_sources import LABEL_FILE, open_image_source
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, OutputError
 
 __all__ = ["PrepareResult", "prepare_dataset", "LABEL_CHOICES"]
 
@@ -104,10 +104,10 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *, resolutio
     if out.suffix.lower() != ".zip":
         raise ConfigError(f"--out {out}: the output must be a .zip file (e.g. dataset.zip)")
     if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; give --overwrite to replace it (it is replaced only once the new "
+        raise OutputError(f"{out} already exists; give --overwrite to replace it (it is replaced only once the new "
                         "archive is complete)")
     if out.exists() and not out.is_file():
-        raise DataError(f"{out} exists and is not a file; choose another --out")
+        raise OutputError(f"{out} exists and is not a file; choose another --out")
     if not src.exists():
         raise DataError(f"{src}: no such folder or ZIP file")
     if src.resolve() == out.resolve():
