@@ -84,8 +84,9 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
     if split is None:
         split = "test" if cfg.data.kind != "folder" else cfg.data.val_split
         if not split:
-            raise ConfigError("this run's image folder has no held-out split (data.val_split is null); give --split "
-                              "train to score training images, or train with data.val_fraction to hold some out")
+            raise ConfigError("this folder run holds no images out (it was trained without data.val_fraction); "
+                              "score its training images with split 'train' (--split train), or train with "
+                              "data.val_fraction (e.g. 0.05) to hold some out")
     dataset = build_data(cfg.data, split)
     if len(dataset) < count:
         raise ConfigError(f"--n {count}: split '{split}' has only {len(dataset)} images")

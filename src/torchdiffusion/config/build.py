@@ -15,6 +15,7 @@ from ..core.precond import LearnedVariance, Preconditioned, Preconditioner
 from ..core.vdm import VDM, VDMModel
 from ..core.processes import VPDiscrete
 from ..data import ImageArrayDataset, open_dataset
+from ..data.folder import FOLDER_SPLITS
 from ..errors import ConfigError
 from ..conditioners.base import Conditioning
 from ..protocols import BackboneIO, CondSpec
@@ -160,11 +161,14 @@ def build_data(cfg: DataConfig, split: str | None = None):
     if cfg.val_fraction is not None and "val_fraction" not in valid:
         raise ConfigError(f"data.val_fraction applies to image folders; data.kind={cfg.kind} has fixed splits "
                           f"(set data.val_fraction=null and choose data.val_split)")
+    if cfg.kind == "folder" and options["split"] not in FOLDER_SPLITS:
+        raise ConfigError(f"split {options['split']!r}: an image folder has the splits train, train+val and, with "
+                          f"data.val_fraction, val; ask for split 'train' (its training images) instead")
     if cfg.kind == "folder" and options["split"] == "val" and not cfg.val_fraction:
         raise ConfigError(f"data.{'val_split' if split else 'split'}='val': an image folder holds out images only "
                           f"with data.val_fraction (e.g. 0.05: that share of the files, chosen by a hash of each "
                           f"file's path); set it, or "
-                          + ("data.val_split=null for no validation loss" if split else "data.split=train"))
+                          + ("set data.val_split=null for no validation loss" if split else "data.split=train"))
     dataset = build_dataset(cfg.kind, **{k: v for k, v in options.items() if k in valid})
     if cfg.limit is not None:
         if cfg.limit < 1:
