@@ -1,6 +1,6 @@
 """Helpers every command shares: the process's place in a torchrun job, CPU threads, the device, the integer-list
-syntax of --seeds and --labels, the sampler a run samples with after its command-line overrides, and the
-feature network of --feature-weights / --classifier.
+syntax of --seeds and --labels, the sampler a run samples with after its command-line overrides, the
+feature network of --feature-weights / --classifier, and progress on stderr (--quiet).
 
 A leaf of the cli package: it imports no command module, so commands import it and never each other.
 """
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import click
 import torch
 
 from ..errors import ConfigError
@@ -123,3 +124,24 @@ def make_extractor(feature_weights, classifier, batch: int, device):
                                   sha256=file_sha256(weights) if weights.is_file() else "")
     from ..eval import InceptionFeatures
     return InceptionFeatures(feature_weights, batch_size=batch, device=device, option="--feature-weights PATH")
+
+
+# ------------------------------------------------------------------------------------------- progress
+def _remember_quiet(ctx: click.Context, param, value: bool) -> None:
+    ctx.meta["torchdiffusion.quiet"] = bool(value)
+
+
+def quiet_option(f):
+    """--quiet for a command with long work: no progress bar or progress lines (progress_for reads it)."""
+    return click.option("--quiet", is_flag=True, expose_value=False, callback=_remember_quiet,
+                        help="No progress bar or progress lines on stderr.")(f)
+
+
+def progress_for(total: Optional[int], what: str, unit: str = "images", *, off: bool = False):
+    """pipelines.progress.Progress of the running command on stderr: a tqdm bar on a terminal, else a line every
+    30 s with an ETA; nothing with --quiet (quiet_option) or `off` (e.g. a torchrun process other than the
+    main one)."""
+    from ..pipelines.progress import Progress, progress_mode
+    ctx = click.get_current_context(silent=True)
+    quiet = off or bool(ctx is not None and ctx.meta.get("torchdiffusion.quiet"))
+    return Progress(total, what, unit, mode=progress_mode(quiet))

@@ -10,6 +10,7 @@ import click
 import torch
 
 from ..errors import ConfigError, DataError
+from .common import progress_for, quiet_option
 
 METHOD_OPTIONS = {  # method -> restore-function options this command passes on
     "ilvr": ("sigma_stop",), "mcg": ("scale", "prior_std"), "dps": ("scale", "prior_std"),
@@ -57,6 +58,7 @@ METHOD_OPTIONS = {  # method -> restore-function options this command passes on
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
+@quiet_option
 def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, input_dir, outdir, mask, half, missing,
                 scale, down, blur_sigma, noise_std, steps, sigma_start, seeds, limit, batch, dps_scale, prior_std, jump,
                 resample, weight, sigma_stop, weights, threads, device):
@@ -132,8 +134,9 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
 
     conditioning = run.conditioning  # a conditional model restores with its null condition (unconditional)
     cond_for = (lambda chunk: conditioning.null(conditioning.for_sampling(chunk))) if conditioning else None
-    result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=method_options,
-                            device=dev, on_batch=write, cond_for=cond_for)
+    with progress_for(len(images), "restore") as progress:
+        result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=method_options,
+                                device=dev, on_batch=write, cond_for=cond_for, progress=progress)
     k = min(len(images), 16)
     shown = to_uint8(measurement_image(op, result.measurement[:k], (c, h, w)))
     rows = torch.cat([shown, to_uint8(result.restored[:k]), images[:k]])

@@ -83,21 +83,27 @@ def save_png(image: Tensor, path: Path) -> None:
 
 def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_config, sampler: Callable,
                sampler_options: dict, sigmas: Tensor, nfe: int | None, seeds_text: str, batch: int = 16,
-               rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"), counter=None) -> dict:
+               rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"), counter=None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
     """Generate this process's share of `seed_list` (every world_size-th seed from rank) with `guided`
     (pipelines.guided.GuidedSampling) into OUTDIR/<seed>.png; the main process also writes grid.png (one process
     only) and samples.json. Returns the samples.json record.
 
     run: a config.loaders.LoadedRun; nfe: per image, or None for adaptive samplers: then `counter` is the base
     denoiser of `guided`, counting the rows it evaluates (config.sampler_options.CountingDenoiser), and the
-    record gives the measured mean."""
+    record gives the measured mean. progress(done, total): after each batch written (pipelines.progress.Progress)."""
     my_seeds = list(seed_list[rank::world_size])
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
 
+    written = [0]
+
     def write(chunk, images):
         for s, img in zip(chunk, images):
             save_png(img, outdir / f"{s:06d}.png")
+        written[0] += len(chunk)
+        if progress is not None:
+            progress(written[0], len(my_seeds))
 
     t0 = time.perf_counter()
     images = guided.generate(generate, my_seeds, run.sample_shape, sampler, sigmas, batch=batch, device=device,
