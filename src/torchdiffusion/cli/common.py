@@ -6,7 +6,6 @@ A leaf of the cli package: it imports no command module, so commands import it a
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -51,17 +50,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def parse_int_ranges(text: str) -> list[int]:
     """'0-63', '3', '0,5,9', '0-4,9': ranges and single integers separated by commas, in order; ValueError on
     anything else (a descending range included). Empty parts are ignored, so the result may be empty."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            a, b = (int(v) for v in part.split("-", 1))
-            if b < a:
-                raise ValueError(part)
-            out.extend(range(a, b + 1))
-        elif part:
-            out.append(int(part))
-    return out
+    from ..pipelines.settings import int_ranges  # one parser for the commands and the library
+    return int_ranges(text)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -96,15 +86,8 @@ def parse_labels(text: Optional[str]) -> Optional[list[int]]:
 def build_run_sampler(scfg, sampler_opts: Sequence[str] = ()) -> tuple[Callable, dict, Optional[int]]:
     """(sampler, its --sampler-opt options, NFE per image or None where only a count can tell) of a sample
     config (pipelines.settings.override_sample has applied the command's flags to it)."""
-    from ..config.build import build_sampler
-    from ..config.registry import SAMPLERS
-    from ..config.sampler_options import parse_sampler_options
-
-    fn = build_sampler(scfg)
-    options = parse_sampler_options(scfg.sampler, fn, sampler_opts)
-    if options:
-        fn = functools.partial(fn, **options)
-    return fn, options, SAMPLERS[scfg.sampler][1](scfg.steps)
+    from ..config.sampler_options import build_run_sampler as build  # shared with the library's pipeline
+    return build(scfg, sampler_opts)
 
 
 # ------------------------------------------------------------------------------------------- features
