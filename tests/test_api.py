@@ -125,7 +125,7 @@ def test_encode_decode_round_trip_and_pil(tiny_run, tmp_path):
     assert z.shape == (3, *pipe.shape) and z.dtype == torch.float32 and -1 <= float(z.min()) <= float(z.max()) <= 1
     assert torch.equal(pipe.decode(z), x)
     ims = pipe.decode(z, output="pil")
-    assert [im.mode for im in ims] == ["L"] * 3 and torch.equal(torch.from_numpy(np.asarray(ims[1]))[None], x[1])
+    assert [im.mode for im in ims] == ["L"] * 3 and torch.equal(torch.from_numpy(np.array(ims[1]))[None], x[1])
     samples = pipe.sample(range(2), steps=2, output="pil")
     assert len(samples) == 2 and samples[0].size == (28, 28)
     # save: PIL in, a grid file for a .png path

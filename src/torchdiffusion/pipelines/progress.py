@@ -73,13 +73,15 @@ class Progress:
                 self.bar.total = self.total
         done = int(done)
         step, self.done = done - self.done, done
-        if self.mode == "off":
+        if self.mode == "off" or self._closed:
             return
+        finished = self.total is not None and self.done >= self.total
         if self.bar is not None:
             self.bar.update(step)
+            if finished:  # a callback user (feature extraction) never closes: the bar ends with the work
+                self.close()
             return
         now = self.clock()
-        finished = self.total is not None and self.done >= self.total
         if finished or self._last_line is None or now - self._last_line >= self.every_s:
             self._write(self.line(now))
             self._last_line = now
