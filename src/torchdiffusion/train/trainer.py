@@ -51,6 +51,7 @@ class TrainConfig:
     ema_halflife_images: float = 50_000.0  # EDM uses 500k images on CIFAR-10; shorter runs want less
     ema_rampup: Optional[float] = 0.05  # Karras et al. 2022, Appendix F.3
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # several processes: replicate (DDP) or shard (FSDP2, train.fsdp)
     max_minutes: float = 0.0  # stop (and checkpoint) after this much training time; 0 = no limit
     log_every: int = 50
     log_seconds: float = 30.0  # also a log line when this many seconds passed since the last; 0 = by steps only
@@ -102,8 +103,8 @@ class TrainingError(TorchDiffusionError):
 EXIT_PREEMPTED = 75
 
 #: config keys that may change between a checkpoint and its resumption (cadence and budgets, not the maths)
-RESUMABLE_CHANGES = ("train.steps", "train.max_minutes", "train.log_every", "train.log_seconds", "train.tensorboard",
-                     "train.val_every", "train.sample_every",
+RESUMABLE_CHANGES = ("train.steps", "train.parallel", "train.max_minutes", "train.log_every", "train.log_seconds",
+                     "train.tensorboard", "train.val_every", "train.sample_every",
                      "train.ckpt_every", "train.keep_last", "train.nan_policy", "train.max_nan_skips",
                      "train.eval_every", "train.eval_images", "train.eval_metric", "train.eval_patience",
                      "train.eval_sampler", "train.eval_steps", "train.eval_features", "train.eval_reference",
@@ -206,7 +207,7 @@ class Trainer:
                                 f"process(es) x {cfg.grad_accum} accumulation round(s)")
         self.per_rank = per_rank
         self.ctx = LoopContext(seed=seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                               precision=cfg.precision, dist=dist, device=device)
+                               precision=cfg.precision, dist=dist, device=device, parallel=cfg.parallel)
         step.setup(self.ctx)
         self.columns = METRIC_COLUMNS + [c for c in step.metric_columns if c not in METRIC_COLUMNS]
         self.step = 0
@@ -238,8 +239,10 @@ class Trainer:
 
     def save(self) -> Path | None:
         path = None
+        # a sharded step's state is gathered collectively: every process calls state_dict(), the main one writes
+        state = self.train_step_obj.state_dict() if self.ctx.sharded else None
         if self.dist.is_main:
-            state = self.train_step_obj.state_dict()
+            state = state or self.train_step_obj.state_dict()
             rng_tensors, rng_json = capture_rng({})
             extra = dict(state.meta)
             trainer_meta = {**self._trainer_meta(), **extra.pop("trainer", {})}
@@ -316,6 +319,7 @@ class Trainer:
             self.best_value, self.best_step, self.evals_since_best = value, self.step, 0
         else:
             self.evals_since_best += 1
+        weights = self.train_step_obj.weights() if improved and self.ctx.sharded else None  # collective
         if not self.dist.is_main:
             return
         label = "classifier " if str(scores.get("extractor", "")).startswith("classifier") else ""
@@ -332,7 +336,7 @@ class Trainer:
             best_dir = self.ckpt_dir / "best"
             path = ckpt.save_checkpoint(
                 best_dir, self.step,
-                tensors=self.train_step_obj.weights(),
+                tensors=weights or self.train_step_obj.weights(),
                 meta={"config": self.resolved_config, "eval": entry,
                       "trainer": {"step": self.step, "images_seen": self.step * self.cfg.batch_size},
                       "data_fingerprint": self.data_fingerprint},
