@@ -71,6 +71,14 @@ def test_labels_and_guidance_match_the_command(cond_run, tmp_path):
     assert torch.equal(got, pipe.sample(range(4), labels="7,2", guidance_scale=2.5, steps=2, batch=1))
     with pytest.raises(ConfigError, match="out of range.*10 classes"):
         pipe.sample(range(2), labels=[10])
+    # restore: the null label by default, or labels (one for all, or one per image), which change the result
+    x = pipe.sample(range(2), steps=2)
+    null = pipe.restore(x, method="replacement", steps=2)
+    three = pipe.restore(x, method="replacement", steps=2, labels=3)
+    assert torch.equal(three, pipe.restore(x, method="replacement", steps=2, labels=[3, 3], batch=1))
+    assert not torch.equal(null, three)
+    with pytest.raises(ConfigError, match="3 labels for 2 images"):
+        pipe.restore(x, steps=2, labels=[1, 2, 3])
 
 
 def test_restore_is_the_restore_command_bit_for_bit(tiny_run, tmp_path):
@@ -153,6 +161,8 @@ def test_bad_input_is_one_line(tiny_run, tmp_path):
          "factor 5 does not divide"),
         (lambda: pipe.restore(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), method="dps",
                               method_options={"jump": 3}), ConfigError, "method_options for 'dps'"),
+        (lambda: pipe.restore(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), labels=1), ConfigError,
+         "no class condition"),
         (lambda: pipe.decode(torch.zeros(1, 3, 28, 28)), ConfigError, r"decode takes \(N, 1, 28, 28\)"),
         (lambda: torchdiffusion.load(tmp_path / "nothing"), ConfigError, "no such run folder"),
         (lambda: torchdiffusion.load(tiny_run, device="tpu"), ConfigError, "device 'tpu' is not valid"),

@@ -207,7 +207,7 @@ class DiffusionPipeline:
                 sampler_options: Optional[Mapping[str, Any]] = None, mask: str = "half", half: str = "bottom",
                 missing: float = 0.5, scale: int = 4, down: str = "avgpool", blur_sigma: float = 2.0,
                 noise: float = 0.0, method_options: Optional[Mapping[str, Any]] = None, batch: int = 16,
-                output: str = "tensor", return_measurement: bool = False, progress: bool = False):
+                labels=None, output: str = "tensor", return_measurement: bool = False, progress: bool = False):
         """Measure `images` with a task's operator and restore them, as the `restore` command does.
 
         images: uint8 (N, C, H, W) or (C, H, W), a list of PIL images, or a folder/ZIP of images; the model's
@@ -216,7 +216,9 @@ class DiffusionPipeline:
         replacement (pocs), ilvr, ccdf, mcg, dps, repaint or reconstruction; method_options: that method's own
         (dps/mcg: scale, prior_std (default sigma_data); repaint: jump, resample; reconstruction: weight; ilvr:
         sigma_stop). sampler / sampler_options: the sampler under a correction method (default ddpm). seeds:
-        one per image (default 0..N-1): image i's measurement and sampler noise come from seed i. Returns uint8
+        one per image (default 0..N-1): image i's measurement and sampler noise come from seed i. labels: for a
+        class-conditional model, one label for all images or one per image (default: the null label, where the
+        model was trained with label dropout). Returns uint8
         restorations (N, C, H, W) (PIL with output="pil"), and with return_measurement=True also the
         measurements shown at image size (A^+ y, holes black)."""
         from ..data.convert import to_model_range, to_uint8
@@ -256,8 +258,7 @@ class DiffusionPipeline:
         op(x[:1])  # a scale that does not divide the size fails here, in one line
         top = sigma_start if sigma_start is not None else (2.0 if method == "ccdf" else self.sigma_max)
         sigmas = restore_sigmas(steps, self.sigma_min, top)
-        conditioning = self.conditioning  # a conditional model restores with its null condition, as the command
-        cond_for = (lambda chunk: conditioning.null(conditioning.for_sampling(chunk))) if conditioning else None
+        cond_for = self._restore_cond(_label_list(labels), len(x))
         try:
             with Progress(len(x), "restore", mode="auto" if progress else "off") as bar:
                 result = restore_images(self.model, x, seed_list, op, noise, fn, sigmas, batch=batch,
@@ -269,6 +270,36 @@ class DiffusionPipeline:
             return restored
         shown = to_uint8(measurement_image(op, result.measurement, self.data_shape))
         return restored, _as_output(shown, output)
+
+    def _restore_cond(self, labels: Optional[list[int]], n: int):
+        """restore_images' cond_for: None (an unconditional model), the given labels (one, or one per image) or
+        the null condition (a class-conditional model trained with label dropout, without labels)."""
+        conditioning, k = self.conditioning, self.num_classes
+        if labels is not None and not k:
+            raise ConfigError("labels need a class-conditional model; this model has no class condition")
+        if not conditioning:
+            return None
+        if labels is None:
+            label_cfg = self.config.cond.get("label")
+            if k and not getattr(label_cfg, "p_uncond", 0) > 0:
+                raise ConfigError(f"this model is class-conditional ({k} classes) and was trained without label "
+                                  f"dropout (p_uncond=0), so it has no null label; give labels=")
+
+            def null_cond(chunk):
+                return conditioning.null(conditioning.for_sampling(chunk))
+            return null_cond
+        bad = [v for v in labels if not 0 <= v < k]
+        if bad:
+            raise ConfigError(f"label {bad[0]} is out of range; this model has {k} classes (valid: 0-{k - 1})")
+        if len(labels) not in (1, n):
+            raise ConfigError(f"{len(labels)} labels for {n} images; give one label or one per image")
+        per_image, pos = (labels * n if len(labels) == 1 else list(labels)), [0]
+
+        def label_cond(chunk):
+            part = per_image[pos[0]:pos[0] + len(chunk)]
+            pos[0] += len(chunk)
+            return conditioning.for_sampling(chunk, {"label": part})
+        return label_cond
 
     def _images_in(self, images) -> Tensor:
         """uint8 (N, C, H, W) of the model's image shape from a tensor, PIL images or a folder/ZIP path."""
