@@ -45,7 +45,7 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_ch
     from ..train import distributed
     from ..train.trainer import Trainer
 
-    if cfg.train.tensorboard and info.is_main:
+    if cfg.train.tensorboard:
         from ..train.logger import tensorboard_writer_class
         tensorboard_writer_class()  # not installed: one line before any data is read
     torch.manual_seed(cfg.seed)
