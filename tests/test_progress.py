@@ -43,10 +43,14 @@ def test_lines_first_then_every_period_with_an_eta():
     p.set(100)  # done: the last record, whatever the period
     p.close()  # nothing more
     lines = out.getvalue().splitlines()
-    assert lines[0] == "sample: 10/100 images (10%), 5 images/s, 2 s elapsed, ETA 18 s"
+    assert lines[0] == "sample: 10/100 images (10%), 5.00 images/s, 2 s elapsed, ETA 18 s"
     assert lines[1] == "sample: 40/100 images (40%), 3.33 images/s, 12 s elapsed, ETA 18 s"
     assert lines[2].startswith("sample: 100/100 images (100%)") and lines[2].endswith("13 s elapsed, done")
     assert len(lines) == 3
+    p = Progress(2000, "fast", stream=io.StringIO(), clock=clock)
+    clock.t += 1
+    p.update(1234)
+    assert "1234 images/s" in p.stream.getvalue()
 
 
 def test_callback_form_learns_the_total_and_close_reports_an_unfinished_job():
@@ -95,6 +99,21 @@ def test_commands_report_on_stderr_only_and_quiet_silences(tiny_run, tmp_path):
     r = invoke(["restore", "--run", tiny_run, "--task", "deblur", "--method", "replacement", "--input", images,
                 "--outdir", tmp_path / "r", "--steps", "2", "--batch", "1"])
     assert r.stderr.splitlines()[0].startswith("restore: 1/2 images") and "restore:" not in r.stdout
+
+
+def test_eval_prints_json_on_stdout_and_progress_on_stderr(tiny_run, tmp_path):
+    """eval's feature extraction reports on stderr; stdout stays one JSON document (a tiny classifier as the
+    feature network, so no Inception is needed)."""
+    invoke(["train-classifier", "--run", tmp_path / "clf", "--steps", "2", "--batch-size", "16", "--width", "8",
+            "--set", "data.limit=32", "--threads", "1"])
+    invoke(["sample", "--run", tiny_run, "--outdir", tmp_path / "s", "--seeds", "0-7", "--steps", "2", "--quiet"])
+    base = ["eval", "kid", "--real", tmp_path / "s", "--fake", tmp_path / "s", "--classifier", tmp_path / "clf",
+            "--kid-subsets", "2", "--kid-subset-size", "4", "--cache-dir", tmp_path / "cache"]
+    r = invoke(base)
+    assert json.loads(r.stdout)["n_fake"] == 8
+    assert any(ln.startswith("generated: 8/8 images (100%)") for ln in r.stderr.splitlines())
+    quiet = invoke(base + ["--quiet"])
+    assert json.loads(quiet.stdout)["n_fake"] == 8 and "images/s" not in quiet.stderr
 
 
 def _log_lines(run):

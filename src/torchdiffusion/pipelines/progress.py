@@ -97,7 +97,8 @@ class Progress:
         parts = [f"{self.what}: {self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]
         if self.total:
             parts[0] += f" ({100.0 * self.done / self.total:.0f}%)"
-        parts.append(f"{rate:.3g} {self.unit}/s")
+        parts.append(f"{rate:.0f}" if rate >= 100 else f"{rate:.1f}" if rate >= 10 else f"{rate:.2f}")
+        parts[-1] += f" {self.unit}/s"
         parts.append(f"{format_seconds(elapsed)} elapsed")
         if self.total and self.done >= self.total:
             parts.append("done")
