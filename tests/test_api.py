@@ -71,6 +71,12 @@ def test_labels_and_guidance_match_the_command(cond_run, tmp_path):
     assert torch.equal(got, pipe.sample(range(4), labels="7,2", guidance_scale=2.5, steps=2, batch=1))
     with pytest.raises(ConfigError, match="out of range.*10 classes"):
         pipe.sample(range(2), labels=[10])
+    # class names, where a run records them (a folder run's data.class_names): a name is its label
+    pipe.class_names = tuple(f"digit{k}" for k in range(10))
+    assert torch.equal(got, pipe.sample(range(4), labels="digit7, DIGIT2", guidance_scale=2.5, steps=2))
+    assert torch.equal(got, pipe.sample(range(4), labels=["digit7", 2], guidance_scale=2.5, steps=2))
+    with pytest.raises(ConfigError, match="label 'cat' is not valid; use class names digit0"):
+        pipe.sample(range(2), labels="cat")
     # restore: the null label by default, or labels (one for all, or one per image), which change the result
     x = pipe.sample(range(2), steps=2)
     null = pipe.restore(x, method="replacement", steps=2)

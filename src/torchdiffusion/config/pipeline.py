@@ -66,22 +66,46 @@ def _seed_list(seeds: Seeds) -> list[int]:
     return out
 
 
-def _label_list(labels) -> Optional[list[int]]:
-    """None, an int, a sequence of ints, or text like '0-9' -> label list (cycled over the seeds, as --labels)."""
+def _label_list(labels, class_names: Sequence[str] = ()) -> Optional[list[int]]:
+    """None, an int, a class name, a sequence of ints or names, or text like '0-9' / 'circle,square' -> label list
+    (cycled over the seeds, as --labels). Names are the run's class names (exactly, else ignoring case)."""
     if labels is None:
         return None
+    names = [str(c) for c in class_names]
+    folded: dict[str, int] = {}
+    for k, c in enumerate(names):
+        folded.setdefault(c.casefold(), k)
+
+    def one(part) -> list[int]:
+        if isinstance(part, str):
+            part = part.strip()
+            if part in names:
+                return [names.index(part)]
+            if part.casefold() in folded:
+                return [folded[part.casefold()]]
+            try:
+                from ..pipelines.settings import int_ranges
+                return int_ranges(part)
+            except ValueError:
+                valid = f"class names {', '.join(names[:20])} or " if names else ""
+                raise ConfigError(f"label {part!r} is not valid; use {valid}labels like 3, 0-9 or 0,5,7") from None
+        if isinstance(part, bool) or not isinstance(part, (int, Tensor)):
+            raise ConfigError(f"labels must be ints, class names or text like '0-9', got {type(part).__name__}")
+        return [int(part)]
+
     if isinstance(labels, str):
-        from ..pipelines.settings import parse_int_list
-        return parse_int_list(labels, "labels")
-    if isinstance(labels, Tensor):
-        labels = labels.reshape(-1).tolist()
-    if isinstance(labels, int) and not isinstance(labels, bool):
-        return [labels]
-    try:
-        out = [int(v) for v in labels]
-    except (TypeError, ValueError):
-        raise ConfigError(f"labels must be an int, a sequence of ints or text like '0-9', got "
-                          f"{type(labels).__name__}") from None
+        items = labels.split(",")
+    elif isinstance(labels, Tensor):
+        items = labels.reshape(-1).tolist()
+    elif isinstance(labels, int):
+        items = [labels]
+    else:
+        try:
+            items = list(labels)
+        except TypeError:
+            raise ConfigError(f"labels must be an int, a sequence of ints or names, or text like '0-9', got "
+                              f"{type(labels).__name__}") from None
+    out = [v for item in items for v in one(item)]
     if not out:
         raise ConfigError("labels is empty; give e.g. range(10)")
     return out
@@ -115,7 +139,8 @@ class DiffusionPipeline:
     Attributes: model (the denoiser D(x, sigma, cond), eval mode), config (the RunConfig), checkpoint (its
     folder), step, weights ('ema' or 'raw'), device, process (the noise process's kind, e.g. 'edm'),
     sigma_min / sigma_max / sigma_data, shape (diffusion space), data_shape (images), codec (the first stage;
-    identity: pixel space), conditioners ({name: {'kind', 'num_classes'}}), num_classes (0: unconditional)."""
+    identity: pixel space), conditioners ({name: {'kind', 'num_classes'}}), num_classes (0: unconditional),
+    class_names (where the run records them; labels may then be given by name)."""
 
     def __init__(self, run, device: torch.device):
         from .registry import kind_name
@@ -141,6 +166,8 @@ class DiffusionPipeline:
             name: {"kind": kind_name("conditioner", ccfg), "num_classes": int(getattr(ccfg, "num_classes", 0) or 0)}
             for name, ccfg in run.config.cond.items()}
         self.num_classes: int = run.num_classes
+        #: the classes' names where the run records them (data.class_names of a folder run), else ()
+        self.class_names: tuple[str, ...] = tuple(str(c) for c in getattr(run.config.data, "class_names", None) or ())
 
     def __repr__(self) -> str:
         cond = ", ".join(f"{k}: {v['kind']}" + (f" ({v['num_classes']} classes)" if v["num_classes"] else "")
@@ -160,7 +187,7 @@ class DiffusionPipeline:
 
         sampler / steps / grid / eta: as `sample --sampler/--steps/--grid/--eta` (default: the run's sample
         settings); sampler_options: {'S_churn': 40} as --sampler-opt. labels: one label, a list cycled over the
-        seeds, or text like '0-9' (default for a class-conditional model: 0..K-1 cycled); guidance_scale: w of
+        seeds, or text like '0-9' (class names too, where the run records them) (default for a class-conditional model: 0..K-1 cycled); guidance_scale: w of
         classifier-free guidance D_u + w (D_c - D_u); guidance_interval: (lo, hi], guide only there. Seed s
         draws all its noise from torch.Generator().manual_seed(s), so its image does not depend on `batch`.
         progress: a bar (terminal) or lines on stderr. Bad input is a one-line ConfigError."""
@@ -189,7 +216,7 @@ class DiffusionPipeline:
             if not 0 <= lo < hi:
                 raise ConfigError(f"guidance_interval needs 0 <= lo < hi, got {lo:g}, {hi:g}")
             interval = (lo, hi)
-        label_list = _label_list(labels)
+        label_list = _label_list(labels, self.class_names)
         guided = GuidedSampling(self.num_classes, self.model, seed_list, self.device, labels=label_list,
                                 guidance_scale=guidance_scale, interval=interval,
                                 uncond=self.conditioning.null if self.conditioning else None,
@@ -258,7 +285,7 @@ class DiffusionPipeline:
         op(x[:1])  # a scale that does not divide the size fails here, in one line
         top = sigma_start if sigma_start is not None else (2.0 if method == "ccdf" else self.sigma_max)
         sigmas = restore_sigmas(steps, self.sigma_min, top)
-        cond_for = self._restore_cond(_label_list(labels), len(x))
+        cond_for = self._restore_cond(_label_list(labels, self.class_names), len(x))
         try:
             with Progress(len(x), "restore", mode="auto" if progress else "off") as bar:
                 result = restore_images(self.model, x, seed_list, op, noise, fn, sigmas, batch=batch,
