@@ -156,7 +156,8 @@ def test_tensorboard_scalars_are_the_metrics_rows(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = tmp_path / "tb"
-    train_short(run, 3, ["train.tensorboard=true", "train.sample_every=3"])
+    train_short(run, 3, ["train.tensorboard=true", "train.sample_every=3"], until=2)  # stopped, then resumed:
+    train_short(run, 3, ["train.tensorboard=true", "train.sample_every=3"])  # one event per step still
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     with open(run / "metrics.csv", newline="") as f:
@@ -164,6 +165,7 @@ def test_tensorboard_scalars_are_the_metrics_rows(tmp_path):
     for tag in ("loss", "lr", "grad_norm", "val_loss"):
         csv_values = {int(r["step"]): float(r[tag]) for r in rows if r[tag]}
         events = {e.step: e.value for e in acc.Scalars(tag)}
+        assert len(acc.Scalars(tag)) == len(events)
         assert events.keys() == csv_values.keys() and all(
             abs(events[k] - v) <= 1e-6 * max(1.0, abs(v)) for k, v in csv_values.items())
     assert [e.step for e in acc.Images("samples")] == [3]
