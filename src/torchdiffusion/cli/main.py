@@ -61,6 +61,8 @@ COMMANDS = (
     ("grid_cmd", "grid_group"),
     ("restore_cmd", "restore_cmd"),
     ("likelihood_cmd", "likelihood"),
+    ("interop_cmd", "convert_diffusers_cmd"),
+    ("interop_cmd", "export_diffusers_cmd"),
 )
 for _module, _name in COMMANDS:
     cli.add_command(getattr(importlib.import_module(f".{_module}", __package__), _name))

@@ -201,6 +201,7 @@ def kind_name(table: str, config: Any) -> str:
 def _register_builtin() -> None:
     from ..autoencoders.identity import IdentityCodec, IdentityCodecConfig
     from ..conditioners.classlabel import ClassConditioner, ClassConditionerConfig
+    from ..nn.diffusers_unet import DiffusersUNet2DConfig, build_diffusers_unet
     from ..nn.dit import DiTConfig, build_dit
     from ..nn.unet import UNetConfig, build_unet
     from ..nn.uvit import UViTConfig, build_uvit
@@ -210,6 +211,8 @@ def _register_builtin() -> None:
     register_backbone("unet", UNetConfig, build_unet, "U-Net with AdaGN residual blocks and attention (ADM)")
     register_backbone("dit", DiTConfig, build_dit, "diffusion transformer with adaLN-Zero blocks (Peebles & Xie 2023)")
     register_backbone("uvit", UViTConfig, build_uvit, "U-ViT: all inputs as tokens, long skips (Bao et al. 2023)")
+    register_backbone("diffusers_unet2d", DiffusersUNet2DConfig, build_diffusers_unet,
+                      "diffusers' UNet2DModel layout (DDPM U-Net), for folders loaded by config.interop")
     register_codec("identity", IdentityCodecConfig, IdentityCodec, "pixel space: [0, 255] -> [-1, 1]")
     register_conditioner("class", ClassConditionerConfig, ClassConditioner,
                          "class label with dropout to the null label (classifier-free guidance)")

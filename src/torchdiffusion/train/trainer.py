@@ -258,6 +258,9 @@ class Trainer:
 
     def restore(self, path: Path, allow_changes: bool = False) -> None:
         c = ckpt.load_checkpoint(path)
+        if "optim" not in c.meta:  # weights only, e.g. a run folder written by `convert-diffusers`
+            raise TrainingError(f"{path}: holds weights only (no optimiser state), so training cannot resume from it; "
+                                f"sample, restore and eval use it as it is")
         changed = [k for k in _diff_configs(self.complete_config(c.meta["config"]), self.resolved_config)
                    if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
         if changed and not allow_changes:
