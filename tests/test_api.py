@@ -124,6 +124,20 @@ def test_checkpoint_folder_and_raw_weights(tiny_run):
     assert all(torch.equal(v, stored[k]) for k, v in raw.model.state_dict().items())
 
 
+def test_a_diffusers_folder_loads_as_a_pipeline(tmp_path):
+    """A local diffusers UNet2DModel folder (the interop fixture) is a pipeline too: its samples are those of
+    `sample` on the run folder `convert-diffusers` writes from it."""
+    from pathlib import Path
+    fixture = Path(__file__).parent / "fixtures" / "diffusers_unet_tiny"
+    pipe = torchdiffusion.load(fixture)
+    assert pipe.process == "vp_discrete" and pipe.checkpoint == fixture and pipe.shape == pipe.data_shape
+    invoke(["convert-diffusers", fixture, "--run", tmp_path / "run"])
+    invoke(["sample", "--run", tmp_path / "run", "--outdir", tmp_path / "s", "--seeds", "0-1", "--sampler", "ddim",
+            "--steps", "3", "--quiet"])
+    got = pipe.sample(range(2), sampler="ddim", steps=3)
+    assert torch.equal(got, torch.stack([read_png(tmp_path / "s" / f"{s:06d}.png") for s in range(2)]))
+
+
 def test_seeds_do_not_depend_on_the_batch(tiny_run):
     pipe = torchdiffusion.load(tiny_run)
     one = pipe.sample(range(5), steps=2, batch=1)

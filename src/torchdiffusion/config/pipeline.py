@@ -137,37 +137,41 @@ class DiffusionPipeline:
     """A trained run, ready to sample, restore, encode and decode (see the module docstring; docs/api.md).
 
     Attributes: model (the denoiser D(x, sigma, cond), eval mode), config (the RunConfig), checkpoint (its
-    folder), step, weights ('ema' or 'raw'), device, process (the noise process's kind, e.g. 'edm'),
+    folder, or the diffusers folder), step, weights ('ema' or 'raw'), device, process (the noise process's kind, e.g. 'edm'),
     sigma_min / sigma_max / sigma_data, shape (diffusion space), data_shape (images), codec (the first stage;
     identity: pixel space), conditioners ({name: {'kind', 'num_classes'}}), num_classes (0: unconditional),
     class_names (where the run records them; labels may then be given by name)."""
 
-    def __init__(self, run, device: torch.device):
+    def __init__(self, model, config, device: torch.device, *, checkpoint: Optional[Path] = None, step: int = 0,
+                 weights: str = "ema"):
+        """model: the run's denoiser (eval mode, on `device`); config: its RunConfig (model.data_shape set)."""
+        from .build import build_codec, build_conditioning, diffusion_shape
         from .registry import kind_name
 
-        self.run = run
-        self.model = run.model
-        self.config = run.config
-        self.checkpoint: Path = run.path
-        self.step: int = run.step
-        self.weights: str = run.weights
-        self.device = device
-        self.process: str = kind_name("process", run.config.model.process)
-        proc = run.model.process
+        self.model, self.config, self.device = model, config, device
+        self.checkpoint, self.step, self.weights = checkpoint, int(step), weights
+        self.process: str = kind_name("process", config.model.process)
+        proc = model.process
         self.sigma_min, self.sigma_max = float(proc.sigma_min), float(proc.sigma_max)
-        self.sigma_data = float(run.model.precond.sigma_data)
-        self.shape: tuple[int, ...] = tuple(run.sample_shape)
-        self.data_shape: tuple[int, ...] = tuple(run.image_shape)
-        self.codec = run.codec
+        self.sigma_data = float(model.precond.sigma_data)
+        self.shape: tuple[int, ...] = tuple(diffusion_shape(config.model))
+        self.data_shape: tuple[int, ...] = tuple(config.model.data_shape)
+        self.codec = build_codec(config.model.codec)
         if isinstance(self.codec, torch.nn.Module):
             self.codec = self.codec.to(device).eval()
-        self.conditioning = run.conditioning
+        self.conditioning = build_conditioning(config.cond, seed=config.seed)
         self.conditioners: dict[str, dict[str, Any]] = {
             name: {"kind": kind_name("conditioner", ccfg), "num_classes": int(getattr(ccfg, "num_classes", 0) or 0)}
-            for name, ccfg in run.config.cond.items()}
-        self.num_classes: int = run.num_classes
+            for name, ccfg in config.cond.items()}
+        label = config.cond.get("label")
+        self.num_classes: int = int(getattr(label, "num_classes", 0) or 0)
         #: the classes' names where the run records them (data.class_names of a folder run), else ()
-        self.class_names: tuple[str, ...] = tuple(str(c) for c in getattr(run.config.data, "class_names", None) or ())
+        self.class_names: tuple[str, ...] = tuple(str(c) for c in getattr(config.data, "class_names", None) or ())
+
+    @classmethod
+    def from_run(cls, run, device: torch.device) -> "DiffusionPipeline":
+        """From a config.loaders.LoadedRun (load_run)."""
+        return cls(run.model, run.config, device, checkpoint=run.path, step=run.step, weights=run.weights)
 
     def __repr__(self) -> str:
         cond = ", ".join(f"{k}: {v['kind']}" + (f" ({v['num_classes']} classes)" if v["num_classes"] else "")
@@ -383,19 +387,38 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def _is_diffusers_folder(path: Path) -> bool:
+    """A diffusers UNet2DModel folder: config.json naming the class (or unet/config.json), no checkpoint manifest."""
+    import json
+    if (path / "MANIFEST.json").exists() or (path / "checkpoints").is_dir():
+        return False
+    if (path / "unet" / "config.json").exists():
+        return True
+    try:
+        return "_class_name" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def load(path, device="cpu", ema: bool = True) -> DiffusionPipeline:
-    """A run folder (its latest verified checkpoint) or a checkpoint folder as a DiffusionPipeline on `device`
+    """A run folder (its latest verified checkpoint), a checkpoint folder or a local diffusers UNet2DModel folder
+    (config.interop.load_diffusers; its weights are both 'ema' and 'raw') as a DiffusionPipeline on `device`
     ('auto', 'cpu', 'cuda', 'cuda:N' or a torch.device) with the EMA weights (ema=False: the raw weights)."""
     from .loaders import load_run
 
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: no such run folder or checkpoint folder")
+        raise ConfigError(f"{path}: no such run folder, checkpoint folder or diffusers folder")
     dev = _device(device)
+    if _is_diffusers_folder(path):
+        from .interop import load_diffusers
+        loaded = load_diffusers(path, device=dev)
+        return DiffusionPipeline(loaded.model, loaded.config, dev, checkpoint=path, step=0,
+                                 weights="ema" if ema else "raw")
     is_run = (path / "checkpoints").is_dir() or not (path / "MANIFEST.json").exists()
     run = load_run(run_dir=path if is_run else None, checkpoint=None if is_run else path,
                    weights="ema" if ema else "raw", device=dev)
-    return DiffusionPipeline(run, dev)
+    return DiffusionPipeline.from_run(run, dev)
 
 
 __all__ = ["DiffusionPipeline", "load"]
