@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..core.objectives import Objective
 from ..core.precond import Preconditioned
 from ..data.order import iterate_batches
-from ..errors import TorchDiffusionError
+from ..errors import EXIT_PREEMPTED as _EXIT_PREEMPTED, TorchDiffusionError
 from ..protocols import Cond
 from ..seeding import linear_step_seed
 from . import checkpoint as ckpt
@@ -99,8 +99,8 @@ class TrainingError(TorchDiffusionError):
     pass
 
 
-#: exit code after a SIGTERM/SIGINT stop that saved a resumable checkpoint (documented in the README)
-EXIT_PREEMPTED = 75
+#: exit code after a SIGTERM/SIGINT stop that saved a resumable checkpoint (the table in errors.py)
+EXIT_PREEMPTED = _EXIT_PREEMPTED
 
 #: config keys that may change between a checkpoint and its resumption (cadence and budgets, not the maths)
 RESUMABLE_CHANGES = ("train.steps", "train.parallel", "train.max_minutes", "train.log_every", "train.log_seconds",
@@ -212,6 +212,7 @@ class Trainer:
         self.columns = METRIC_COLUMNS + [c for c in step.metric_columns if c not in METRIC_COLUMNS]
         self.step = 0
         self.nan_skips = 0
+        self.wall_before = 0.0  # training seconds of the runs this one resumed from
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # the diffusion step's parts under their former names (code and tests written before steps existed)
@@ -234,8 +235,15 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
     def _trainer_meta(self) -> dict:
         return {"step": self.step, "nan_skips": self.nan_skips, "images_seen": self.step * self.cfg.batch_size,
+                "wall_s": round(self.wall_s(), 3),
                 **({"best_value": self.best_value, "best_step": self.best_step,
                     "evals_since_best": self.evals_since_best} if self.best_step is not None else {})}
+
+    def wall_s(self) -> float:
+        """Training seconds up to now: those of the runs this one resumed from (the checkpoint's trainer.wall_s)
+        plus this fit's, so the report's training time accumulates across resumes."""
+        t0 = getattr(self, "_t_fit", None)
+        return self.wall_before + (time.perf_counter() - t0 if t0 is not None else 0.0)
 
     def save(self) -> Path | None:
         path = None
@@ -273,6 +281,7 @@ class Trainer:
         restore_rng(c.tensors.get("rng", {}), c.meta.get("rng"), {})
         self.step = int(c.meta["trainer"]["step"])
         self.nan_skips = int(c.meta["trainer"].get("nan_skips", 0))
+        self.wall_before = float(c.meta["trainer"].get("wall_s", 0.0))  # 0 for checkpoints of earlier releases
         if c.meta["trainer"].get("best_step") is not None:
             self.best_value = float(c.meta["trainer"]["best_value"])
             self.best_step = int(c.meta["trainer"]["best_step"])
@@ -373,9 +382,13 @@ class Trainer:
             log.info(f"training from scratch: {n_params:,} parameters, "
                      f"{len(self.train_set):,} training images, global batch {cfg.batch_size} on "
                      f"{self.dist.world_size} process(es)")
+        if 0 < cfg.steps < cfg.warmup_steps and self.step < cfg.steps:
+            log.info(f"warning: {cfg.steps} steps are fewer than the {cfg.warmup_steps} warm-up steps, so the learning "
+                     f"rate ends at {lr_at(cfg, cfg.steps - 1) / cfg.lr:.0%} of its peak {cfg.lr:g}; lower the "
+                     f"warm-up (train.warmup_steps) or train longer (train.steps)")
         for m in stepper.modules().values():
             m.train()
-        t_start = time.perf_counter()
+        t_start = self._t_fit = time.perf_counter()
         t_last, step_last = t_start, self.step  # the last log_every row: its images_per_s (metrics.csv)
         t_line, step_line = t_start, self.step  # the last log line (log.txt): also after the first step and
         first_step = self.step + 1  # every train.log_seconds, so a slow run shows life early
@@ -408,7 +421,7 @@ class Trainer:
                     self._record_evaluation(scores, log)
                     out_of_patience = 0 < cfg.eval_patience <= self.evals_since_best
                 now = time.perf_counter()
-                row["wall_s"] = round(now - t_start, 3)
+                row["wall_s"] = round(self.wall_before + now - t_start, 3)
                 logged_row = self.step % cfg.log_every == 0 or self.step == cfg.steps
                 if logged_row:
                     row["images_per_s"] = round((self.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9), 2)
