@@ -159,7 +159,7 @@ class DiffusionPipeline:
         self.codec = build_codec(config.model.codec)
         if isinstance(self.codec, torch.nn.Module):
             self.codec = self.codec.to(device).eval()
-        self.conditioning = build_conditioning(config.cond, seed=config.seed)
+        self.conditioning = build_conditioning(config.cond, seed=config.seed, device=device)  # cond on `device`
         self.conditioners: dict[str, dict[str, Any]] = {
             name: {"kind": kind_name("conditioner", ccfg), "num_classes": int(getattr(ccfg, "num_classes", 0) or 0)}
             for name, ccfg in config.cond.items()}
