@@ -137,10 +137,10 @@ class DiffusionPipeline:
     """A trained run, ready to sample, restore, encode and decode (see the module docstring; docs/api.md).
 
     Attributes: model (the denoiser D(x, sigma, cond), eval mode), config (the RunConfig), checkpoint (its
-    folder, or the diffusers folder), step, weights ('ema' or 'raw'), device, process (the noise process's kind, e.g. 'edm'),
-    sigma_min / sigma_max / sigma_data, shape (diffusion space), data_shape (images), codec (the first stage;
-    identity: pixel space), conditioners ({name: {'kind', 'num_classes'}}), num_classes (0: unconditional),
-    class_names (where the run records them; labels may then be given by name)."""
+    folder, or the diffusers folder), step, weights ('ema' or 'raw'), device, process (the noise process's kind,
+    e.g. 'edm'), sigma_min / sigma_max / sigma_data, shape (diffusion space), data_shape (images), codec (the
+    first stage; identity: pixel space), conditioners ({name: {'kind', 'num_classes'}}), num_classes (0:
+    unconditional), class_names (where the run records them; labels may then be given by name)."""
 
     def __init__(self, model, config, device: torch.device, *, checkpoint: Optional[Path] = None, step: int = 0,
                  weights: str = "ema"):
@@ -191,10 +191,11 @@ class DiffusionPipeline:
 
         sampler / steps / grid / eta: as `sample --sampler/--steps/--grid/--eta` (default: the run's sample
         settings); sampler_options: {'S_churn': 40} as --sampler-opt. labels: one label, a list cycled over the
-        seeds, or text like '0-9' (class names too, where the run records them) (default for a class-conditional model: 0..K-1 cycled); guidance_scale: w of
-        classifier-free guidance D_u + w (D_c - D_u); guidance_interval: (lo, hi], guide only there. Seed s
-        draws all its noise from torch.Generator().manual_seed(s), so its image does not depend on `batch`.
-        progress: a bar (terminal) or lines on stderr. Bad input is a one-line ConfigError."""
+        seeds, or text like '0-9' (class names too, where the run records them); default for a class-conditional
+        model: 0..K-1 cycled. guidance_scale: w of classifier-free guidance D_u + w (D_c - D_u);
+        guidance_interval: (lo, hi], guide only there. Seed s draws all its noise from
+        torch.Generator().manual_seed(s), so its image does not depend on `batch`. progress: a bar (terminal) or
+        lines on stderr. Bad input is a one-line ConfigError."""
         from ..pipelines.generate import codec_decoder, generate
         from ..pipelines.guided import GuidedSampling
         from .build import build_sigmas
@@ -232,7 +233,6 @@ class DiffusionPipeline:
         return _as_output(images, output)
 
     # ------------------------------------------------------------------ restoration
-    @torch.no_grad()
     def restore(self, images, task: str = "inpaint", method: str = "repaint", *, seeds: Optional[Seeds] = None,
                 steps: int = 50, sigma_start: Optional[float] = None, sampler: Optional[str] = None,
                 sampler_options: Optional[Mapping[str, Any]] = None, mask: str = "half", half: str = "bottom",
