@@ -18,7 +18,7 @@ import click
 import torch
 
 from ..errors import ConfigError
-from .common import resolve_device, set_threads
+from .common import progress_for, quiet_option, resolve_device, set_threads
 
 ESTIMATORS = ("ode", "vlb", "auto")
 
@@ -52,6 +52,7 @@ ESTIMATORS = ("ode", "vlb", "auto")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write a JSON record here.")
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
+@quiet_option
 def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, rtol, atol, method, sigma_min,
                sigma_max, vlb_timesteps, seed, batch, weights, out, threads, device):
     """Bits/dim of the first N images of a split: mean and standard error."""
@@ -96,12 +97,11 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
                           f"{run.sample_shape}")
     labels = dataset.label[:count] if run.num_classes > 0 else None  # the likelihood of an image given its label
 
-    def progress(done, total, seconds):
-        click.echo(f"{done}/{total} images, {seconds:.1f} s", err=True)
-
-    res = evaluate_bpd(model, x_all, labels, estimator=estimator, seed=seed, batch=batch, device=dev, sigma_min=s_min,
-                       sigma_max=s_max, hutchinson=hutchinson, probe=probe, rtol=rtol, atol=atol, method=method,
-                       vlb_timesteps=vlb_timesteps, progress=progress)
+    with progress_for(count, f"likelihood ({estimator})") as bar:
+        res = evaluate_bpd(model, x_all, labels, estimator=estimator, seed=seed, batch=batch, device=dev,
+                           sigma_min=s_min, sigma_max=s_max, hutchinson=hutchinson, probe=probe, rtol=rtol, atol=atol,
+                           method=method, vlb_timesteps=vlb_timesteps,
+                           progress=lambda done, total, seconds: bar(done, total))
     bpd, mean, se, seconds = res.bpd, res.mean, res.stderr, res.seconds
     if not math.isfinite(mean):
         raise ConfigError("the likelihood is not finite; check the model (NaN weights?) and --sigma-min")

@@ -16,6 +16,7 @@ import click
 import torch
 
 from ..errors import ConfigError, DataError
+from .common import progress_for, quiet_option
 
 METHOD_OPTIONS = {  # method -> restore-function options this command passes on
     "ilvr": ("sigma_stop",), "mcg": ("scale", "prior_std"), "dps": ("scale", "prior_std"),
@@ -66,6 +67,7 @@ METHOD_OPTIONS = {  # method -> restore-function options this command passes on
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
+@quiet_option
 def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, input_dir, outdir, mask, half, missing,
                 scale, down, blur_sigma, noise_std, steps, sigma_start, seeds, limit, batch, dps_scale, prior_std, jump,
                 resample, weight, sigma_stop, weights, threads, device, labels=None):
@@ -144,8 +146,9 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
                 save_png(img, outdir / sub / name)
             done[0] += 1
 
-    result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=method_options,
-                            device=dev, on_batch=write, cond_for=cond_for)
+    with progress_for(len(images), "restore") as progress:
+        result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=method_options,
+                                device=dev, on_batch=write, cond_for=cond_for, progress=progress)
     k = min(len(images), 16)
     shown = to_uint8(measurement_image(op, result.measurement[:k], (c, h, w)))
     rows = torch.cat([shown, to_uint8(result.restored[:k]), images[:k]])

@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 import click
 
 from ..errors import ConfigError
-from .common import build_run_sampler, dist_info, parse_labels, parse_seeds, resolve_device, set_threads
+from .common import (build_run_sampler, dist_info, parse_labels, parse_seeds, progress_for, quiet_option,
+                     resolve_device, set_threads)
 
 
 # --------------------------------------------------------------------------------------------- guidance options
@@ -107,6 +108,7 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
+@quiet_option
 @guidance_options  # --labels, --guidance-scale/-interval, --classifier(-scale), --reject* (above)
 def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
            device, grid_file=None, **guidance):
@@ -133,9 +135,10 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
     sigmas = build_sigmas(scfg, run.model.process)
     counter = CountingDenoiser(run.model) if nfe is None else None  # adaptive samplers: measure the NFE
     guided = guided_sampling(run, counter or run.model, seed_list, dev, world_size=info.world_size, **guidance)
-    record = sample_run(run, guided, seed_list, outdir, sample_config=scfg, sampler=fn, sampler_options=options,
-                        sigmas=sigmas, nfe=nfe, seeds_text=seeds, batch=batch, rank=info.rank,
-                        world_size=info.world_size, device=dev, counter=counter)
+    with progress_for(len(seed_list[info.rank::info.world_size]), "sample", off=not info.is_main) as progress:
+        record = sample_run(run, guided, seed_list, outdir, sample_config=scfg, sampler=fn, sampler_options=options,
+                            sigmas=sigmas, nfe=nfe, seeds_text=seeds, batch=batch, rank=info.rank,
+                            world_size=info.world_size, device=dev, counter=counter, progress=progress)
     if info.is_main:
         click.echo(f"wrote {len(seed_list)} images to {outdir} in {record['seconds']:.1f} s "
                    f"({scfg.sampler}, {scfg.steps} steps, {record['nfe']} NFE)")

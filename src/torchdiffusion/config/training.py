@@ -5,7 +5,6 @@ objective, sampler for grids, in-loop evaluation) and hands them to the training
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +65,9 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
     from ..train import distributed
     from ..train.trainer import Trainer
 
+    if cfg.train.tensorboard:
+        from ..train.logger import tensorboard_writer_class
+        tensorboard_writer_class()  # not installed: one line before any data is read
     torch.manual_seed(cfg.seed)
     train_set = build_data(cfg.data)
     val_set = build_data(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
@@ -108,7 +110,9 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
     def sample_grid(ema, step):
         images = generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device, cond_for=cond_for,
                           decode=decode)
-        save_png(make_grid(images), run_dir / "samples" / f"grid_{step:08d}.png")
+        grid = make_grid(images)
+        save_png(grid, run_dir / "samples" / f"grid_{step:08d}.png")
+        return grid  # also a TensorBoard image with train.tensorboard
 
     distributed.init(info, device)
     try:
@@ -170,10 +174,7 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
 
 
 def _progress(what: str):
-    import sys
-    t0 = time.perf_counter()
-
-    def report(done: int, total: int) -> None:
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        print(f"  {what}: {done}/{total} images, {rate:.1f} img/s", file=sys.stderr, flush=True)
-    return report
+    """progress(done, total) of the in-loop reference's features (pipelines.progress: a bar on a terminal, else
+    lines with an ETA, on stderr)."""
+    from ..pipelines.progress import Progress
+    return Progress(None, what)

@@ -83,10 +83,12 @@ def restore_images(denoiser: Denoiser, images: Tensor, seeds: Sequence[int], op:
                    method: Callable, sigmas: Tensor, *, batch: int = 16, options: dict | None = None,
                    device: torch.device = torch.device("cpu"),
                    on_batch: Callable[[Sequence[int], Tensor, Tensor], None] | None = None,
-                   cond_for: Callable[[Sequence[int]], dict] | None = None) -> Restoration:
+                   cond_for: Callable[[Sequence[int]], dict] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> Restoration:
     """Measure `images` (N, C, H, W, model range) with op + Gaussian noise and restore them with `method`
     (an inverse.methods.restore_* function) on `sigmas`; one seed per image. cond_for(seeds): the denoiser's
-    condition of a chunk (None: unconditional)."""
+    condition of a chunk (None: unconditional). progress(done, total): after each batch
+    (pipelines.progress.Progress)."""
     if len(seeds) != len(images):
         raise ConfigError(f"{len(seeds)} seeds for {len(images)} images; give one seed per image")
     noise_model = GaussianNoise(noise_std)
@@ -108,6 +110,8 @@ def restore_images(denoiser: Denoiser, images: Tensor, seeds: Sequence[int], op:
         errs.append(meas.error(x).cpu())
         if on_batch is not None:
             on_batch(chunk, x.cpu(), y.cpu())
+        if progress is not None:
+            progress(min(start + batch, len(images)), len(images))
     seconds = time.perf_counter() - t0
     return Restoration(torch.cat(outs), torch.cat(ys), torch.cat(errs), seconds)
 
