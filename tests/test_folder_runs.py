@@ -258,3 +258,12 @@ def test_resume_of_a_run_that_predates_class_names(folder_run):
     assert _diff_configs(complete_config(RunConfig, old, current), current) == []
     old["data"]["class_names"] = ["a", "b"]  # a stored value is never replaced
     assert _diff_configs(complete_config(RunConfig, old, current), current) == ["data.class_names"]
+
+
+def test_the_python_api_takes_the_recorded_class_names(folder_run):
+    import torchdiffusion
+    pipe = torchdiffusion.load(folder_run)
+    assert pipe.class_names == ("circle", "square")
+    by_name = pipe.sample([0, 1], steps=2, labels="square,circle")
+    assert torch.equal(by_name, pipe.sample([0, 1], steps=2, labels=[1, 0]))
+    assert not torch.equal(by_name, pipe.sample([0, 1], steps=2, labels=[0, 1]))  # the label matters
