@@ -303,34 +303,11 @@ class DiffusionPipeline:
         return restored, _as_output(shown, output)
 
     def _restore_cond(self, labels: Optional[list[int]], n: int):
-        """restore_images' cond_for: None (an unconditional model), the given labels (one, or one per image) or
-        the null condition (a class-conditional model trained with label dropout, without labels)."""
-        conditioning, k = self.conditioning, self.num_classes
-        if labels is not None and not k:
-            raise ConfigError("labels need a class-conditional model; this model has no class condition")
-        if not conditioning:
-            return None
-        if labels is None:
-            label_cfg = self.config.cond.get("label")
-            if k and not getattr(label_cfg, "p_uncond", 0) > 0:
-                raise ConfigError(f"this model is class-conditional ({k} classes) and was trained without label "
-                                  f"dropout (p_uncond=0), so it has no null label; give labels=")
-
-            def null_cond(chunk):
-                return conditioning.null(conditioning.for_sampling(chunk))
-            return null_cond
-        bad = [v for v in labels if not 0 <= v < k]
-        if bad:
-            raise ConfigError(f"label {bad[0]} is out of range; this model has {k} classes (valid: 0-{k - 1})")
-        if len(labels) not in (1, n):
-            raise ConfigError(f"{len(labels)} labels for {n} images; give one label or one per image")
-        per_image, pos = (labels * n if len(labels) == 1 else list(labels)), [0]
-
-        def label_cond(chunk):
-            part = per_image[pos[0]:pos[0] + len(chunk)]
-            pos[0] += len(chunk)
-            return conditioning.for_sampling(chunk, {"label": part})
-        return label_cond
+        """restore_images' cond_for (pipelines.restore.restore_condition): None, the labels or the null label."""
+        from ..pipelines.restore import restore_condition
+        label_cfg = self.config.cond.get("label")
+        return restore_condition(self.conditioning, self.num_classes, getattr(label_cfg, "p_uncond", 0), labels, n,
+                                 self.device, flag="labels=")[2]
 
     def _images_in(self, images) -> Tensor:
         """uint8 (N, C, H, W) of the model's image shape from a tensor, PIL images or a folder/ZIP path."""

@@ -152,3 +152,39 @@ def measurement_image(op: Operator, y: Tensor, shape: Sequence[int]) -> Tensor:
     if isinstance(op, Inpaint):
         x = torch.where(op.mask.to(x.device).bool().expand_as(x), x, torch.full_like(x, -1.0))
     return x.reshape(-1, *tuple(shape)[-3:]).clamp(-1, 1)
+
+
+def restore_condition(conditioning, num_classes: int, p_uncond: float, labels, n: int, device,
+                      flag: str = "--labels"):
+    """(condition, labels per image or None, cond_for of restore_images) of a model for n images.
+
+    condition: "none" (an unconditional model), "labels" (one label for all images or one per image) or "null"
+    (no labels: the null condition, valid where the class condition was trained with label dropout, p_uncond > 0).
+    flag names the labels in messages (the command's --labels, the API's labels=)."""
+    k = num_classes
+    if labels is not None and not k:
+        raise ConfigError(f"{flag} needs a class-conditional model; this model has no class condition")
+    if not conditioning:
+        return "none", None, None
+    if labels is None:
+        if k and not p_uncond > 0:
+            raise ConfigError(f"this model is class-conditional ({k} classes) and was trained without label dropout "
+                              f"(cond.label.p_uncond=0), so it has no null label; give {flag} (one label, e.g. 3, "
+                              f"or one per image)")
+
+        def null_cond(chunk):
+            return {key: v.to(device) for key, v in conditioning.null(conditioning.for_sampling(chunk)).items()}
+        return "null", None, null_cond
+    bad = [v for v in labels if not 0 <= v < k]
+    if bad:
+        raise ConfigError(f"{flag} {bad[0]} is out of range; this model has {k} classes (valid: 0-{k - 1})")
+    if len(labels) not in (1, n):
+        raise ConfigError(f"{flag} gives {len(labels)} labels for {n} images; give one label or one per image")
+    per_image = labels * n if len(labels) == 1 else list(labels)
+    pos = [0]
+
+    def label_cond(chunk):
+        part = per_image[pos[0]:pos[0] + len(chunk)]
+        pos[0] += len(chunk)
+        return {key: v.to(device) for key, v in conditioning.for_sampling(chunk, {"label": part}).items()}
+    return "labels", per_image, label_cond
