@@ -61,6 +61,7 @@ COMMANDS = (
     ("grid_cmd", "grid_group"),
     ("restore_cmd", "restore_cmd"),
     ("likelihood_cmd", "likelihood"),
+    ("encode_cmd", "encode_cmd"),
 )
 for _module, _name in COMMANDS:
     cli.add_command(getattr(importlib.import_module(f".{_module}", __package__), _name))
