@@ -212,10 +212,10 @@ def _register_builtin() -> None:
     register_backbone("uvit", UViTConfig, build_uvit, "U-ViT: all inputs as tokens, long skips (Bao et al. 2023)")
     register_codec("identity", IdentityCodecConfig, IdentityCodec, "pixel space: [0, 255] -> [-1, 1]")
     from ..autoencoders.latent import KLCodecConfig, VQCodecConfig
-    from .codecs import build_latent_codec
-    register_codec("kl", KLCodecConfig, build_latent_codec, "latent space of a KL-VAE run (train-ae), scaled")
-    register_codec("vq", VQCodecConfig, build_latent_codec,
-                   "pre-quantisation latent space of a VQ autoencoder run (train-ae); the decoder quantises")
+    # built by config.build.build_codec through config.codecs (it loads the autoencoder's run folder)
+    _register("codec", "kl", KLCodecConfig, None, "latent space of a KL-VAE run (train-ae), scaled")
+    _register("codec", "vq", VQCodecConfig, None,
+              "pre-quantisation latent space of a VQ autoencoder run (train-ae); the decoder quantises")
     register_conditioner("class", ClassConditionerConfig, ClassConditioner,
                          "class label with dropout to the null label (classifier-free guidance)")
 
