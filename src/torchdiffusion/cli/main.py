@@ -50,6 +50,7 @@ def cli(ctx, debug):
 #: every command: (module of cli/, its click command or group). A new command is one module plus one line here.
 COMMANDS = (
     ("train_cmd", "train"),
+    ("train_ae_cmd", "train_ae_cmd"),
     ("sample_cmd", "sample"),
     ("env_cmd", "data"),
     ("env_cmd", "env"),
