@@ -321,3 +321,22 @@ def test_codec_config_errors():
     with pytest.raises(ConfigError, match="valid: sample, mean"):
         from_dict(ModelConfig, {"codec": {"kind": "kl", "run": "x", "posterior": "mode"}})
     assert CheckpointError.exit_code == 1 and dataset_fingerprint is not None
+
+
+def test_on_a_train_ae_run_the_report_shows_its_reconstruction_metrics(tmp_path):
+    ae = tmp_path / "ae"
+    args = ["train-ae", "--preset", "mnist-vq-f4", "--run", ae, "--no-progress", "--threads", "1"]
+    for s in ["data.limit=32", "data.resolution=32", "recon.val_images=8", "recon.grid_images=4",
+              "ae.base_channels=4", "ae.ch_mult=[1,2]", "ae.norm_groups=2", "ae.mid_attn=false",
+              "loss.disc.base_channels=4", "loss.disc.n_layers=1", "train.batch_size=8", "train.warmup_steps=1",
+              "train.log_every=1", "train.val_every=2", "train.sample_every=2", "train.ckpt_every=2",
+              "train.max_minutes=0", "train.steps=2"]:
+        args += ["--set", s]
+    invoke(args)
+    run = tmp_path / "run"
+    invoke(train_args(run, ae, kind="vq"))
+    codec = json.loads((run / "codec.json").read_text())
+    assert codec["latent_shape"] == [3, 16, 16] and codec["downsampling"] == 2 and codec["kind"] == "vq"
+    invoke(["report", run])
+    page = (run / "report" / "index.html").read_text()
+    assert "PSNR dB (held-out)" in page and "code usage (held-out)" in page and "first_stage_recon_" in page
