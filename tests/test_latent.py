@@ -188,6 +188,8 @@ def test_latent_run_end_to_end_sample_restore_report_audit(latent_run, tmp_path)
             "--heldout-split", "val",
             "--feature-train-limit", "16", "--out", tmp_path / "audit"])
     assert (tmp_path / "audit" / "audit.json").is_file()
+    r = invoke(["likelihood", "--run", latent_run, "--n", "2"], expect=2)
+    assert "bits/dim of pixels" in one_line(r)
     invoke(["report", latent_run, "--out", tmp_path / "report"])
     page = (tmp_path / "report" / "index.html").read_text()
     c = stored_codec(latent_run)
