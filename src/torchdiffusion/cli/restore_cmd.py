@@ -94,9 +94,9 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     decode = codec_decoder(run.codec)
     if decode is not None and method not in LATENT_METHODS:
         from ..config.registry import kind_name
-        raise ConfigError(f"--method {method}: this model diffuses in the latent space of model.codec.kind="
-                          f"{kind_name('codec', run.config.model.codec)} (shape {run.sample_shape} for images "
-                          f"{run.image_shape}), where restore runs through the decoder; valid: "
+        raise ConfigError(f"--method {method} works in pixel space; this model diffuses in the latent space of "
+                          f"model.codec.kind={kind_name('codec', run.config.model.codec)} (shape {run.sample_shape} "
+                          f"for images {run.image_shape}), where restore runs through the decoder; valid: "
                           f"{', '.join(LATENT_METHODS)}")
     c, h, w = run.image_shape
     if not input_dir.exists():
