@@ -218,3 +218,38 @@ def test_bad_input_is_one_line(tmp_path):
     r = invoke(["train-ae", "--run", tmp_path / "f"], expect=2)
     assert "train-ae needs --preset" in r.output
     assert not (tmp_path / "b").exists() and not (tmp_path / "e" / "checkpoints").exists()
+
+
+def test_classifier_perceptual_trains_and_a_mismatched_classifier_is_one_line(tmp_path):
+    clf = tmp_path / "clf"
+    invoke(["train-classifier", "--preset", "mnist", "--run", clf, "--steps", "2", "--width", "8", "--batch-size", "8",
+            "--threads", "1", "--set", "data.limit=32", "--set", "data.resolution=28", "--set", "data.val_split=null"])
+    train_ae(tmp_path / "p", extra=["loss.perceptual=classifier", f"loss.perceptual_path={clf}"])
+    fs = load_first_stage(tmp_path / "p")
+    assert fs.config.loss.perceptual_label == "classifier-perceptual"
+    r = train_ae(tmp_path / "q", extra=["loss.perceptual=classifier", f"loss.perceptual_path={clf}",
+                                        "data.resolution=32"], expect=2)
+    assert "the classifier takes 1x28x28 images, the autoencoder's data are 1x32x32" in r.output
+
+
+class PixelFeatures:
+    """A stand-in feature network: the images' pixels, downsampled (float64 (N, D))."""
+    name, sha256, resize = "pixels", "", "none"
+
+    def __call__(self, images):
+        x = torch.as_tensor(images).double()
+        return torch.nn.functional.avg_pool2d(x, 7).flatten(1).numpy()
+
+
+def test_reconstruction_metrics_match_the_validation_metrics_and_rfid_of_a_set_with_itself_is_zero(kl_run):
+    from torchdiffusion.config.first_stage import reconstruction_metrics
+    from torchdiffusion.eval import fid_from_features
+    from torchdiffusion.train.ae_step import validation_metrics
+    fs = load_first_stage(kl_run)
+    x = data(40, 2, 28).x
+    m = reconstruction_metrics(fs.module, x, extractor=PixelFeatures(), batch=16)
+    v = validation_metrics(fs.module, x, 16)
+    assert m["psnr"] == pytest.approx(v["val_psnr"], rel=1e-5) and m["ssim"] == pytest.approx(v["val_ssim"], rel=1e-5)
+    assert m["rfid"] > 0 and m["extractor"] == "pixels" and m["n"] == 40
+    f = PixelFeatures()(x)
+    assert fid_from_features(f, f) == pytest.approx(0.0, abs=1e-6)

@@ -237,3 +237,72 @@ def test_psnr_of_a_known_mse_and_ssim_identities():
 def test_flop_count_of_a_conv_is_exact():
     conv = torch.nn.Conv2d(2, 4, 3, padding=1)
     assert conv_flops(conv, (2, 8, 8)) == 2 * 4 * 8 * 8 * 2 * 9
+
+
+# ------------------------------------------------------------------------------ perceptual distances
+def lpips_file(tmp_path, fmt):
+    from torchdiffusion.autoencoders.perceptual import LPIPS
+    torch.manual_seed(0)
+    m = LPIPS()
+    for lin in m.lins:
+        torch.nn.init.uniform_(lin.weight, 0, 1)  # LPIPS's heads are non-negative
+    sd = m.state_dict()
+    if fmt == "torchvision":  # torchvision's VGG16 names + lpips's head names, in a torch state dict
+        state = {k: v for k, v in sd.items() if k.startswith("features.")}
+        state.update({f"lin{i}.model.1.weight": sd[f"lins.{i}.weight"] for i in range(5)})
+        path = tmp_path / "lpips_vgg.pth"
+        torch.save(state, path)
+    else:  # the lpips package's own module names, as safetensors
+        from safetensors.torch import save_file
+        slices = {0: 1, 2: 1, 5: 2, 7: 2, 10: 3, 12: 3, 14: 3, 17: 4, 19: 4, 21: 4, 24: 5, 26: 5, 28: 5}
+        state = {f"net.slice{slices[int(k.split('.')[1])]}.{k.split('.', 1)[1]}": v.contiguous()
+                 for k, v in sd.items() if k.startswith("features.")}
+        state.update({f"lin{i}.model.1.weight": sd[f"lins.{i}.weight"].contiguous() for i in range(5)})
+        path = tmp_path / "lpips_vgg.safetensors"
+        save_file(state, str(path))
+    return m, path
+
+
+def test_lpips_loads_both_weight_layouts_and_is_a_distance(tmp_path):
+    from torchdiffusion.autoencoders.perceptual import LPIPS
+    ref, p1 = lpips_file(tmp_path, "torchvision")
+    _, p2 = lpips_file(tmp_path, "lpips")
+    a, b = LPIPS.from_file(p1), LPIPS.from_file(p2)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    y = torch.rand(2, 1, 32, 32) * 2 - 1
+    d = a(x, y)
+    assert d.shape == (2,) and (d > 0).all()
+    assert torch.equal(d, b(x, y)) and torch.equal(d, ref(x, y))
+    assert torch.allclose(a(x, x), torch.zeros(2)) and torch.allclose(d, a(y, x))
+    assert not any(p.requires_grad for p in a.parameters())
+    y.requires_grad_(True)
+    a(x, y).sum().backward()
+    assert y.grad is not None and float(y.grad.abs().sum()) > 0
+
+
+def test_bad_lpips_files_are_one_line(tmp_path):
+    from torchdiffusion.autoencoders.perceptual import LPIPS
+    with pytest.raises(ConfigError, match="no such file"):
+        LPIPS.from_file(tmp_path / "none.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="not a readable weights file"):
+        LPIPS.from_file(tmp_path / "junk.pth")
+    torch.save({"lin0.weight": torch.zeros(1, 64, 1, 1)}, tmp_path / "heads_only.pth")
+    with pytest.raises(ConfigError, match="missing .* LPIPS-VGG16 tensors"):
+        LPIPS.from_file(tmp_path / "heads_only.pth")
+
+
+def test_classifier_perceptual_is_zero_on_equal_images_and_passes_gradients():
+    from test_classifier import TINY
+    from torchdiffusion.autoencoders.perceptual import ClassifierPerceptual
+    from torchdiffusion.nn.classifier import Classifier, ClassifierConfig
+    torch.manual_seed(0)
+    clf = Classifier(ClassifierConfig(**TINY))
+    p = ClassifierPerceptual(clf)
+    s = TINY["image_size"]
+    x = torch.rand(2, TINY.get("in_channels", 1), s, s) * 2 - 1
+    y = (torch.rand_like(x) * 2 - 1).requires_grad_(True)
+    d = p(x, y)
+    assert d.shape == (2,) and (d > 0).all() and torch.allclose(p(x, x), torch.zeros(2))
+    d.sum().backward()
+    assert float(y.grad.abs().sum()) > 0 and all(q.grad is None for q in clf.parameters())

@@ -71,7 +71,18 @@ def build_perceptual(cfg: AERunConfig, device: torch.device) -> Optional[Callabl
     if lcfg.perceptual == "lpips":
         return LPIPS.from_file(lcfg.perceptual_path).to(device)
     from .loaders import load_classifier
-    clf = load_classifier(Path(lcfg.perceptual_path), device=device)
+    path = Path(lcfg.perceptual_path)
+    if not path.exists():
+        raise ConfigError(f"loss.perceptual_path {path}: no such classifier run (train one with `torchdiffusion "
+                          f"train-classifier` on the same data)")
+    clf = load_classifier(path, device=device)
+    c, h, w = cfg.data_shape
+    if (clf.cfg.in_channels, clf.cfg.image_size, clf.cfg.image_size) != (c, h, w):
+        raise ConfigError(f"loss.perceptual_path {path}: the classifier takes {clf.cfg.in_channels}x"
+                          f"{clf.cfg.image_size}x{clf.cfg.image_size} images, the autoencoder's data are {c}x{h}x{w}")
+    if clf.noisy:
+        raise ConfigError(f"loss.perceptual_path {path}: a noisy classifier (--noisy); train a clean one for "
+                          f"classifier-perceptual features")
     return ClassifierPerceptual(clf).to(device)
 
 

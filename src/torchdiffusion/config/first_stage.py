@@ -109,3 +109,44 @@ def load_first_stage(path: Path | str, device: torch.device | str = "cpu") -> Fi
                       latent_shape=tuple(module.latent_shape(data_shape)), fingerprint=weights_fingerprint(
                           c.tensors[group]), config=cfg, checkpoint=cpath, weights="ema" if group == "ema_ae" else "model",
                       step=int(c.step))
+
+
+def reconstruction_metrics(module: nn.Module, x_u8: Tensor, *, extractor=None, batch: int = 64,
+                           device: torch.device | str = "cpu") -> dict:
+    """Held-out reconstruction quality of a first stage on uint8 images (N, C, H, W): rec_l1 (mean |x - x_hat| in
+    [-1, 1]), psnr and ssim (autoencoders.metrics, on [0, 1], means over images), for VQ code_usage and
+    code_perplexity over the whole set, and with a feature extractor (eval: Inception, or a project classifier,
+    labelled by its name) rfid: the FID of the reconstructions against the originals, and rkid (KID, same sets).
+    KL models reconstruct from the posterior's mode."""
+    from ..autoencoders.metrics import code_usage, psnr, ssim, to_unit
+    from ..data.convert import to_model_range, to_uint8
+
+    module = module.eval()
+    l1 = ps = ss = 0.0
+    counts, recon = None, []
+    with torch.no_grad():
+        for i in range(0, len(x_u8), batch):
+            x = to_model_range(x_u8[i:i + batch]).to(device)
+            if module.kind == "kl":
+                x_hat = module.decode(module.encode(x).mode())
+            else:
+                x_hat, _, idx = module(x)
+                c = torch.bincount(idx.flatten(), minlength=module.cfg.n_codes).cpu()
+                counts = c if counts is None else counts + c
+            x_hat = x_hat.clamp(-1, 1)
+            l1 += float((x_hat - x).abs().flatten(1).mean(1).sum())
+            ps += float(psnr(to_unit(x), to_unit(x_hat)).clamp(max=100.0).sum())
+            ss += float(ssim(to_unit(x), to_unit(x_hat)).sum())
+            recon.append(to_uint8(x_hat.cpu()))
+    n = len(x_u8)
+    out = {"n": n, "rec_l1": l1 / n, "psnr": ps / n, "ssim": ss / n}
+    if counts is not None:
+        out.update(code_usage(counts))
+    if extractor is not None:
+        from ..eval import fid_from_features, kid_from_features
+        real, fake = extractor(x_u8), extractor(torch.cat(recon))
+        out["rfid"] = float(fid_from_features(real, fake))
+        k = kid_from_features(real, fake, subset_size=min(1000, n))
+        out["rkid"] = float(k.mean)
+        out["extractor"] = getattr(extractor, "name", type(extractor).__name__)
+    return out
