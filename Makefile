@@ -34,7 +34,8 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# Sample-for-sample parity of our samplers with k-diffusion's (tests/test_peer_parity.py), run in the peers venv
+# Sample-for-sample parity of our samplers with k-diffusion's (tests/test_peer_parity.py), torchmetrics' FID/KID and
+# diffusers' UNet2DModel + DDIMScheduler (tests/test_diffusers_parity.py), run in the peers venv
 # (built by the referee bench's setup script if missing) with this repository's src first on the path.
 PEERS_VENV ?= ../peers-venv
 BENCH_DIR ?= ../shared/bench
@@ -43,6 +44,7 @@ test-peers:
 	@$(PEERS_VENV)/bin/python -c "import pytest" 2>/dev/null || $(PEERS_VENV)/bin/python -m pip install -q pytest==9.2.0
 	PYTHONPATH=src:$(BENCH_DIR)/adapters $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_peer_parity.py
 	PYTHONPATH=src $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_eval_metrics.py -k torchmetrics
+	PYTHONPATH=src $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_diffusers_parity.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -18,6 +18,7 @@ ROWS = {
     "pipelines": 4, "train": 4, "eval": 4, "conditioners": 4,
     "config": 5,
     "cli": 6,
+    "interop": 6,  # a top-level module naming config.interop's functions (torchdiffusion.interop.load_diffusers)
 }
 SRC = Path(torchdiffusion.__file__).parent
 

@@ -70,16 +70,31 @@ def _progress(what: str):
     return report
 
 
-def get_reference(real: str, extractor, cache_dir, split=None, limit=None):
-    """(ReferenceStats, info): a .npz statistics file as it is, else the (cached) statistics of a data set/folder."""
-    from ..eval import cached_reference, load_reference
+def real_side(real: str, split=None, limit=None) -> dict:
+    """--real without any feature computed: {"ref": ReferenceStats} of a .npz statistics file, or {"images", "source"}
+    of a data set / folder; "n" is the real side's count either way (what the preconditions check)."""
+    from ..eval import load_reference
     if real.endswith(".npz") or (Path(real).is_file() and not Path(real).suffix.lower() == ".zip"):
         ref = load_reference(real)
-        return ref, {"reference_file": str(real), "reference_cache_hit": None}
+        return {"ref": ref, "file": str(real), "n": ref.n}
     images, source = load_real_images(real, split, limit)
-    ref, path, hit = cached_reference(images, extractor, source=source, cache_dir=cache_dir,
-                                      progress=_progress(f"reference {source}"))
+    return {"images": images, "source": source, "n": len(images)}
+
+
+def reference_of(side: dict, extractor, cache_dir):
+    """(ReferenceStats, info) of a real_side(): the statistics file as it is, else the cached statistics (the one
+    cache `audit` shares: eval.cached_reference), computed on a miss."""
+    from ..eval import cached_reference
+    if "ref" in side:
+        return side["ref"], {"reference_file": side["file"], "reference_cache_hit": None}
+    ref, path, hit = cached_reference(side["images"], extractor, source=side["source"], cache_dir=cache_dir,
+                                      progress=_progress(f"reference {side['source']}"))
     return ref, {"reference_file": str(path), "reference_cache_hit": hit}
+
+
+def get_reference(real: str, extractor, cache_dir, split=None, limit=None):
+    """(ReferenceStats, info): a .npz statistics file as it is, else the (cached) statistics of a data set/folder."""
+    return reference_of(real_side(real, split, limit), extractor, cache_dir)
 
 
 def _common(f):
@@ -138,43 +153,73 @@ _SCORE_HELP = {"fid": "FID of generated images against real ones (or cached stat
                "all": "FID, KID and precision/recall in one pass."}
 
 
+#: the options of each score command: its own only, so `eval kid --help` and click's "no such option ... did you
+#: mean" list nothing of FID's
+_METRIC_OPTIONS = {
+    "fid": [click.option("--min-n", type=int, default=2048, show_default=True, help="Fewest samples FID is computed "
+                         "from (both sides, checked before any feature is computed)."),
+            click.option("--allow-small-n", is_flag=True, help="Compute FID below --min-n anyway (flagged in the "
+                         "result).")],
+    "kid": [click.option("--kid-subsets", type=int, default=100, show_default=True),
+            click.option("--kid-subset-size", type=int, default=1000, show_default=True),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed of the KID subsets.")],
+    "pr": [click.option("--pr-k", type=int, default=3, show_default=True,
+                        help="k of the k-NN manifolds (precision/recall).")],
+}
+_DEFAULTS = {"min_n": 2048, "allow_small_n": False, "kid_subsets": 100, "kid_subset_size": 1000, "seed": 0,
+             "pr_k": 3}
+
+
 def _score_command(name: str):
+    own = [o for m in (("fid", "kid", "pr") if name == "all" else (name,)) for o in _METRIC_OPTIONS[m]]
+
+    def add_options(f):
+        for o in reversed(own):
+            f = o(f)
+        return f
+
     @eval_group.command(name, help=_SCORE_HELP[name], short_help=_SCORE_HELP[name])
     @click.option("--real", required=True, help="mnist:test, fashion-mnist:SPLIT, a folder of images, or a STATS.npz.")
     @click.option("--fake", required=True, type=click.Path(path_type=Path), help="Folder of generated images.")
     @click.option("--n", type=int, default=None, help="Score only the first N generated images (seed order).")
     @click.option("--real-limit", type=int, default=None, help="Use only the first N real images.")
-    @click.option("--min-n", type=int, default=2048, show_default=True, help="Fewest samples FID is computed from.")
-    @click.option("--allow-small-n", is_flag=True, help="Compute FID below --min-n anyway (flagged in the result).")
-    @click.option("--kid-subsets", type=int, default=100, show_default=True)
-    @click.option("--kid-subset-size", type=int, default=1000, show_default=True)
-    @click.option("--pr-k", type=int, default=3, show_default=True, help="k of the k-NN manifolds (precision/recall).")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the KID subsets.")
+    @add_options
     @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON result here.")
     @_common
-    def command(real, fake, n, real_limit, min_n, allow_small_n, kid_subsets, kid_subset_size, pr_k, seed, out,
-                feature_weights, classifier, cache_dir, batch, threads, device):
+    def command(real, fake, n, real_limit, out, feature_weights, classifier, cache_dir, batch, threads, device,
+                **metric_options):
         from ..eval import extract_features, score
         from ..eval.kid import SmallSampleWarning
+        from ..eval.metrics import check_before_features, check_sample_size
+        opts = {**_DEFAULTS, **metric_options}
         if n is not None and n < 2:
             raise ConfigError(f"--n must be >= 2, got {n}")
-        metrics = {"fid": "fid", "kid": "kid", "pr": "pr", "all": "all"}[name]
+        metrics = name
         dev = _setup(threads, device)
         t0 = time.perf_counter()
         fake_images, fake_info = load_sample_folder(fake, n)
-        if "fid" in (metrics, "all") and not allow_small_n and len(fake_images) < min_n:
-            # fail before any feature is computed
-            raise DataError(f"{len(fake_images)} generated samples is fewer than the minimum {min_n} for FID "
-                            f"(biased upwards at small N); use more, lower --min-n, pass --allow-small-n, or use KID")
+        if metrics in ("fid", "all") and not opts["allow_small_n"]:  # before even the real side is read
+            check_sample_size(len(fake_images), "generated samples", opts["min_n"], False)
+        side = real_side(real, None, real_limit)
+        # both sides' counts are known: every cheap precondition fails here, before any feature is computed
+        check_before_features(metrics, len(fake_images), side["n"], min_n=opts["min_n"],
+                              allow_small_n=opts["allow_small_n"], kid_subsets=opts["kid_subsets"],
+                              pr_k=opts["pr_k"])
         extractor = make_extractor(feature_weights, classifier, batch, dev)
-        ref, ref_info = get_reference(real, extractor, cache_dir, None, real_limit)
+        ref, ref_info = reference_of(side, extractor, cache_dir)
         t1 = time.perf_counter()
         feats = extract_features(extractor, fake_images, progress=_progress("generated"))
         t2 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SmallSampleWarning)
-            result = score(ref, feats, metrics=metrics, extractor=extractor, min_n=min_n, allow_small_n=allow_small_n,
-                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed, pr_k=pr_k)
+            result = score(ref, feats, metrics=metrics, extractor=extractor, min_n=opts["min_n"],
+                           allow_small_n=opts["allow_small_n"], kid_subsets=opts["kid_subsets"],
+                           kid_subset_size=opts["kid_subset_size"], seed=opts["seed"], pr_k=opts["pr_k"])
+        if "fid" not in (metrics, "all"):  # FID's settings mean nothing in a KID or PR result
+            result.pop("min_n", None)
+            result.pop("allow_small_n", None)
+        if "kid" not in (metrics, "all"):
+            result.pop("seed", None)
         notes = [str(w.message) for w in caught if issubclass(w.category, SmallSampleWarning)]
         for note in notes:
             _echo_err(f"warning: {note}")

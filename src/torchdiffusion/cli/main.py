@@ -2,7 +2,8 @@
 (each command in its cli/*_cmd.py, their shared helpers in cli/common.py).
 
 The cli package is the only one that reads argv and the environment (RANK / WORLD_SIZE / LOCAL_RANK from torchrun).
-Every user error is one line on stderr and a non-zero exit code; --debug shows the traceback.
+Every user error is one line on stderr and an exit code of the table in errors.py (docs/cli.md); --debug, before or
+after the command's name, shows the traceback.
 """
 from __future__ import annotations
 
@@ -12,9 +13,32 @@ import sys
 import click
 import torch
 
-from ..errors import TorchDiffusionError
+from .. import __version__
+from ..errors import EXIT_INTERRUPTED, EXIT_REFUSED, TorchDiffusionError
 
-EXIT_INTERRUPTED = 130
+
+def _debug(ctx) -> bool:
+    """--debug given to the group (torchdiffusion --debug CMD) or after the command (torchdiffusion CMD --debug)."""
+    return bool(ctx.obj and ctx.obj.get("debug"))
+
+
+def _debug_flag(ctx, param, value):
+    if value:
+        ctx.find_root().ensure_object(dict)["debug"] = True
+    return value
+
+
+_DEBUG_HELP = "Show full tracebacks."
+
+
+def _add_debug(command: click.Command) -> None:
+    """Every command (and sub-command) accepts --debug too; it is taken out before the command runs."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _add_debug(sub)
+    if not any("--debug" in p.opts for p in command.params):
+        command.params.append(click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True,
+                                           callback=_debug_flag, help=_DEBUG_HELP))
 
 
 class _Group(click.Group):
@@ -24,27 +48,29 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except TorchDiffusionError as e:
-            if ctx.obj and ctx.obj.get("debug"):
+            if _debug(ctx):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except (torch.OutOfMemoryError, MemoryError):
-            if ctx.obj and ctx.obj.get("debug"):
+            if _debug(ctx):
                 raise
             click.echo("error: out of memory; lower train.batch_size (with train.grad_accum to keep the global batch), "
                        "the model size, or --batch when sampling; the last checkpoint is intact", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_REFUSED)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("--debug", is_flag=True, help=_DEBUG_HELP + " Also accepted after the command.")
+@click.version_option(__version__, "--version", prog_name="torchdiffusion", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx, debug):
     """torchdiffusion: train, sample and evaluate diffusion models."""
-    ctx.obj = {"debug": debug}
+    obj = ctx.ensure_object(dict)
+    obj["debug"] = obj.get("debug", False) or debug
 
 
 #: every command: (module of cli/, its click command or group). A new command is one module plus one line here.
@@ -62,10 +88,15 @@ COMMANDS = (
     ("grid_cmd", "grid_group"),
     ("restore_cmd", "restore_cmd"),
     ("likelihood_cmd", "likelihood"),
+    ("list_cmd", "list_cmd"),
+    ("interop_cmd", "convert_diffusers_cmd"),
+    ("interop_cmd", "export_diffusers_cmd"),
     ("encode_cmd", "encode_cmd"),
 )
 for _module, _name in COMMANDS:
-    cli.add_command(getattr(importlib.import_module(f".{_module}", __package__), _name))
+    _command = getattr(importlib.import_module(f".{_module}", __package__), _name)
+    _add_debug(_command)
+    cli.add_command(_command)
 
 
 def main():

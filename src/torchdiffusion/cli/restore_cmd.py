@@ -1,5 +1,11 @@
 """`torchdiffusion restore`: solve an inverse problem (inpainting, super-resolution, deblurring, colourisation)
-on a folder of images with a trained unconditional model."""
+on a folder of images with a trained model.
+
+A class-conditional model restores with --labels (one label for all images, or one per image) or, where it was
+trained with label dropout (cond.label.p_uncond > 0), with its null label; restore.json says which ("condition").
+Outputs keep the input file names (restored/NAME.png, measurement/NAME.png), and no output is written before the
+inputs, options and model have been checked.
+"""
 from __future__ import annotations
 
 import json
@@ -48,6 +54,9 @@ LATENT_METHODS = ("dps",)
 @click.option("--sigma-start", type=float, default=None,
               help="First sigma of the grid (default: the model's sigma_max; ccdf: 2.0).")
 @click.option("--seeds", default=None, help="One seed per image, e.g. 0-15 (default: 0..N-1).")
+@click.option("--labels", default=None,
+              help="Class-conditional models: one label for every image (3) or one per image (0-3, 0,5,7); "
+                   "default: the null label where the model was trained with label dropout.")
 @click.option("--limit", type=int, default=None, help="Restore only the first N images.")
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--dps-scale", "dps_scale", type=float, default=1.0, show_default=True, help="dps/mcg: gradient scale zeta.")
@@ -61,7 +70,7 @@ LATENT_METHODS = ("dps",)
 @click.option("--device", default="auto", show_default=True)
 def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, input_dir, outdir, mask, half, missing,
                 scale, down, blur_sigma, noise_std, steps, sigma_start, seeds, limit, batch, dps_scale, prior_std, jump,
-                resample, weight, sigma_stop, weights, threads, device):
+                resample, weight, sigma_stop, weights, threads, device, labels=None):
     """Measure images with a task's operator and restore them; writes restored and measured images and a grid
     (rows of measurement, restoration, original)."""
     from ..config.loaders import load_run
@@ -72,7 +81,7 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     from ..pipelines.generate import make_grid, save_png
     from ..pipelines.restore import (TaskConfig, build_operator, measurement_image, restore_images, restore_sigmas,
                                      solver_options)
-    from .common import parse_seeds, resolve_device
+    from .common import parse_labels, parse_seeds, resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -103,6 +112,8 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
         raise DataError(f"--input {input_dir}: no such folder or ZIP file")
     data = load_image_folder(input_dir, channels="L" if c == 1 else "RGB")
     images = data.x[:limit] if limit else data.x
+    inputs = list(data.info.get("files", ()))[:len(images)] or [f"{i:06d}.png" for i in range(len(images))]
+    names = output_names(inputs)
     if tuple(images.shape[1:]) != (c, h, w):
         raise DataError(f"--input images of shape {tuple(images.shape[1:])} do not fit the model's images of shape "
                         f"{(c, h, w)}; resize them (torchdiffusion data prepare) or pick another run")
@@ -110,6 +121,7 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     if len(seed_list) < len(images):
         raise ConfigError(f"--seeds gives {len(seed_list)} seeds for {len(images)} images; give one per image")
     seed_list = seed_list[:len(images)]
+    condition, label_list, cond_for = restore_condition(run, parse_labels(labels), len(images), dev)
 
     cfg = TaskConfig(task=task, mask=mask, half=half, missing=missing, scale=scale, down=down,
                      blur_sigma=blur_sigma, noise_std=noise_std)
@@ -125,18 +137,18 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     top = sigma_start if sigma_start is not None else (2.0 if method == "ccdf" else process.sigma_max)
     sigmas = restore_sigmas(steps, process.sigma_min, top)
 
-    for sub in ("restored", "measurement"):
-        (outdir / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    done = [0]  # images written so far: outputs are named by position (seeds may repeat)
 
-    def write(chunk, restored, y):
+    def write(chunk, restored, y):  # the output folders appear with the first restored batch
         shown = measurement_image(op, y, (c, h, w))
-        for s, a, b in zip(chunk, to_uint8(restored), to_uint8(shown)):
-            save_png(a, outdir / "restored" / f"{s:06d}.png")
-            save_png(b, outdir / "measurement" / f"{s:06d}.png")
+        for a, b in zip(to_uint8(restored), to_uint8(shown)):
+            name = names[done[0]]
+            for sub, img in (("restored", a), ("measurement", b)):
+                (outdir / sub / name).parent.mkdir(parents=True, exist_ok=True)
+                save_png(img, outdir / sub / name)
+            done[0] += 1
 
-    conditioning = run.conditioning  # a conditional model restores with its null condition (unconditional)
-    cond_for = (lambda chunk: conditioning.null(conditioning.for_sampling(chunk))) if conditioning else None
     result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=method_options,
                             device=dev, on_batch=write, cond_for=cond_for, decode=decode,
                             latent_shape=run.sample_shape if decode is not None else None)
@@ -148,7 +160,8 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
               "operator": op.name, "task_config": cfg.__dict__, "method": method, "options": options,
               "sampler": sampler_name or ("ddpm" if method != "repaint" else "repaint"),
               "sampler_options": sampler_kw, "steps": steps, "nfe": nfe, "sigmas": [float(s) for s in sigmas],
-              "seeds": seed_list, "count": len(images),
+              "seeds": seed_list, "count": len(images), "inputs": inputs, "outputs": names,
+              "condition": condition, "labels": label_list,
               "measurement_rms_error_mean": float(result.error.mean()),
               "measurement_rms_error_max": float(result.error.max()),
               "seconds": round(time.perf_counter() - t0, 3), "torch": torch.__version__}
@@ -156,3 +169,48 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     click.echo(f"restored {len(images)} images ({task}, {method}, {record['nfe']} NFE) to {outdir} in "
                f"{record['seconds']:.1f} s; measurement RMS error {record['measurement_rms_error_mean']:.2e} "
                f"(noise {noise_std})")
+
+
+def output_names(inputs: list[str]) -> list[str]:
+    """Output PNG names of input files (relative paths): the same path with .png for its suffix ('cat/a.jpg' ->
+    'cat/a.png'); where two inputs would meet ('a.jpg' and 'a.png') both keep their whole name ('a.jpg.png')."""
+    from collections import Counter
+    plain = [str(Path(p).with_suffix(".png")) for p in inputs]
+    seen = Counter(plain)
+    return [q if seen[q] == 1 else f"{p}.png" for p, q in zip(inputs, plain)]
+
+
+def restore_condition(run, labels, n: int, device):
+    """(condition, labels per image or None, cond_for of restore_images) of a run for n images.
+
+    condition: "none" (an unconditional model), "labels" (--labels: one label for all or one per image) or "null"
+    (no --labels: the null condition, valid where a class condition was trained with label dropout)."""
+    conditioning = run.conditioning
+    k = run.num_classes
+    if labels is not None and not k:
+        raise ConfigError("--labels needs a class-conditional model; this model has no class condition")
+    if not conditioning:
+        return "none", None, None
+    label_cfg = run.config.cond.get("label")
+    if labels is None:
+        if k and not getattr(label_cfg, "p_uncond", 0) > 0:
+            raise ConfigError(f"this model is class-conditional ({k} classes) and was trained without label dropout "
+                              f"(cond.label.p_uncond=0), so it has no null label; give --labels (one label, e.g. 3, "
+                              f"or one per image)")
+
+        def null_cond(chunk):
+            return {key: v.to(device) for key, v in conditioning.null(conditioning.for_sampling(chunk)).items()}
+        return "null", None, null_cond
+    bad = [v for v in labels if not 0 <= v < k]
+    if bad:
+        raise ConfigError(f"--labels {bad[0]} is out of range; this model has {k} classes (valid: 0-{k - 1})")
+    if len(labels) not in (1, n):
+        raise ConfigError(f"--labels gives {len(labels)} labels for {n} images; give one label or one per image")
+    per_image = labels * n if len(labels) == 1 else list(labels)
+    pos = [0]
+
+    def label_cond(chunk):
+        part = per_image[pos[0]:pos[0] + len(chunk)]
+        pos[0] += len(chunk)
+        return {key: v.to(device) for key, v in conditioning.for_sampling(chunk, {"label": part}).items()}
+    return "labels", per_image, label_cond

@@ -86,7 +86,11 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None,
               help="Run folder: its latest verified checkpoint is used.")
 @click.option("--checkpoint", "ckpt_path", type=click.Path(path_type=Path), default=None, help="A checkpoint folder.")
-@click.option("--outdir", type=click.Path(path_type=Path), required=True, help="Where PNGs, grid.png and samples.json go.")
+@click.option("--outdir", type=click.Path(path_type=Path), required=True,
+              help="Where PNGs, grid.png and samples.json go: a new or empty folder (see --overwrite).")
+@click.option("--overwrite", is_flag=True,
+              help="Reuse a non-empty --outdir: first remove the PNGs, grid.png and samples.json an earlier "
+                   "`sample` wrote there (only those).")
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 0,5,9.")
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--sampler", default=None, help="A sampler name, e.g. heun, dpmpp_2m, edm (docs/samplers.md; default: the run's sample.sampler).")
@@ -101,14 +105,14 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
 @guidance_options  # --labels, --guidance-scale/-interval, --classifier(-scale), --reject* (above)
-def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
+def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
            device, grid_file=None, **guidance):
     """Generate one PNG per seed, a grid, and samples.json."""
     from ..config.build import build_sigmas
     from ..config.loaders import load_run
     from ..config.registry import GRIDS
     from ..config.sampler_options import CountingDenoiser
-    from ..pipelines.generate import sample_run
+    from ..pipelines.generate import prepare_outdir, sample_run
     from ..pipelines.settings import override_sample
 
     info = dist_info()
@@ -117,6 +121,8 @@ def sample(run_dir, ckpt_path, outdir, seeds, batch, sampler, steps, grid_kind, 
     if batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch}")
     seed_list = parse_seeds(seeds)
+    if info.is_main:  # before the model loads: a refusal costs nothing (several processes: the main one checks)
+        prepare_outdir(outdir, overwrite)
     run = load_run(run_dir, ckpt_path, weights, dev)
     scfg = override_sample(run.config.sample, sampler=sampler, steps=steps, grid=grid_kind, grid_file=grid_file,
                            eta=eta, grids=GRIDS)

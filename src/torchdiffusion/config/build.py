@@ -161,8 +161,11 @@ def build_data(cfg: DataConfig, split: str | None = None):
     valid = DATASETS[cfg.kind][1] if cfg.kind in DATASETS else ()
     if cfg.kind == "folder":
         if split not in (None, cfg.split):
-            raise ConfigError(f"data.val_split={split!r}: an image folder has no held-out split; set "
-                              f"data.val_split=null (the folder preset does)")
+            if split == cfg.val_split:  # the config asked for it
+                raise ConfigError(f"data.val_split={split!r}: an image folder has no held-out split; set "
+                                  f"data.val_split=null (the folder preset does)")
+            raise ConfigError(f"split {split!r}: an image folder has no held-out split, only its images (split "
+                              f"{cfg.split!r}); ask for split {cfg.split!r} instead")
         options.pop("split")
     dataset = build_dataset(cfg.kind, **{k: v for k, v in options.items() if k in valid})
     if cfg.limit is not None:

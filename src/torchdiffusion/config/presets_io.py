@@ -14,6 +14,14 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_summary(name: str) -> str:
+    """One line about a shipped preset for `torchdiffusion list presets`: the first comment line of its YAML, up to
+    its first ': ' (the rest of the comment is detail)."""
+    text = (resources.files(__package__) / "presets" / f"{name}.yaml").read_text()
+    first = next((line[1:].strip() for line in text.splitlines() if line.startswith("#")), "")
+    return first.split(": ", 1)[0].rstrip(".")
+
+
 def load_preset(name_or_path: str) -> dict:
     """A preset by name (see preset_names()) or a path to a YAML file."""
     if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:

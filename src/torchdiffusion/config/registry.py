@@ -51,6 +51,34 @@ SAMPLERS: dict[str, tuple[Callable, Callable[[int], Optional[int]]]] = {
 }
 
 
+#: one line per sampler for `torchdiffusion list samplers` (paper; NFE of an n-step grid); tests check every
+#: SAMPLERS name has one
+SAMPLER_SUMMARIES: dict[str, str] = {
+    "euler": "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1 without the correction); NFE n",
+    "heun": "Heun's 2nd-order ODE method (Karras et al. 2022, Alg. 1, no churn); NFE 2n - 1",
+    "ddim": "DDIM (Song et al. 2021a) on any sigma grid; eta scales the fresh noise (0: deterministic); NFE n",
+    "ddpm": "ancestral DDPM (Ho et al. 2020, Alg. 2), learned variance where the model has one; NFE n",
+    "unipc": "UniPC predictor-corrector, data prediction (Zhao et al. 2023); NFE n",
+    "ipndm": "improved PNDM, equal-step Adams-Bashforth on eps (Zhang & Chen 2023); NFE n",
+    "plms": "pseudo linear multistep (Liu et al. 2022): pseudo improved Euler start, then AB2-AB4",
+    "deis": "DEIS multistep tAB (Zhang & Chen 2023), a Lagrange polynomial through the last eps; NFE n",
+    "euler_ancestral": "ancestral Euler: Euler to sigma_down plus noise (k-diffusion); NFE n",
+    "dpm2": "DPM-Solver-2 in sigma (Lu et al. 2022a, Alg. 1; k-diffusion's DPM2); NFE 2n - 1",
+    "dpm2_ancestral": "DPM-2 steps to sigma_down plus ancestral noise (k-diffusion); NFE 2n - 1",
+    "lms": "linear multistep (Adams-Bashforth) in sigma on the grid's own steps (k-diffusion); NFE n",
+    "dpm_fast": "DPM-Solver-fast with an NFE budget of n (Lu et al. 2022a)",
+    "dpm_adaptive": "DPM-Solver-12/23 with error-controlled steps (Lu et al. 2022a); NFE measured",
+    "dpmpp_2s_ancestral": "DPM-Solver++(2S) with ancestral noise (Lu et al. 2022b, Alg. 1); NFE 2n - 1",
+    "dpmpp_2m": "DPM-Solver++(2M) multistep, data prediction (Lu et al. 2022b, Alg. 2); NFE n",
+    "dpmpp_2m_sde": "SDE-DPM-Solver++(2M) (Lu et al. 2022b, sec. 5); eta scales the Langevin part; NFE n",
+    "dpmpp_3m_sde": "third-order multistep DPM-Solver++ with the SDE part of dpmpp_2m_sde; NFE n",
+    "edm": "EDM's stochastic sampler with churn (Karras et al. 2022, Alg. 2); NFE 2n - 1",
+    "pc": "predictor-corrector: reverse diffusion + Langevin (Song et al. 2021, Alg. 2/3)",
+    "pc_em": "predictor-corrector with an Euler-Maruyama predictor (Song et al. 2021)",
+    "pf_ode": "probability-flow ODE by adaptive Dormand-Prince (Song et al. 2021); NFE measured",
+}
+
+
 #: inverse-problem solvers: name -> (restore function, NFE of an n-step grid given the method's options). The
 #: correction methods (inverse.methods.SAMPLER_METHODS) take `sampler=` (a SAMPLERS function) and `sampler_options`;
 #: their NFE below is DDPM's (n), the sampler's own NFE formula applies otherwise (inverse_nfe).
@@ -72,6 +100,16 @@ def _inverse_methods() -> dict[str, tuple[Callable, Callable[..., int]]]:
 
 
 INVERSE_METHODS = _inverse_methods()
+#: one line per inverse method for `torchdiffusion list methods`; tests check every INVERSE_METHODS name has one
+INVERSE_SUMMARIES: dict[str, str] = {
+    "replacement": "replacement / POCS: project onto A x = y after every step (Song et al. 2021; Chung et al. 2022)",
+    "ilvr": "ILVR: replace the low frequencies by the measurement's (Choi et al. 2021); down-sampling or blur",
+    "ccdf": "come-closer-diffuse-faster: start from the diffused estimate A^+ y (Chung, Sim & Ye 2022)",
+    "mcg": "manifold-constrained gradient, then projection (Chung et al. 2022)",
+    "dps": "diffusion posterior sampling: a gradient step on ||y - A D(x)|| (Chung et al. 2023)",
+    "repaint": "RePaint: replacement with jumps back up the grid (Lugmayr et al. 2022)",
+    "reconstruction": "reconstruction guidance: replacement plus a weighted gradient (Ho et al. 2022, sec. 3.1)",
+}
 #: other accepted names of inverse methods: alias -> name in INVERSE_METHODS
 INVERSE_ALIASES = {"pocs": "replacement"}
 
@@ -210,6 +248,7 @@ def _register_builtin() -> None:
     from ..autoencoders.kl import KLAutoencoder, KLConfig
     from ..autoencoders.vq import VQAutoencoder, VQConfig
     from ..conditioners.classlabel import ClassConditioner, ClassConditionerConfig
+    from ..nn.diffusers_unet import DiffusersUNet2DConfig, build_diffusers_unet
     from ..nn.dit import DiTConfig, build_dit
     from ..nn.unet import UNetConfig, build_unet
     from ..nn.uvit import UViTConfig, build_uvit
@@ -219,6 +258,8 @@ def _register_builtin() -> None:
     register_backbone("unet", UNetConfig, build_unet, "U-Net with AdaGN residual blocks and attention (ADM)")
     register_backbone("dit", DiTConfig, build_dit, "diffusion transformer with adaLN-Zero blocks (Peebles & Xie 2023)")
     register_backbone("uvit", UViTConfig, build_uvit, "U-ViT: all inputs as tokens, long skips (Bao et al. 2023)")
+    register_backbone("diffusers_unet2d", DiffusersUNet2DConfig, build_diffusers_unet,
+                      "diffusers' UNet2DModel layout (DDPM U-Net), for folders loaded by config.interop")
     register_codec("identity", IdentityCodecConfig, IdentityCodec, "pixel space: [0, 255] -> [-1, 1]")
     from ..autoencoders.latent import KLCodecConfig, VQCodecConfig
     # built by config.build.build_codec through config.codecs (it loads the autoencoder's run folder)

@@ -5,8 +5,9 @@ All diffusion math in this project happens on x = x_t / s(t) = x0 + sigma * n; p
 the boundaries: to turn a sigma into what a backbone expects as its noise label (`c_noise`), to give the
 sigma range, and to draw training noise levels.
 
-- VPDiscrete: DDPM (Ho et al. 2020) with T steps and linear betas, or the cosine schedule of
-  Nichol & Dhariwal 2021. abar_t = prod(1 - beta); s = sqrt(abar), sigma = sqrt((1 - abar) / abar).
+- VPDiscrete: DDPM (Ho et al. 2020) with T steps and linear betas, the cosine schedule of Nichol & Dhariwal 2021,
+  or "scaled_linear" (betas linear in sqrt(beta), Rombach et al. 2022's latent models; diffusers' name).
+  abar_t = prod(1 - beta); s = sqrt(abar), sigma = sqrt((1 - abar) / abar).
 - VPContinuous: the VP SDE of Song et al. 2021, beta(t) = beta_min + t (beta_max - beta_min), t in [eps_t, 1];
   sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1).
 - VE: the VE SDE of Song et al. 2021, sigma(t) = sigma_min (sigma_max / sigma_min)^t, s = 1.
@@ -45,7 +46,7 @@ class VPDiscrete:
     """Discrete-time VP (DDPM). Timesteps t = 0 .. T-1; t = 0 is the least noisy."""
 
     T: int = 1000  # Ho et al. 2020
-    schedule: str = "linear"  # "linear" (Ho et al. 2020) or "cosine" (Nichol & Dhariwal 2021)
+    schedule: str = "linear"  # "linear" (Ho et al. 2020), "cosine" (Nichol & Dhariwal 2021) or "scaled_linear"
     beta_start: float = 1e-4  # Ho et al. 2020
     beta_end: float = 0.02  # Ho et al. 2020
     cosine_s: float = 0.008  # Nichol & Dhariwal 2021, eq. 17
@@ -54,8 +55,9 @@ class VPDiscrete:
     def __post_init__(self):
         if self.T < 2:
             raise ValueError(f"VPDiscrete.T must be >= 2, got {self.T}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"VPDiscrete.schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        if self.schedule not in ("linear", "cosine", "scaled_linear"):
+            raise ValueError(f"VPDiscrete.schedule must be 'linear', 'cosine' or 'scaled_linear', "
+                             f"got {self.schedule!r}")
 
     def betas(self) -> Tensor:
         """(T,) float64."""
@@ -64,6 +66,9 @@ class VPDiscrete:
             # scaled by 1000/T so that abar_T stays comparable (as improved-diffusion does).
             scale = 1000.0 / self.T
             return torch.linspace(scale * self.beta_start, scale * self.beta_end, self.T, dtype=torch.float64)
+        if self.schedule == "scaled_linear":  # sqrt(beta) linear between the end points' roots, scaled as above
+            scale = 1000.0 / self.T
+            return scale * torch.linspace(self.beta_start**0.5, self.beta_end**0.5, self.T, dtype=torch.float64) ** 2
         t = torch.arange(self.T + 1, dtype=torch.float64) / self.T
         f = torch.cos((t + self.cosine_s) / (1 + self.cosine_s) * math.pi / 2) ** 2
         abar = f / f[0]

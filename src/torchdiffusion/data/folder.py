@@ -8,7 +8,8 @@ removed. With labels="none" every label is -1.
 Bad files (see image_decode for the categories): bad_files="error" stops at the first one in
 path order, before anything is trained, naming it; "skip" leaves them out and records the
 CheckReport in dataset.info["report"] (and a one-line summary in info["skipped"]). A set with
-no usable image left is an error that gives the counts (RELIABILITY 22).
+no usable image left is an error that gives the counts (RELIABILITY 22). info["files"] holds the
+relative path of every decoded image, in the order of x (restore names its outputs after them).
 
 Size: resolution=N centre-crops the largest square and resizes it to N x N (LANCZOS);
 resolution=None keeps the files' size, which must then be the same for all.
@@ -74,6 +75,7 @@ def load_image_folder(path: str | PathLike, *, channels: str = "auto", resolutio
     report = CheckReport(source=str(path))
     arrays: list[np.ndarray] = []
     label_list: list[int] = []
+    kept: list[str] = []  # relative paths of the decoded images, in order
     with open_image_source(path, max_bytes=max_bytes) as listing:
         report.ignored = listing.ignored
         relpaths = [e.relpath for e in listing.entries]
@@ -89,6 +91,7 @@ def load_image_folder(path: str | PathLike, *, channels: str = "auto", resolutio
                                     "(`data check` lists every bad file)")
                 continue
             arrays.append(image_to_array(probe.image, channels, resolution, alpha_background))
+            kept.append(entry.relpath)
             label_list.append(class_index[entry.relpath.split("/", 1)[0]] if class_names else -1)
     if not arrays:
         raise DataError(f"{path}: no usable images left ({report.one_line()})")
@@ -101,5 +104,6 @@ def load_image_folder(path: str | PathLike, *, channels: str = "auto", resolutio
         arrays = _unify_channels(arrays)
     x = torch.from_numpy(np.stack(arrays))  # (N, C, H, W) uint8
     info = {"source": "folder", "path": str(path), "channels": channels, "resolution": resolution,
-            "bad_files": bad_files, "labels": labels, "report": report, "skipped": report.one_line()}
+            "bad_files": bad_files, "labels": labels, "report": report, "skipped": report.one_line(),
+            "files": kept}
     return ImageArrayDataset(x, torch.tensor(label_list, dtype=torch.int64), class_names=class_names, info=info)

@@ -39,6 +39,30 @@ def check_sample_size(n: int, what: str, min_n: int, allow_small_n: bool) -> Non
                   stacklevel=3)
 
 
+def check_before_features(metrics: Iterable[str] | str, n_fake: int, n_real: int, *, min_n: int = DEFAULT_MIN_N,
+                          allow_small_n: bool = False, kid_subsets: int = DEFAULT_SUBSETS,
+                          pr_k: int = DEFAULT_K) -> None:
+    """The cheap preconditions of `score` on both sides' counts, so a run that would be refused is refused before
+    any feature is computed: FID's minimum N (unless allow_small_n; the warning for a small N comes from `score`),
+    KID's 2 samples a side and >= 1 subset, precision/recall's k < N a side. A count is a DataError (exit 1), a
+    setting out of range a ConfigError (exit 2)."""
+    names = parse_metrics(metrics)
+    if "fid" in names and not allow_small_n:
+        check_sample_size(n_fake, "generated samples", min_n, False)
+        check_sample_size(n_real, "reference images", min_n, False)
+    if "kid" in names:
+        if kid_subsets < 1:
+            raise ConfigError(f"KID subsets must be >= 1, got {kid_subsets}")
+        if min(n_fake, n_real) < 2:
+            raise DataError(f"KID needs at least 2 real and 2 generated samples, got {n_real} and {n_fake}")
+    if "pr" in names:
+        if pr_k < 1:
+            raise ConfigError(f"precision/recall k must be >= 1, got {pr_k}")
+        if min(n_fake, n_real) <= pr_k:
+            raise DataError(f"precision/recall with k = {pr_k} needs more than {pr_k} real and generated samples, "
+                            f"got {n_real} and {n_fake}; lower --pr-k or use more images")
+
+
 def parse_metrics(names: Iterable[str] | str) -> tuple[str, ...]:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]

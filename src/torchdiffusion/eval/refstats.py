@@ -158,19 +158,24 @@ def cached_reference(images, extractor, *, source: str, cache_dir: str | Path | 
                      ) -> tuple[ReferenceStats, Path, bool]:
     """(reference, its file, cache hit?): load the file of this fingerprint, or compute and store it.
 
-    Hashing the pixels is cheap (memory speed); the extractor runs only on a miss. A file whose stored
-    fingerprint differs from its name's (a damaged or foreign file) is recomputed and replaced."""
+    Hashing the pixels is cheap (memory speed); the extractor runs only on a miss. Any file of the cache with this
+    fingerprint is a hit, whatever its label (so `eval` reuses what `audit` stored, and the other way round). A file
+    whose stored fingerprint differs from its name's (a damaged or foreign file) is recomputed and replaced."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data_sha = images_sha256(images)
     fp = reference_fingerprint(data_sha, extractor.name, extractor.sha256, extractor.resize)
     path = cache_path(cache_dir, source, fp)
-    if path.is_file():
-        try:
-            ref = load_reference(path)
-            if ref.fingerprint == fp:
-                return ref, path, True
-        except DataError:
-            pass  # unreadable: recompute below and overwrite
+    # one cache for every command: a file of this fingerprint under another label (`audit` names its files
+    # audit-..., `eval` by the data set) holds the same features
+    others = sorted(q for q in cache_dir.glob(f"*-{fp[:20]}.npz") if q != path) if cache_dir.is_dir() else []
+    for candidate in [path] + others:
+        if candidate.is_file():
+            try:
+                ref = load_reference(candidate)
+                if ref.fingerprint == fp:
+                    return ref, candidate, True
+            except DataError:
+                pass  # unreadable: recompute below and overwrite
     ref = compute_reference(images, extractor, source=source, chunk=chunk, progress=progress, data_sha256=data_sha)
     save_reference(ref, path)
     return ref, path, False

@@ -81,6 +81,36 @@ def save_png(image: Tensor, path: Path) -> None:
     tmp.replace(path)
 
 
+def _is_sample_output(name: str) -> bool:
+    """What `sample` writes into its --outdir: NNNNNN.png per seed, grid.png and samples.json."""
+    return name in ("grid.png", "samples.json") or (name.endswith(".png") and name[:-4].isdigit())
+
+
+def prepare_outdir(outdir: Path, overwrite: bool = False) -> None:
+    """Make sure `sample` never mixes old images with new ones in OUTDIR (samples.json describes only the new).
+
+    An absent or empty folder is used as is. A non-empty one is refused in one line unless `overwrite`: then the
+    files an earlier `sample` wrote there (NNNNNN.png, grid.png, samples.json) are removed, and only those; any
+    other file makes it a refusal still. Raises errors.OutputError (exit code 1)."""
+    from ..errors import OutputError
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputError(f"--outdir {outdir} is a file; give a folder")
+    entries = sorted(outdir.iterdir()) if outdir.is_dir() else []
+    if not entries:
+        return
+    ours = [p for p in entries if p.is_file() and _is_sample_output(p.name)]
+    others = [p for p in entries if p not in ours]
+    if not overwrite:
+        raise OutputError(f"--outdir {outdir} is not empty ({len(entries)} entries, e.g. {entries[0].name}); give an "
+                          f"empty or new folder, or --overwrite to replace the samples written there before")
+    if others:
+        raise OutputError(f"--outdir {outdir} holds files `sample` did not write (e.g. {others[0].name}); "
+                          f"--overwrite removes only earlier samples, so give an empty or new folder")
+    for p in ours:
+        p.unlink()
+
+
 def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_config, sampler: Callable,
                sampler_options: dict, sigmas: Tensor, nfe: int | None, seeds_text: str, batch: int = 16,
                rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"), counter=None) -> dict:

@@ -164,6 +164,7 @@ class ClassifierStep:
         self.summary: dict[str, Any] = {}
 
     def setup(self, ctx: LoopContext) -> None:
+        _refuse_sharded(ctx, "classifier training")
         self.ctx = ctx
         self.model = self.model.to(ctx.device)
         if self.cfg.ema_halflife_images > 0:
@@ -293,3 +294,10 @@ def train_classifier(model: Classifier, cfg: ClassifierTrainConfig, train_set, v
         log(f"validation accuracy {summary['val_accuracy']:.4f}"
             + (f", by sigma {summary['val_accuracy_at_sigma']}" if cfg.noisy else ""))
     return summary
+
+
+def _refuse_sharded(ctx: LoopContext, what: str) -> None:
+    from ..errors import ConfigError
+    if ctx.sharded:
+        raise ConfigError(f"train.parallel=fsdp is implemented for diffusion training, not yet for {what}; "
+                          f"valid here: ddp")

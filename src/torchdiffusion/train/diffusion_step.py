@@ -21,6 +21,7 @@ from ..core.precond import Preconditioned
 from ..data.convert import to_model_range
 from ..protocols import Cond
 from ..seeding import generator, linear_step_seed
+from . import fsdp
 from .schedule import LRSchedule
 from .state import flatten_optimizer_state, unflatten_optimizer_state
 from .step import EMAPair, LoopContext, StepState, set_lr, split_rows
@@ -63,11 +64,11 @@ class DiffusionStep:
     def setup(self, ctx: LoopContext) -> None:
         self.ctx = ctx
         self.model = self.model.to(ctx.device)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)  # whole on every process (train.fsdp)
+        self.objective_module = _ObjectiveModule(self.model, self.objective)
+        self.net = ctx.wrap(self.objective_module)  # before the optimiser: FSDP2 replaces the parameters
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, eps=self.eps,
                                      weight_decay=self.weight_decay)
-        self.objective_module = _ObjectiveModule(self.model, self.objective)
-        self.net = ctx.wrap(self.objective_module)
         self.scaler = ctx.scaler("model")
 
     def modules(self) -> dict[str, nn.Module]:
@@ -134,22 +135,35 @@ class DiffusionStep:
 
     # ------------------------------------------------------------------ checkpoint groups
     def weights(self) -> dict[str, dict[str, Tensor]]:
-        """The weight groups (no optimiser state) of a best-so-far checkpoint."""
+        """The weight groups (no optimiser state) of a best-so-far checkpoint (consolidated, a collective, when
+        sharded: every process calls it)."""
+        if self.ctx is not None and self.ctx.sharded:
+            return {"model": fsdp.full_state_dict(self.model), "ema": self.ema.state_dict()}
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict()}
 
     def state_dict(self) -> StepState:
-        opt_tensors, opt_skeleton = flatten_optimizer_state(self.opt.state_dict())
+        sharded = self.ctx is not None and self.ctx.sharded
+        opt_tensors, opt_skeleton = flatten_optimizer_state(
+            fsdp.full_optimizer_state(self.opt) if sharded else self.opt.state_dict())
         state = getattr(self.objective, "state", None)
         return StepState({**self.weights(), "optim": opt_tensors,
                           **({} if state is None else {"objective": state.state_dict()})},
                          {"optim": opt_skeleton})
 
     def load_state_dict(self, s: StepState) -> None:
-        self.model.load_state_dict(s.tensors["model"])
+        sharded = self.ctx is not None and self.ctx.sharded
+        optim = unflatten_optimizer_state(s.tensors["optim"], s.meta["optim"])
+        if sharded:  # a consolidated checkpoint: each process keeps its shard
+            fsdp.load_full_state_dict(self.model, s.tensors["model"])
+        else:
+            self.model.load_state_dict(s.tensors["model"])
         self.ema.load_state_dict(s.tensors["ema"])
         if "objective" in s.tensors and getattr(self.objective, "state", None) is not None:
             self.objective.state.load_state_dict(s.tensors["objective"])  # e.g. importance sampling's history
-        self.opt.load_state_dict(unflatten_optimizer_state(s.tensors["optim"], s.meta["optim"]))
+        if sharded:
+            fsdp.load_full_optimizer_state(self.opt, optim)
+        else:
+            self.opt.load_state_dict(optim)
 
 
 class _ObjectiveModule(nn.Module):

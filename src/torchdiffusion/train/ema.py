@@ -22,7 +22,8 @@ def ema_beta(step: int, batch_size: int, halflife_images: float, rampup: float |
 def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
     """ema <- beta * ema + (1 - beta) * model, for parameters; buffers are copied."""
     ema_params = list(ema.parameters())
-    model_params = [p.detach() for p in model.parameters()]
+    # a sharded model's (train.fsdp) parameters are gathered: the EMA is whole on every process
+    model_params = [p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_params, model_params, 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)

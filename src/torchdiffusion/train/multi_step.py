@@ -97,6 +97,9 @@ class MultiModelStep:
             + tuple(validation_columns)
 
     def setup(self, ctx: LoopContext) -> None:
+        if ctx.sharded:
+            raise ConfigError("train.parallel=fsdp is implemented for diffusion training, not yet for several "
+                              "models and optimisers; valid here: ddp")
         self.ctx = ctx
         self.models = {n: s.module.to(ctx.device) for n, s in self.specs.items()}
         self.ema = {n: copy.deepcopy(m).eval().requires_grad_(False) for n, m in self.models.items()

@@ -91,6 +91,7 @@ class LoopContext:
     grad_accum: int
     precision: str = "fp32"
     dist: DistInfo = DistInfo()
+    parallel: str = "ddp"  # ddp | fsdp (train.parallel): how wrap() spreads a model over the processes
     device: torch.device = torch.device("cpu")
     _scalers: dict = field(default_factory=dict)
 
@@ -106,10 +107,20 @@ class LoopContext:
         """This process's rows of a global-batch tensor drawn from a per-step generator (data.order's striding)."""
         return slice(self.dist.rank, None, self.dist.world_size)
 
+    @property
+    def sharded(self) -> bool:
+        """True when wrap() shards parameters (FSDP2 on several processes): model state is then collective."""
+        return self.parallel == "fsdp" and self.dist.enabled
+
     def wrap(self, module: nn.Module) -> nn.Module:
-        """module under DistributedDataParallel when training on several processes, else module itself."""
+        """module under DistributedDataParallel when training on several processes, else module itself; with
+        parallel=fsdp, module sharded in place by FSDP2 (train.fsdp.shard) and returned. Build optimisers after
+        wrap: FSDP2 replaces the parameters."""
         if not self.dist.enabled:
             return module
+        if self.parallel == "fsdp":
+            from .fsdp import shard
+            return shard(module, self.device)
         return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def scaler(self, name: str) -> torch.amp.GradScaler:
@@ -122,11 +133,15 @@ class LoopContext:
         """Backward of the mean loss over grad_accum micro-batches of this process's batch; gradients are
         synchronised across processes on the last micro-batch only. micro_loss(rows) -> scalar loss of those
         rows. Returns the loss averaged over micro-batches and processes."""
+        from .fsdp import is_sharded
+        sharded = [n for n in nets if is_sharded(n)]
         nets = [n for n in nets if isinstance(n, DistributedDataParallel)]
         loss_sum = torch.zeros((), device=self.device)
         for m in range(self.grad_accum):
             rows = slice(m * self.micro, (m + 1) * self.micro)
             last = m == self.grad_accum - 1
+            for n in sharded:  # FSDP2: reduce-scatter gradients on the last micro-batch only
+                n.set_requires_gradient_sync(last)
             with ExitStack() as stack:
                 if not last:
                     for n in nets:
@@ -143,7 +158,8 @@ class LoopContext:
         loss or (without loss scaling) the gradient is non-finite. With fp16 an overflow skips the update and
         lowers the scale (the scaler's own policy)."""
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params), grad_clip if grad_clip > 0 else float("inf")))
+        norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip if grad_clip > 0 else float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
         if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled()):
             return None
         scaler.step(optimizer)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..core.objectives import Objective
 from ..core.precond import Preconditioned
 from ..data.order import iterate_batches
-from ..errors import TorchDiffusionError
+from ..errors import EXIT_PREEMPTED as _EXIT_PREEMPTED, TorchDiffusionError
 from ..protocols import Cond
 from ..seeding import linear_step_seed
 from . import checkpoint as ckpt
@@ -51,6 +51,7 @@ class TrainConfig:
     ema_halflife_images: float = 50_000.0  # EDM uses 500k images on CIFAR-10; shorter runs want less
     ema_rampup: Optional[float] = 0.05  # Karras et al. 2022, Appendix F.3
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # several processes: replicate (DDP) or shard (FSDP2, train.fsdp)
     max_minutes: float = 0.0  # stop (and checkpoint) after this much training time; 0 = no limit
     log_every: int = 50
     val_every: int = 500
@@ -94,11 +95,11 @@ class TrainingError(TorchDiffusionError):
     pass
 
 
-#: exit code after a SIGTERM/SIGINT stop that saved a resumable checkpoint (documented in the README)
-EXIT_PREEMPTED = 75
+#: exit code after a SIGTERM/SIGINT stop that saved a resumable checkpoint (the table in errors.py)
+EXIT_PREEMPTED = _EXIT_PREEMPTED
 
 #: config keys that may change between a checkpoint and its resumption (cadence and budgets, not the maths)
-RESUMABLE_CHANGES = ("train.steps", "train.max_minutes", "train.log_every", "train.val_every", "train.sample_every",
+RESUMABLE_CHANGES = ("train.steps", "train.parallel", "train.max_minutes", "train.log_every", "train.val_every", "train.sample_every",
                      "train.ckpt_every", "train.keep_last", "train.nan_policy", "train.max_nan_skips",
                      "train.eval_every", "train.eval_images", "train.eval_metric", "train.eval_patience",
                      "train.eval_sampler", "train.eval_steps", "train.eval_features", "train.eval_reference",
@@ -204,11 +205,12 @@ class Trainer:
                                 f"process(es) x {cfg.grad_accum} accumulation round(s)")
         self.per_rank = per_rank
         self.ctx = LoopContext(seed=seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                               precision=cfg.precision, dist=dist, device=device)
+                               precision=cfg.precision, dist=dist, device=device, parallel=cfg.parallel)
         step.setup(self.ctx)
         self.columns = METRIC_COLUMNS + [c for c in step.metric_columns if c not in METRIC_COLUMNS]
         self.step = 0
         self.nan_skips = 0
+        self.wall_before = 0.0  # training seconds of the runs this one resumed from
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # the diffusion step's parts under their former names (code and tests written before steps existed)
@@ -231,13 +233,22 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
     def _trainer_meta(self) -> dict:
         return {"step": self.step, "nan_skips": self.nan_skips, "images_seen": self.step * self.cfg.batch_size,
+                "wall_s": round(self.wall_s(), 3),
                 **({"best_value": self.best_value, "best_step": self.best_step,
                     "evals_since_best": self.evals_since_best} if self.best_step is not None else {})}
 
+    def wall_s(self) -> float:
+        """Training seconds up to now: those of the runs this one resumed from (the checkpoint's trainer.wall_s)
+        plus this fit's, so the report's training time accumulates across resumes."""
+        t0 = getattr(self, "_t_fit", None)
+        return self.wall_before + (time.perf_counter() - t0 if t0 is not None else 0.0)
+
     def save(self) -> Path | None:
         path = None
+        # a sharded step's state is gathered collectively: every process calls state_dict(), the main one writes
+        state = self.train_step_obj.state_dict() if self.ctx.sharded else None
         if self.dist.is_main:
-            state = self.train_step_obj.state_dict()
+            state = state or self.train_step_obj.state_dict()
             rng_tensors, rng_json = capture_rng({})
             extra = dict(state.meta)
             trainer_meta = {**self._trainer_meta(), **extra.pop("trainer", {})}
@@ -253,6 +264,9 @@ class Trainer:
 
     def restore(self, path: Path, allow_changes: bool = False) -> None:
         c = ckpt.load_checkpoint(path)
+        if "optim" not in c.meta:  # weights only, e.g. a run folder written by `convert-diffusers`
+            raise TrainingError(f"{path}: holds weights only (no optimiser state), so training cannot resume from it; "
+                                f"sample, restore and eval use it as it is")
         changed = [k for k in _diff_configs(self.complete_config(c.meta["config"]), self.resolved_config)
                    if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
         if changed and not allow_changes:
@@ -265,6 +279,7 @@ class Trainer:
         restore_rng(c.tensors.get("rng", {}), c.meta.get("rng"), {})
         self.step = int(c.meta["trainer"]["step"])
         self.nan_skips = int(c.meta["trainer"].get("nan_skips", 0))
+        self.wall_before = float(c.meta["trainer"].get("wall_s", 0.0))  # 0 for checkpoints of earlier releases
         if c.meta["trainer"].get("best_step") is not None:
             self.best_value = float(c.meta["trainer"]["best_value"])
             self.best_step = int(c.meta["trainer"]["best_step"])
@@ -314,6 +329,7 @@ class Trainer:
             self.best_value, self.best_step, self.evals_since_best = value, self.step, 0
         else:
             self.evals_since_best += 1
+        weights = self.train_step_obj.weights() if improved and self.ctx.sharded else None  # collective
         if not self.dist.is_main:
             return
         label = "classifier " if str(scores.get("extractor", "")).startswith("classifier") else ""
@@ -330,7 +346,7 @@ class Trainer:
             best_dir = self.ckpt_dir / "best"
             path = ckpt.save_checkpoint(
                 best_dir, self.step,
-                tensors=self.train_step_obj.weights(),
+                tensors=weights or self.train_step_obj.weights(),
                 meta={"config": self.resolved_config, "eval": entry,
                       "trainer": {"step": self.step, "images_seen": self.step * self.cfg.batch_size},
                       "data_fingerprint": self.data_fingerprint},
@@ -357,9 +373,13 @@ class Trainer:
             log.info(f"training from scratch: {n_params:,} parameters, "
                      f"{len(self.train_set):,} training images, global batch {cfg.batch_size} on "
                      f"{self.dist.world_size} process(es)")
+        if 0 < cfg.steps < cfg.warmup_steps and self.step < cfg.steps:
+            log.info(f"warning: {cfg.steps} steps are fewer than the {cfg.warmup_steps} warm-up steps, so the learning "
+                     f"rate ends at {lr_at(cfg, cfg.steps - 1) / cfg.lr:.0%} of its peak {cfg.lr:g}; lower the "
+                     f"warm-up (train.warmup_steps) or train longer (train.steps)")
         for m in stepper.modules().values():
             m.train()
-        t_start = time.perf_counter()
+        t_start = self._t_fit = time.perf_counter()
         t_last, step_last = t_start, self.step
         stopped, last_ckpt = "done", None
         batches = iterate_batches(self.train_set, self.per_rank, self.seed, self.step,
@@ -390,7 +410,7 @@ class Trainer:
                     self._record_evaluation(scores, log)
                     out_of_patience = 0 < cfg.eval_patience <= self.evals_since_best
                 now = time.perf_counter()
-                row["wall_s"] = round(now - t_start, 3)
+                row["wall_s"] = round(self.wall_before + now - t_start, 3)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     row["images_per_s"] = round((self.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9), 2)
                     log.info(f"step {self.step}/{cfg.steps} {format_metrics(out)} {row['images_per_s']} img/s"
