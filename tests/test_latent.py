@@ -180,7 +180,7 @@ def test_latent_run_end_to_end_sample_restore_report_audit(latent_run, tmp_path)
         assert "dps" in r.output
         rec = json.loads((out / "restore.json").read_text())
         assert rec["method"] == "dps" and rec["count"] == 2
-        assert Image.open(out / "restored" / "000000.png").size == (32, 32)
+        assert Image.open(out / "restored" / "0.png").size == (32, 32)
     r = invoke(["restore", "--run", latent_run, "--task", "inpaint", "--method", "repaint", "--input", inputs,
                 "--outdir", tmp_path / "no", "--steps", "2"], expect=2)
     assert "valid: dps" in r.output and len(r.output.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
