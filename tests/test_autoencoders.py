@@ -306,3 +306,17 @@ def test_classifier_perceptual_is_zero_on_equal_images_and_passes_gradients():
     assert d.shape == (2,) and (d > 0).all() and torch.allclose(p(x, x), torch.zeros(2))
     d.sum().backward()
     assert float(y.grad.abs().sum()) > 0 and all(q.grad is None for q in clf.parameters())
+
+
+def test_channels_last_is_the_same_model():
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    for cls, cfg in ((KLAutoencoder, KLConfig), (VQAutoencoder, VQConfig)):
+        torch.manual_seed(0)
+        a = cls(cfg(**TINY), 1).eval()
+        torch.manual_seed(0)
+        b = cls(cfg(**TINY, channels_last=True), 1).eval()
+        assert b.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        ya = a.decode(a.encode(x).mode()) if a.kind == "kl" else a(x)[0]
+        yb = b.decode(b.encode(x).mode()) if b.kind == "kl" else b(x)[0]
+        assert torch.allclose(ya, yb, atol=1e-5)
+        b.load_state_dict(a.state_dict())  # checkpoints are layout-free

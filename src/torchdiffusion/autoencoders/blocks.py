@@ -74,9 +74,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # (B, HW, C) each
-        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2).contiguous()  # (B, 3, 1, HW, C)
+        out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, 1, HW, C)
+        return x + self.proj(out.squeeze(1).transpose(-1, -2).reshape(b, c, h, w))
 
 
 class Downsample(nn.Module):

@@ -11,7 +11,7 @@ KL-VAE (LDM's LPIPSWithDiscriminator with its log-variance fixed at 0):
 VQGAN (Esser et al. 2021's VQLPIPSWithDiscriminator):
     L_rec = mean over all elements of |x - x_hat| + perceptual_weight * mean_b P_b    (a per-element mean)
     L_ae  = L_rec + codebook_weight * L_vq + lambda * L_G  (L_vq: vq.VectorQuantizer's codebook + beta commitment)
-lambda is discriminator.adaptive_weight (0 before the discriminator's start step); "l2" replaces |.| by (.)^2.
+lambda is discriminator.adaptive_weight (0 before gan_start, which defaults to the discriminator's start step); "l2" replaces |.| by (.)^2.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ class AELossConfig:
     codebook_weight: float = 1.0  # Esser et al. 2021
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     disc_start: int = 50001  # LDM's KL configs; short CPU runs start much earlier
+    gan_start: Optional[int] = None  # the generator's adversarial term from here (default disc_start, as LDM); a
+    # later step gives the discriminator a head start, so a random D does not push the decoder around in short runs
     disc_weight: float = 0.5  # LDM KL: 0.5 (VQ-f4: 0.75)
     disc_factor: float = 1.0
     disc_lr: Optional[float] = None  # default: train.lr
@@ -49,6 +51,14 @@ class AELossConfig:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.disc_start < 0:
             raise ValueError(f"loss.disc_start must be >= 0, got {self.disc_start}")
+        if self.gan_start is not None and self.gan_start < self.disc_start:
+            raise ValueError(f"loss.gan_start ({self.gan_start}) must be >= loss.disc_start ({self.disc_start}): the "
+                             f"generator cannot be judged by a discriminator that has not started")
+
+    @property
+    def generator_start(self) -> int:
+        """The first step of the generator's adversarial term (gan_start, else disc_start)."""
+        return self.disc_start if self.gan_start is None else self.gan_start
 
     @property
     def perceptual_label(self) -> str:

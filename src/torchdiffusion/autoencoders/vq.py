@@ -48,8 +48,9 @@ class VQConfig:
     ema_decay: float = 0.99  # van den Oord et al. 2017, Appendix A.1
     restart_every: int = 200  # training forward passes between dead-code restarts; 0 = never
     mid_attn: bool = True
-    norm_groups: int = 32
+    norm_groups: int = 32  # GroupNorm groups (fewer where a width is not a multiple)
     dropout: float = 0.0
+    channels_last: bool = False  # NHWC weights and activations (faster convolutions on CPUs; same maths)
 
     def __post_init__(self):
         if self.z_channels < 1 or self.n_codes < 2:
@@ -168,15 +169,18 @@ class VQAutoencoder(nn.Module):
                                          cfg.restart_every)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
         self.decoder = Decoder(cfg.z_channels, in_channels, *args)
+        self._format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def encode(self, x: Tensor) -> Tensor:
-        return self.quant_conv(self.encoder(x))
+        return self.quant_conv(self.encoder(x.contiguous(memory_format=self._format)))
 
     def quantize(self, h: Tensor, update: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         return self.quantizer(h, update)
 
     def decode_quantized(self, z_q: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(z_q))
+        return self.decoder(self.post_quant_conv(z_q.contiguous(memory_format=self._format)))
 
     def decode(self, h: Tensor) -> Tensor:
         """Quantise h (never updating the codebook) and decode: the quantiser absorbed in the decoder."""

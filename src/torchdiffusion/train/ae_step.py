@@ -1,12 +1,13 @@
 """The adversarial training step of a first-stage autoencoder (Esser et al. 2021, Sec. 3.2; Rombach et al. 2022,
 Appendix G): a MultiModelStep (train.multi_step) of two models and two ordered updates per global step k:
 
-    "ae"    (the autoencoder, from step 0)      L_ae = L_rec + reg + [k >= disc_start] lambda disc_factor L_G
+    "ae"    (the autoencoder, from step 0)      L_ae = L_rec + reg + [k >= gan_start] lambda disc_factor L_G
     "disc"  (the PatchGAN, from disc_start)     L_D  = disc_factor * hinge(D(x), D(sg[x_hat]))
 with L_rec, reg (kl_weight * KL or codebook_weight * L_vq) and their reductions as in autoencoders.losses, lambda
-LDM's adaptive weight (autoencoders.discriminator.adaptive_weight) at the decoder's last layer, and x_hat in the
+LDM's adaptive weight (autoencoders.discriminator.adaptive_weight) at the decoder's last layer (gan_start
+defaults to disc_start, as LDM; later gives the discriminator a head start), and x_hat in the
 discriminator update computed again by the just-updated autoencoder under no_grad (detached; a VQ codebook is not
-updated there). Both optimisers are Adam with train.betas ((0.5, 0.9) in the presets, as the reference); the
+updated there). D always sees one batch [x; x_hat] (disc_logits), in both updates. Both optimisers are Adam with train.betas ((0.5, 0.9) in the presets, as the reference); the
 KL posterior sample draws from the update's generator (seeding.mix_seed(seed, k, update, rank)), so both updates
 resume bit-exactly.
 
@@ -48,6 +49,14 @@ def _unwrap(m: nn.Module) -> nn.Module:
     while hasattr(m, "module"):
         m = m.module
     return m
+
+
+def disc_logits(disc: nn.Module, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
+    """D's patch logits of reals and fakes from one pass over [real; fake], so BatchNorm's batch statistics cover
+    both (two separate passes would normalise each set on its own and hide their difference from D). Both
+    updates call D this way, so the generator is judged under the statistics D is trained with."""
+    out = disc(torch.cat([real, fake]))
+    return out[:len(real)], out[len(real):]
 
 
 class AEStep(MultiModelStep):
@@ -92,8 +101,8 @@ def build_ae_step(ae: nn.Module, disc: nn.Module, loss: AELossConfig, *, lr: flo
         rec = rec_fn(x, x_hat, loss.rec, p, loss.perceptual_weight)
         total = rec + reg_weight * reg
         notes = {"ae_rec": float(rec.detach()), "ae_reg": float(reg.detach())}
-        if k >= loss.disc_start and loss.disc_factor > 0:
-            g_loss = hinge_g_loss(nets["disc"](x_hat))
+        if k >= loss.generator_start and loss.disc_factor > 0:
+            g_loss = hinge_g_loss(disc_logits(nets["disc"], x.detach(), x_hat)[1])
             lam = adaptive_weight(rec, g_loss, ae.last_layer, loss.disc_weight, loss.max_adaptive_weight)
             total = total + lam * loss.disc_factor * g_loss
             notes.update(ae_gan=float(g_loss.detach()), ae_lambda=float(lam))
@@ -104,7 +113,7 @@ def build_ae_step(ae: nn.Module, disc: nn.Module, loss: AELossConfig, *, lr: flo
         x = batch["x"]
         with torch.no_grad():
             x_hat = reconstruct(nets["ae"], x, g)[0]
-        return loss.disc_factor * hinge_d_loss(nets["disc"](x.detach()), nets["disc"](x_hat.detach()))
+        return loss.disc_factor * hinge_d_loss(*disc_logits(nets["disc"], x.detach(), x_hat.detach()))
 
     def adam(b):
         return lambda params: torch.optim.Adam(params, betas=b, eps=eps, weight_decay=weight_decay)
