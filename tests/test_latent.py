@@ -126,6 +126,9 @@ def test_stored_scale_is_used_for_other_data_and_on_resume(tmp_path, ae_kl, monk
     # resume from the preset-style config (scale null): the checkpoint's scale is taken, nothing re-estimated
     invoke(train_args(run, ae_kl, ["train.steps=4", "train.ckpt_every=2"]))
     assert calls == [] and stored_codec(run)["scale"] == scale
+    # an explicit other scale on resume is a config change, refused naming the key
+    r = invoke(train_args(run, ae_kl, ["train.steps=6", "train.ckpt_every=2", "model.codec.scale=0.5"]), expect=1)
+    assert "config changed in: model.codec.scale" in r.output
     # another data set's latents have another std: a fresh run would estimate another scale
     other = tmp_path / "other"
     invoke(train_args(other, ae_kl, ["data.kind=fashion-mnist", "data.limit=64"]))

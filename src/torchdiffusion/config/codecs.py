@@ -183,10 +183,11 @@ def prepare_latent_run(cfg, train_set, stored_codec: Optional[dict], *, device: 
     ccfg = dataclasses.replace(ccfg, run=str(Path(ccfg.run).expanduser().resolve()) if ccfg.run else "")
     fs = first_stage(ccfg.run)
     if stored_codec is not None:
-        keep = {k: stored_codec.get(k) for k in ("scale", "shift", "fingerprint")}
-        if ccfg.scale is not None and keep["scale"] is not None and ccfg.scale != keep["scale"]:
-            keep["scale"] = ccfg.scale  # an explicit change: the resume check names model.codec.scale
-        ccfg = dataclasses.replace(ccfg, **{k: v for k, v in keep.items() if v is not None})
+        # what the config leaves unset comes from the checkpoint; an explicit value that differs stays, and the
+        # trainer's resume check then names the changed key
+        keep = {k: stored_codec[k] for k in ("scale", "shift", "fingerprint")
+                if getattr(ccfg, k) in (None, "") and stored_codec.get(k) not in (None, "")}
+        ccfg = dataclasses.replace(ccfg, **keep)
     if not ccfg.fingerprint:
         ccfg = dataclasses.replace(ccfg, fingerprint=fs.fingerprint)
     codec = build_latent_codec(ccfg).to(device)  # fingerprint checked here (resume with another AE: refused)
