@@ -121,11 +121,13 @@ def train_ae(kind: str, work: Path, args, log: Path) -> dict:
         steps = max(20, int(args.ae_minutes * 60 / seconds_per_step(probe) * args.step_margin))
         # the step count makes the run end (with its validation metrics) near the budget; max_minutes caps it
         extra = tiny + [f"train.max_minutes={args.ae_minutes}", f"train.steps={steps}", f"train.ckpt_every={steps}",
-                        f"train.val_every={steps}", f"train.sample_every={steps}"]
+                        f"train.val_every={max(1, steps // 4)}", f"train.sample_every={steps}"]
         t = run(cli("train-ae", "--preset", AE_PRESETS[kind], "--run", str(d), "--no-progress",
                     "--threads", str(args.threads), *sets(extra)), log)
         rows = read_metrics(d)
-        last = {k: float(v) for k, v in rows[-1].items() if v not in ("", None) and k.startswith("val_")}
+        done = [r for r in rows if r.get("val_rec_l1") not in ("", None)]  # the last validation row
+        last = {k: float(v) for k, v in (done[-1] if done else {}).items()
+                if v not in ("", None) and k.startswith("val_")}
         return {"kind": kind, "preset": AE_PRESETS[kind], "run": str(d), "steps": int(rows[-1]["step"]), **t,
                 "cpu_minutes": round(t["cpu_s"] / 60, 3), "recon": last}
     return stage(work / f"ae_{kind}.json", make)

@@ -4,7 +4,8 @@ One safetensors file: tensor "moments" float32 (N, C_m, h, w) (autoencoders/late
 string metadata {format, key, data_fingerprint, codec_fingerprint, kind, count, shape}. key = sha256 over the
 format, the data fingerprint (data.dataset_fingerprint: pixels and labels) and the autoencoder weights'
 fingerprint, so a cache made from other images or another autoencoder never matches: it is recomputed, never
-used (`torchdiffusion encode` rewrites it; training recomputes in memory and leaves the file alone). Files are written atomically (temporary file + rename).
+used (`torchdiffusion encode` rewrites it; training recomputes in memory and leaves the file alone). Files are
+written atomically (temporary file + rename).
 """
 from __future__ import annotations
 
