@@ -16,7 +16,6 @@ b"latent-val".
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from pathlib import Path
 from typing import Optional

@@ -13,7 +13,6 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from ..autoencoders.latent import encode_moments
