@@ -140,7 +140,7 @@ def _datasets() -> dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]]:
         "mnist": (load_mnist, ("split", "channels", "resolution", "path", "cache_dir"), ()),
         "fashion-mnist": (load_fashion_mnist, ("split", "channels", "resolution", "path"), ()),
         "folder": (load_image_folder, ("path", "channels", "resolution", "bad_files", "labels", "alpha_background",
-                                       "min_size", "max_pixels", "max_bytes"), ("path",)),
+                                       "min_size", "max_pixels", "max_bytes", "split", "val_fraction"), ("path",)),
     }
 
 
