@@ -343,3 +343,26 @@ def test_on_a_train_ae_run_the_report_shows_its_reconstruction_metrics(tmp_path)
     invoke(["report", run])
     page = (run / "report" / "index.html").read_text()
     assert "PSNR dB (held-out)" in page and "code usage (held-out)" in page and "first_stage_recon_" in page
+
+
+def test_the_library_pipeline_samples_and_restores_a_latent_run_as_the_commands(latent_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import torchdiffusion
+    pipe = torchdiffusion.load(latent_run)
+    assert pipe.shape == (3, 8, 8) and pipe.data_shape == (1, 32, 32)
+    images = pipe.sample(range(2), steps=2)
+    invoke(["sample", "--run", latent_run, "--seeds", "0-1", "--steps", "2", "--outdir", tmp_path / "s"])
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "s" / f"{i:06d}.png")), images[i, 0].numpy())
+    inputs = write_noise_pngs(tmp_path / "in", 2, (32, 32))
+    invoke(["restore", "--run", latent_run, "--task", "superres", "--method", "dps", "--input", inputs,
+            "--outdir", tmp_path / "r", "--steps", "2"])
+    restored = pipe.restore(inputs, task="superres", method="dps", steps=2)
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "r" / "restored" / f"{i}.png")), restored[i, 0].numpy())
+    with pytest.raises(ConfigError, match="valid: dps"):
+        pipe.restore(inputs, method="replacement", steps=2)
+    z = pipe.encode(images)
+    assert tuple(z.shape) == (2, 3, 8, 8) and tuple(pipe.decode(z).shape) == (2, 1, 32, 32)
