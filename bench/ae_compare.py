@@ -5,10 +5,10 @@ the same FLOPs (counted below, not assumed), trained with the same loss on the s
     PYTHONPATH=src /work/peers-venv/bin/python bench/ae_compare.py [--steps 15] [--quality-steps 0] [--threads 1]
 
 Throughput: training images per CPU-second (process time, so other jobs on a shared machine do not count;
-with one thread it is images/s on an idle core) of one optimiser step (forward, L1 reconstruction + the model's regulariser: KL with
-weight 1e-6 for KL, the codebook/commitment loss for VQ; backward; Adam step), batch 32 of 32x32 grey images, the
-frameworks interleaved round by round; the median round is reported. Ours is also timed with channels_last=True (NHWC
-weights and activations; the same maths).
+with one thread it is images/s on an idle core) of one optimiser step (forward, L1 reconstruction + the model's
+regulariser: KL with weight 1e-6 for KL, the codebook/commitment loss for VQ; backward; Adam step), batch 32 of
+32x32 grey images, the frameworks interleaved round by round; the median round is reported. Ours is also timed
+with channels_last=True (NHWC weights and activations; the same maths).
 With --quality-steps N both are also trained N steps on Fashion-MNIST (same seed, order and lr) and their
 held-out PSNR / SSIM are reported (autoencoders.metrics). Writes bench/results/ae_compare.json.
 """
@@ -165,7 +165,8 @@ def throughput(kind, steps, rounds):
         **{f"{k}_img_per_cpu_s": v for k, v in med.items()},
         "speedup": med["ours"] / med["peer"], "speedup_channels_last": med["ours_channels_last"] / med["peer"],
         "rounds": rates,
-        "ours_flops_per_image": count_flops(m_ours, fwd_ours, x), "peer_flops_per_image": count_flops(m_peer, fwd_peer, x),
+        "ours_flops_per_image": count_flops(m_ours, fwd_ours, x),
+        "peer_flops_per_image": count_flops(m_peer, fwd_peer, x),
         "ours_params": sum(p.numel() for p in m_ours.parameters()),
         "peer_params": sum(p.numel() for p in m_peer.parameters()),
     }
@@ -219,7 +220,8 @@ def main(argv=None):
         result[kind] = r
         print(f"{kind}: ours {r['ours_img_per_cpu_s']:.1f} img/CPU-s (channels_last "
               f"{r['ours_channels_last_img_per_cpu_s']:.1f}), diffusers {r['peer_img_per_cpu_s']:.1f} img/CPU-s "
-              f"({r['speedup']:.2f}x, {r['speedup_channels_last']:.2f}x); FLOPs/image {r['ours_flops_per_image'] / 1e6:.1f}M vs "
+              f"({r['speedup']:.2f}x, {r['speedup_channels_last']:.2f}x); "
+              f"FLOPs/image {r['ours_flops_per_image'] / 1e6:.1f}M vs "
               f"{r['peer_flops_per_image'] / 1e6:.1f}M; params {r['ours_params']:,} vs {r['peer_params']:,}"
               + (f"; PSNR {r['quality']['ours']['psnr']:.2f} vs {r['quality']['peer']['psnr']:.2f}, SSIM "
                  f"{r['quality']['ours']['ssim']:.3f} vs {r['quality']['peer']['ssim']:.3f}" if "quality" in r else ""),

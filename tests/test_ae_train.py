@@ -265,3 +265,14 @@ def test_gan_start_gives_the_discriminator_a_head_start():
     assert "ae_lambda" in step.train_step(x, 2)
     with pytest.raises(ValueError, match="gan_start"):
         AELossConfig(disc_start=3, gan_start=2)
+
+
+def test_train_ae_resumes_from_the_run_folder_alone(kl_run, tmp_path):
+    d = tmp_path / "kl"
+    shutil.copytree(kl_run, d)
+    invoke(["train-ae", "--run", d, "--no-progress", "--threads", "1", "--set", "train.steps=3"])
+    assert ckpt.load_checkpoint(ckpt.resolve_latest(d / "checkpoints")).step == 3
+    assert "resumed from" in (d / "log.txt").read_text()
+    r = invoke(["train-ae", "--run", d, "--no-progress", "--set", "ae.z_channels=4", "--set", "train.steps=4"],
+               expect=1)
+    assert "cannot resume, the config changed in: ae.z_channels" in r.output

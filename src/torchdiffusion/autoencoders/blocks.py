@@ -127,7 +127,8 @@ class Encoder(nn.Module):
             if level < len(widths) - 1:
                 blocks.append(Downsample(c))
             self.down.append(nn.Sequential(*blocks))
-        self.mid = nn.Sequential(ResnetBlock(c, c, groups, dropout), AttnBlock(c, groups) if mid_attn else nn.Identity(),
+        self.mid = nn.Sequential(ResnetBlock(c, c, groups, dropout),
+                                 AttnBlock(c, groups) if mid_attn else nn.Identity(),
                                  ResnetBlock(c, c, groups, dropout))
         self.norm_out = nn.GroupNorm(norm_groups(c, groups), c, eps=1e-6)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
@@ -151,7 +152,8 @@ class Decoder(nn.Module):
         widths = [base_channels * m for m in ch_mult]
         c = widths[-1]
         self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
-        self.mid = nn.Sequential(ResnetBlock(c, c, groups, dropout), AttnBlock(c, groups) if mid_attn else nn.Identity(),
+        self.mid = nn.Sequential(ResnetBlock(c, c, groups, dropout),
+                                 AttnBlock(c, groups) if mid_attn else nn.Identity(),
                                  ResnetBlock(c, c, groups, dropout))
         self.up = nn.ModuleList()
         for level in reversed(range(len(widths))):

@@ -11,7 +11,8 @@ KL-VAE (LDM's LPIPSWithDiscriminator with its log-variance fixed at 0):
 VQGAN (Esser et al. 2021's VQLPIPSWithDiscriminator):
     L_rec = mean over all elements of |x - x_hat| + perceptual_weight * mean_b P_b    (a per-element mean)
     L_ae  = L_rec + codebook_weight * L_vq + lambda * L_G  (L_vq: vq.VectorQuantizer's codebook + beta commitment)
-lambda is discriminator.adaptive_weight (0 before gan_start, which defaults to the discriminator's start step); "l2" replaces |.| by (.)^2.
+lambda is discriminator.adaptive_weight (0 before gan_start, which defaults to the discriminator's start step);
+"l2" replaces |.| by (.)^2.
 """
 from __future__ import annotations
 

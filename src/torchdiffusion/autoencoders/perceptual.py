@@ -89,8 +89,8 @@ class LPIPS(nn.Module):
         want = {k for k in m.state_dict() if k not in ("shift", "scale")}
         missing = sorted(want - set(state))
         if missing:
-            raise ConfigError(f"{where}: missing {len(missing)} LPIPS-VGG16 tensors (e.g. {missing[0]}); the file needs "
-                              f"the VGG16 convolutions and the five linear heads")
+            raise ConfigError(f"{where}: missing {len(missing)} LPIPS-VGG16 tensors (e.g. {missing[0]}); the file "
+                              f"needs the VGG16 convolutions and the five linear heads")
         try:
             m.load_state_dict({k: state[k] for k in want}, strict=False)
         except RuntimeError as e:

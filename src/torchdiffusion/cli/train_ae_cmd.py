@@ -24,7 +24,8 @@ from .common import dist_info, resolve_device, set_threads
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="tqdm bar (default: only on a terminal).")
-@click.option("--until-step", type=int, default=None, help="Stop with a checkpoint at this step; run again to continue.")
+@click.option("--until-step", type=int, default=None,
+              help="Stop with a checkpoint at this step; run again to continue.")
 def train_ae_cmd(preset, overrides, run_dir, resume, allow_config_change, print_config, threads, device, progress,
                  until_step):
     """Train a first-stage autoencoder; running it again on the same run folder resumes."""

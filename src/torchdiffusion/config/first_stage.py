@@ -106,9 +106,9 @@ def load_first_stage(path: Path | str, device: torch.device | str = "cpu") -> Fi
     module.eval().requires_grad_(False).to(device)
     data_shape = tuple(int(s) for s in cfg.data_shape)
     return FirstStage(module=module, kind=kind_name("autoencoder", cfg.ae), data_shape=data_shape,
-                      latent_shape=tuple(module.latent_shape(data_shape)), fingerprint=weights_fingerprint(
-                          c.tensors[group]), config=cfg, checkpoint=cpath, weights="ema" if group == "ema_ae" else "model",
-                      step=int(c.step))
+                      latent_shape=tuple(module.latent_shape(data_shape)),
+                      fingerprint=weights_fingerprint(c.tensors[group]), config=cfg, checkpoint=cpath,
+                      weights="ema" if group == "ema_ae" else "model", step=int(c.step))
 
 
 def reconstruction_metrics(module: nn.Module, x_u8: Tensor, *, extractor=None, batch: int = 64,

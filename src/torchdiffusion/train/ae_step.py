@@ -7,9 +7,9 @@ with L_rec, reg (kl_weight * KL or codebook_weight * L_vq) and their reductions 
 LDM's adaptive weight (autoencoders.discriminator.adaptive_weight) at the decoder's last layer (gan_start
 defaults to disc_start, as LDM; later gives the discriminator a head start), and x_hat in the
 discriminator update computed again by the just-updated autoencoder under no_grad (detached; a VQ codebook is not
-updated there). D always sees one batch [x; x_hat] (disc_logits), in both updates. Both optimisers are Adam with train.betas ((0.5, 0.9) in the presets, as the reference); the
-KL posterior sample draws from the update's generator (seeding.mix_seed(seed, k, update, rank)), so both updates
-resume bit-exactly.
+updated there). D always sees one batch [x; x_hat] (disc_logits), in both updates. Both optimisers are Adam with
+train.betas ((0.5, 0.9) in the presets, as the reference); the KL posterior sample draws from the update's
+generator (seeding.mix_seed(seed, k, update, rank)), so both updates resume bit-exactly.
 
 Metrics per step: ae_/disc_ loss, grad_norm, lr (multi_step) and ae_rec, ae_reg, ae_gan, ae_lambda (the terms of
 L_ae, averaged over micro-batches; empty before they apply). Validation (held-out images): val_rec_l1 (mean |x -
