@@ -92,6 +92,11 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
     if len(dataset) < count:
         raise ConfigError(f"--n {count}: split '{split}' has only {len(dataset)} images")
     x_all = dataset.x[:count]
+    if run.sample_shape != run.image_shape:
+        from ..config.registry import kind_name
+        raise ConfigError(f"likelihood gives bits/dim of pixels; this model diffuses in the latent space of "
+                          f"model.codec.kind={kind_name('codec', cfg.model.codec)} (shape {run.sample_shape}), whose "
+                          f"density is not one of images; use a pixel-space run")
     if x_all.shape[1:] != run.sample_shape:
         raise ConfigError(f"split '{split}' images have shape {tuple(x_all.shape[1:])} but the model takes "
                           f"{run.sample_shape}")

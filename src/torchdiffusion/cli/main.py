@@ -77,6 +77,7 @@ def cli(ctx, debug):
 #: every command: (module of cli/, its click command or group). A new command is one module plus one line here.
 COMMANDS = (
     ("train_cmd", "train"),
+    ("train_ae_cmd", "train_ae_cmd"),
     ("sample_cmd", "sample"),
     ("env_cmd", "data"),
     ("env_cmd", "env"),
@@ -91,6 +92,7 @@ COMMANDS = (
     ("list_cmd", "list_cmd"),
     ("interop_cmd", "convert_diffusers_cmd"),
     ("interop_cmd", "export_diffusers_cmd"),
+    ("encode_cmd", "encode_cmd"),
 )
 for _module, _name in COMMANDS:
     _command = getattr(importlib.import_module(f".{_module}", __package__), _name)

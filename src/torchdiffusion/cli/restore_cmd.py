@@ -22,6 +22,8 @@ METHOD_OPTIONS = {  # method -> restore-function options this command passes on
     "ilvr": ("sigma_stop",), "mcg": ("scale", "prior_std"), "dps": ("scale", "prior_std"),
     "repaint": ("jump", "resample"), "reconstruction": ("weight",),
 }
+#: methods that work on a latent-space model (A o decode is not linear: no projection, only the DPS gradient)
+LATENT_METHODS = ("dps",)
 
 
 @click.command("restore")
@@ -99,12 +101,15 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     dev = resolve_device(device, 0)
     run = load_run(run_dir, ckpt_path, weights, dev)
     model = run.model
-    if run.sample_shape != run.image_shape:
+    from ..pipelines.generate import codec_decoder
+    decode = codec_decoder(run.codec)
+    if decode is not None and method not in LATENT_METHODS:
         from ..config.registry import kind_name
-        raise ConfigError(f"restore measures and solves in pixel space; this model diffuses in the latent space of "
-                          f"model.codec.kind={kind_name('codec', run.config.model.codec)} (shape "
-                          f"{run.sample_shape} for images {run.image_shape}); use a pixel-space run")
-    c, h, w = run.sample_shape
+        raise ConfigError(f"--method {method} works in pixel space; this model diffuses in the latent space of "
+                          f"model.codec.kind={kind_name('codec', run.config.model.codec)} (shape {run.sample_shape} "
+                          f"for images {run.image_shape}), where restore runs through the decoder; valid: "
+                          f"{', '.join(LATENT_METHODS)}")
+    c, h, w = run.image_shape
     if not input_dir.exists():
         raise DataError(f"--input {input_dir}: no such folder or ZIP file")
     data = load_image_folder(input_dir, channels="L" if c == 1 else "RGB")
@@ -148,7 +153,8 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
 
     with progress_for(len(images), "restore") as progress:
         result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=method_options,
-                                device=dev, on_batch=write, cond_for=cond_for, progress=progress)
+                                device=dev, on_batch=write, cond_for=cond_for, progress=progress, decode=decode,
+                                latent_shape=run.sample_shape if decode is not None else None)
     k = min(len(images), 16)
     shown = to_uint8(measurement_image(op, result.measurement[:k], (c, h, w)))
     rows = torch.cat([shown, to_uint8(result.restored[:k]), images[:k]])

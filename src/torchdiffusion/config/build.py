@@ -43,7 +43,11 @@ def diffusion_shape(cfg: ModelConfig) -> tuple[int, ...]:
 
 def build_codec(cfg):
     from .registry import kind_entry, kind_name
-    return kind_entry("codec", kind_name("codec", cfg)).build(cfg)
+    entry = kind_entry("codec", kind_name("codec", cfg))
+    if entry.build is None:  # kl / vq: a first-stage run folder, loaded by config.codecs (the registry cannot
+        from .codecs import build_latent_codec  # import the run loaders without an import circle)
+        return build_latent_codec(cfg)
+    return entry.build(cfg)
 
 
 def build_backbone(cfg: ModelConfig, conds: Sequence[CondSpec] = ()):

@@ -262,10 +262,13 @@ class DiffusionPipeline:
         _check_output(output)
         if not isinstance(steps, int) or steps < 1 or not isinstance(batch, int) or batch < 1:
             raise ConfigError(f"steps and batch must be ints >= 1, got {steps!r} and {batch!r}")
-        if self.shape != self.data_shape:
-            raise ConfigError(f"restore measures and solves in pixel space; this model diffuses in a latent space "
-                              f"(shape {self.shape} for images {self.data_shape})")
         method, fn, _ = inverse_method(method)
+        from ..pipelines.generate import codec_decoder
+        decode = codec_decoder(self.codec)
+        if decode is not None and method != "dps":  # A o decode is not linear: only the DPS gradient (docs/latent.md)
+            raise ConfigError(f"method '{method}' works in pixel space; this model diffuses in a latent space (shape "
+                              f"{self.shape} for images {self.data_shape}), where restore runs through the decoder; "
+                              f"valid: dps")
         sampler_fn = sampler_nfe = None
         sampler_kw: dict = {}
         if sampler is not None:
@@ -293,7 +296,8 @@ class DiffusionPipeline:
         try:
             with Progress(len(x), "restore", mode="auto" if progress else "off") as bar:
                 result = restore_images(self.model, x, seed_list, op, noise, fn, sigmas, batch=batch,
-                                        options=method_kw, device=self.device, cond_for=cond_for, progress=bar)
+                                        options=method_kw, device=self.device, cond_for=cond_for, progress=bar,
+                                        decode=decode, latent_shape=self.shape if decode is not None else None)
         except TypeError as e:  # a method option the method does not take
             raise ConfigError(f"method_options for '{method}': {e}") from None
         restored = _as_output(to_uint8(result.restored), output)

@@ -177,7 +177,8 @@ class Kind:
     summary: str = ""
 
 
-KINDS: dict[str, dict[str, Kind]] = {"process": {}, "backbone": {}, "codec": {}, "conditioner": {}}
+KINDS: dict[str, dict[str, Kind]] = {"process": {}, "backbone": {}, "codec": {}, "conditioner": {},
+                                    "autoencoder": {}}
 
 
 def _register(table: str, name: str, config: type, build: Optional[Callable], summary: str) -> None:
@@ -195,6 +196,12 @@ def register_backbone(name: str, config: type, build: Callable, summary: str = "
 def register_codec(name: str, config: type, build: Callable, summary: str = "") -> None:
     """build(cfg) -> a codec module (autoencoders/__init__.py describes the interface)."""
     _register("codec", name, config, build, summary)
+
+
+def register_autoencoder(name: str, config: type, build: Callable, summary: str = "") -> None:
+    """build(cfg, in_channels) -> a first-stage autoencoder (autoencoders.kl / autoencoders.vq): the `ae` section of
+    a `train-ae` run (config.ae_schema)."""
+    _register("autoencoder", name, config, build, summary)
 
 
 def register_conditioner(name: str, config: type, build: Callable, summary: str = "") -> None:
@@ -238,6 +245,8 @@ def kind_name(table: str, config: Any) -> str:
 
 def _register_builtin() -> None:
     from ..autoencoders.identity import IdentityCodec, IdentityCodecConfig
+    from ..autoencoders.kl import KLAutoencoder, KLConfig
+    from ..autoencoders.vq import VQAutoencoder, VQConfig
     from ..conditioners.classlabel import ClassConditioner, ClassConditionerConfig
     from ..nn.diffusers_unet import DiffusersUNet2DConfig, build_diffusers_unet
     from ..nn.dit import DiTConfig, build_dit
@@ -252,6 +261,13 @@ def _register_builtin() -> None:
     register_backbone("diffusers_unet2d", DiffusersUNet2DConfig, build_diffusers_unet,
                       "diffusers' UNet2DModel layout (DDPM U-Net), for folders loaded by config.interop")
     register_codec("identity", IdentityCodecConfig, IdentityCodec, "pixel space: [0, 255] -> [-1, 1]")
+    from ..autoencoders.latent import KLCodecConfig, VQCodecConfig
+    # built by config.build.build_codec through config.codecs (it loads the autoencoder's run folder)
+    _register("codec", "kl", KLCodecConfig, None, "latent space of a KL-VAE run (train-ae), scaled")
+    _register("codec", "vq", VQCodecConfig, None,
+              "pre-quantisation latent space of a VQ autoencoder run (train-ae); the decoder quantises")
+    register_autoencoder("kl", KLConfig, KLAutoencoder, "KL-regularised autoencoder (Rombach et al. 2022)")
+    register_autoencoder("vq", VQConfig, VQAutoencoder, "vector-quantised autoencoder, VQGAN (Esser et al. 2021)")
     register_conditioner("class", ClassConditionerConfig, ClassConditioner,
                          "class label with dropout to the null label (classifier-free guidance)")
 

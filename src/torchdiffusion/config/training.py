@@ -58,6 +58,7 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
 
     from .build import build_codec, build_conditioning, build_data, build_objective, build_run_model, \
         build_sampler, build_sigmas, diffusion_shape, resolve_for_data
+    from .codecs import LatentEncoder, is_latent, prepare_latent_run, write_codec_record
     from .strict import to_dict
     from ..data import dataset_fingerprint
     from ..pipelines.generate import codec_decoder, generate, make_grid, save_png
@@ -90,8 +91,17 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
         if not resume_from.exists():
             raise CheckpointError(f"{resume_from}: --resume checkpoint does not exist; training does not silently "
                                   f"start fresh (use --resume none to start a new run)")
+    encode_batch, loop_set = None, train_set
+    if is_latent(model_cfg.codec):  # scale, shift and fingerprint: estimated now, or the resumed run's
+        stored = None
+        if resume_from is not None:
+            stored = (ckpt.load_checkpoint(resume_from).meta.get("config") or {}).get("model", {}).get("codec")
+        cfg, codec, loop_set = prepare_latent_run(cfg, train_set, stored, device=device, is_main=info.is_main)
+        model_cfg = cfg.model
+        encode_batch = LatentEncoder(codec, cfg.seed, cfg.train.batch_size, info.rank, info.world_size, device)
+    else:
+        codec = build_codec(model_cfg.codec).to(device)
     model = build_run_model(cfg)
-    codec = build_codec(model_cfg.codec).to(device)
     decode = codec_decoder(codec)
     objective = build_objective(cfg.objective, model_cfg)
     resolved = to_dict(cfg)
@@ -101,6 +111,8 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
         tmp.replace(run_dir / "config.yaml")
+        if is_latent(model_cfg.codec):
+            write_codec_record(run_dir, model_cfg)
 
     sampler = build_sampler(cfg.sample)
     sigmas = build_sigmas(cfg.sample, model.process)
@@ -117,9 +129,9 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
     distributed.init(info, device)
     try:
         evaluator = build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for, decode=decode)
-        trainer = Trainer(cfg.train, model=model, objective=objective, train_set=train_set, val_set=val_set,
+        trainer = Trainer(cfg.train, model=model, objective=objective, train_set=loop_set, val_set=val_set,
                           run_dir=run_dir, seed=cfg.seed, resolved_config=resolved, make_cond=make_cond,
-                          encode=codec.encode,
+                          encode=codec.encode, encode_batch=encode_batch,
                           data_fingerprint=dataset_fingerprint(train_set), sample_grid=sample_grid, dist=info,
                           device=device, should_stop=should_stop, progress=progress,
                           until_step=until_step, evaluator=evaluator,

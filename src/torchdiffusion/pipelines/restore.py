@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..core.grids import karras
 from ..errors import ConfigError
+from ..inverse.decoded import DecodedOperator
 from ..inverse.measurement import Measurement
 from ..inverse.methods import SAMPLER_METHODS
 from ..inverse.operators import (AvgPoolDown, BicubicDown, Colorize, GaussianBlur, GaussianNoise, Inpaint,
@@ -84,11 +85,17 @@ def restore_images(denoiser: Denoiser, images: Tensor, seeds: Sequence[int], op:
                    device: torch.device = torch.device("cpu"),
                    on_batch: Callable[[Sequence[int], Tensor, Tensor], None] | None = None,
                    cond_for: Callable[[Sequence[int]], dict] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> Restoration:
+                   progress: Callable[[int, int], None] | None = None,
+                   decode: Callable[[Tensor], Tensor] | None = None,
+                   latent_shape: Sequence[int] | None = None) -> Restoration:
     """Measure `images` (N, C, H, W, model range) with op + Gaussian noise and restore them with `method`
     (an inverse.methods.restore_* function) on `sigmas`; one seed per image. cond_for(seeds): the denoiser's
     condition of a chunk (None: unconditional). progress(done, total): after each batch
-    (pipelines.progress.Progress)."""
+    (pipelines.progress.Progress).
+
+    A latent model (decode: its codec's decoder, latent_shape (C', h, w)): the solver walks in the latent space
+    against the measurement operator A o decode (inverse.decoded; DPS only) and the restoration is decoded; y is
+    measured from the pixels as for a pixel model."""
     if len(seeds) != len(images):
         raise ConfigError(f"{len(seeds)} seeds for {len(images)} images; give one seed per image")
     noise_model = GaussianNoise(noise_std)
@@ -100,14 +107,21 @@ def restore_images(denoiser: Denoiser, images: Tensor, seeds: Sequence[int], op:
         x0 = images[start:start + batch].to(device)
         gens = seed_generators(chunk)
         y = noise_model(op(x0), gens)
-        meas = Measurement(op, y, tuple(x0.shape), noise_std)
-        noise = randn(tuple(x0.shape), gens).to(device)
+        if decode is None:
+            meas, walk_shape = Measurement(op, y, tuple(x0.shape), noise_std), tuple(x0.shape)
+        else:
+            walk_shape = (len(chunk), *(int(s) for s in latent_shape))
+            meas = Measurement(DecodedOperator(op, decode), y, walk_shape, noise_std)
+        noise = randn(walk_shape, gens).to(device)
         cond = cond_for(chunk) if cond_for is not None else None
         x = method(denoiser, meas, noise, sigmas, cond=cond, generator=gens, **(options or {}))
         x = x.detach()
+        if decode is not None:
+            with torch.no_grad():
+                x = decode(x).clamp(-1, 1)
         outs.append(x.cpu())
         ys.append(y.cpu())
-        errs.append(meas.error(x).cpu())
+        errs.append(Measurement(op, y, tuple(x0.shape), noise_std).error(x).cpu())
         if on_batch is not None:
             on_batch(chunk, x.cpu(), y.cpu())
         if progress is not None:

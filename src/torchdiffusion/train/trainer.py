@@ -108,7 +108,8 @@ RESUMABLE_CHANGES = ("train.steps", "train.parallel", "train.max_minutes", "trai
                      "train.ckpt_every", "train.keep_last", "train.nan_policy", "train.max_nan_skips",
                      "train.eval_every", "train.eval_images", "train.eval_metric", "train.eval_patience",
                      "train.eval_sampler", "train.eval_steps", "train.eval_features", "train.eval_reference",
-                     "train.eval_reference_images", "train.eval_kid_subsets", "sample.")
+                     "train.eval_reference_images", "train.eval_kid_subsets", "sample.",
+                     "model.codec.cache")  # a latent cache holds what encoding on the fly computes
 
 
 class Evaluator(Protocol):
@@ -172,6 +173,7 @@ class Trainer:
                  step: TrainStep | None = None,
                  make_cond: Callable[[dict, Optional[int]], Cond] | None = None,
                  encode: Callable[[Tensor], Tensor] | None = None,
+                 encode_batch: Callable[[dict, Optional[int]], Tensor] | None = None,
                  sample_grid: Callable[[nn.Module, int], None] | None = None,
                  dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"),
                  should_stop: Callable[[], bool] | None = None, progress: bool | None = None,
@@ -183,6 +185,7 @@ class Trainer:
                 raise TrainingError("Trainer needs a training step, or a model and an objective for the diffusion step")
             from .diffusion_step import DiffusionStep
             step = DiffusionStep.from_config(cfg, model, objective, make_cond=make_cond, val_set=val_set,
+                                             encode_batch=encode_batch,
                                              **({} if encode is None else {"encode": encode}))
         elif model is not None or objective is not None:
             raise TrainingError("Trainer takes either a step or a model and an objective, not both")
