@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .common import resolve_device, set_threads
+from .common import progress_for, quiet_option, resolve_device, set_threads
 
 FEATURE_CHOICES = ("auto", "inception", "classifier", "random-conv", "none")
 
@@ -62,10 +62,12 @@ def _data_sets(run_cfg, data: str | None, train_dir: Path | None, heldout_dir: P
     held_split = heldout_split or d.val_split
     if not held_split:
         raise ConfigError("the run's data has no held-out split (data.val_split is null); give --heldout-dir DIR "
-                          "(images the model never saw), or --heldout-split for a data set with splits")
+                          "(images the model never saw), or --heldout-split for a data set with splits"
+                          + (" (a folder run holds out files when trained with data.val_fraction)"
+                             if d.kind == "folder" else ""))
     train = build_data(d)
     held = build_data(d, held_split)
-    if d.kind != "folder" and d.limit is not None:
+    if d.limit is not None:
         # build_data limits every split alike; held-out images need not be few
         from dataclasses import replace
         held = build_data(replace(d, limit=None), held_split)
@@ -143,6 +145,7 @@ def _extractors(kind: str, feature_weights, classifier, channels: int, batch: in
 @click.option("--batch", type=int, default=64, show_default=True, help="Sampling and feature batch size.")
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
+@quiet_option
 def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, heldout_split, n, seed0, sampler, steps,
               weights, n_heldout, feature_kind, feature_weights, classifier, feature_train_limit, ratio_threshold,
               heldout_quantile, val_tolerance, rows, out, cache_dir, batch, threads, device):
@@ -189,8 +192,10 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
         cond_for = (lambda chunk: {"label": torch.tensor([s % k for s in chunk], device=dev)}) if k > 0 else None
         _echo(f"audit: generating {n} samples ({scfg.sampler}, {scfg.steps} steps) from {run.path}")
         tg = time.perf_counter()
-        samples = generate(run.model, seeds, run.sample_shape, fn, sigmas, batch=batch, cond_for=cond_for, device=dev,
-                           decode=codec_decoder(run.codec))
+        with progress_for(n, "audit: sample") as progress:
+            samples = generate(run.model, seeds, run.sample_shape, fn, sigmas, batch=batch, cond_for=cond_for,
+                               device=dev, decode=codec_decoder(run.codec),
+                               on_batch=lambda chunk, images: progress.update(len(chunk)))
         record["source"] = {"run": str(run_dir) if run_dir else None, "checkpoint": str(run.path), "step": run.step,
                             "weights": weights, "checkpoint_sha256": run.hashes(), "sampler": scfg.sampler,
                             "steps": scfg.steps, "grid": scfg.grid, "seeds": f"{seed0}-{seed0 + n - 1}",
@@ -289,7 +294,7 @@ def _train_features(extractor, images: torch.Tensor, name: str, source: str, cac
     if isinstance(extractor, FeatureExtractor):
         from ..eval import cached_reference
         ref, path, hit = cached_reference(images, extractor, source=f"audit-{source}[:{len(images)}]",
-                                          cache_dir=cache_dir)
+                                          cache_dir=cache_dir, progress=progress_for(None, f"audit: {name} features"))
         _echo(f"audit: training features {'from cache' if hit else 'computed and cached'}: {path}")
         return np.asarray(ref.features, dtype=np.float64)
     return batched_features(extractor, images)

@@ -1,16 +1,16 @@
 """Helpers every command shares: the process's place in a torchrun job, CPU threads, the device, the integer-list
-syntax of --seeds and --labels, the sampler a run samples with after its command-line overrides, and the
-feature network of --feature-weights / --classifier.
+syntax of --seeds and --labels (class names too), the sampler a run samples with after its command-line
+overrides, the feature network of --feature-weights / --classifier, and progress on stderr (--quiet).
 
 A leaf of the cli package: it imports no command module, so commands import it and never each other.
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import click
 import torch
 
 from ..errors import ConfigError
@@ -50,17 +50,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def parse_int_ranges(text: str) -> list[int]:
     """'0-63', '3', '0,5,9', '0-4,9': ranges and single integers separated by commas, in order; ValueError on
     anything else (a descending range included). Empty parts are ignored, so the result may be empty."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            a, b = (int(v) for v in part.split("-", 1))
-            if b < a:
-                raise ValueError(part)
-            out.extend(range(a, b + 1))
-        elif part:
-            out.append(int(part))
-    return out
+    from ..pipelines.settings import int_ranges  # one parser for the commands and the library
+    return int_ranges(text)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -76,18 +67,42 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_labels(text: Optional[str]) -> Optional[list[int]]:
-    """'0-9' | '3' | '0,5,7' | '0-4,9' -> labels (None stays None); whether they are classes of the model is
-    checked where the number of classes is known (pipelines.guided)."""
+def _names_line(class_names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(class_names[:limit]) + (f", ... ({len(class_names)} in all)" if len(class_names) > limit else "")
+    return f"{shown} (or labels 0..{len(class_names) - 1})"
+
+
+def parse_labels(text: Optional[str], class_names: Sequence[str] = ()) -> Optional[list[int]]:
+    """'0-9' | '3' | '0,5,7' | '0-4,9' | 'circle,square' -> labels (None stays None). With the run's class names
+    (data.class_names) a comma-separated part that is a class name (exactly, else ignoring case) is its label;
+    other parts are integers or ranges. Whether integers are classes of the model is checked where the number
+    of classes is known (pipelines.guided)."""
     if text is None:
         return None
-    try:
-        out = parse_int_ranges(text)
-    except ValueError:
-        raise ConfigError(f"--labels {text!r} is not valid; use a label (3), a range (0-9), a list (0,5,7) "
-                          f"or both") from None
+    names = [str(c) for c in class_names]
+    if names == [str(k) for k in range(len(names))]:
+        names = []  # the names are the integers themselves (MNIST's digits): nothing to add
+    exact = {c: k for k, c in enumerate(names)}
+    folded: dict[str, int] = {}
+    for k, c in enumerate(names):
+        folded.setdefault(c.casefold(), k)
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part in exact or part.casefold() in folded:
+            out.append(exact.get(part, folded.get(part.casefold())))
+            continue
+        try:
+            out.extend(parse_int_ranges(part))
+        except ValueError:
+            if names:
+                raise ConfigError(f"--labels: {part!r} is not a class of this run; valid: {_names_line(names)}") from None
+            raise ConfigError(f"--labels {text!r} is not valid; use a label (3), a range (0-9), a list (0,5,7) "
+                              f"or both") from None
     if not out:
-        raise ConfigError("--labels is empty; use e.g. 0-9")
+        raise ConfigError("--labels is empty; use e.g. 0-9" + (f" or class names: {_names_line(names)}" if names else ""))
     return out
 
 
@@ -95,15 +110,8 @@ def parse_labels(text: Optional[str]) -> Optional[list[int]]:
 def build_run_sampler(scfg, sampler_opts: Sequence[str] = ()) -> tuple[Callable, dict, Optional[int]]:
     """(sampler, its --sampler-opt options, NFE per image or None where only a count can tell) of a sample
     config (pipelines.settings.override_sample has applied the command's flags to it)."""
-    from ..config.build import build_sampler
-    from ..config.registry import SAMPLERS
-    from ..config.sampler_options import parse_sampler_options
-
-    fn = build_sampler(scfg)
-    options = parse_sampler_options(scfg.sampler, fn, sampler_opts)
-    if options:
-        fn = functools.partial(fn, **options)
-    return fn, options, SAMPLERS[scfg.sampler][1](scfg.steps)
+    from ..config.sampler_options import build_run_sampler as build  # shared with the library's pipeline
+    return build(scfg, sampler_opts)
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -123,3 +131,24 @@ def make_extractor(feature_weights, classifier, batch: int, device):
                                   sha256=file_sha256(weights) if weights.is_file() else "")
     from ..eval import InceptionFeatures
     return InceptionFeatures(feature_weights, batch_size=batch, device=device, option="--feature-weights PATH")
+
+
+# ------------------------------------------------------------------------------------------- progress
+def _remember_quiet(ctx: click.Context, param, value: bool) -> None:
+    ctx.meta["torchdiffusion.quiet"] = bool(value)
+
+
+def quiet_option(f):
+    """--quiet for a command with long work: no progress bar or progress lines (progress_for reads it)."""
+    return click.option("--quiet", is_flag=True, expose_value=False, callback=_remember_quiet,
+                        help="No progress bar or progress lines on stderr.")(f)
+
+
+def progress_for(total: Optional[int], what: str, unit: str = "images", *, off: bool = False):
+    """pipelines.progress.Progress of the running command on stderr: a tqdm bar on a terminal, else a line every
+    30 s with an ETA; nothing with --quiet (quiet_option) or `off` (e.g. a torchrun process other than the
+    main one)."""
+    from ..pipelines.progress import Progress, progress_mode
+    ctx = click.get_current_context(silent=True)
+    quiet = off or bool(ctx is not None and ctx.meta.get("torchdiffusion.quiet"))
+    return Progress(total, what, unit, mode=progress_mode(quiet))

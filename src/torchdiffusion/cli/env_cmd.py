@@ -1,4 +1,5 @@
-"""`torchdiffusion env` (versions, threads, devices, what is installed) and `torchdiffusion data check`."""
+"""`torchdiffusion env` (versions, threads, devices, what is installed), `torchdiffusion data check` and
+`torchdiffusion data prepare` (pipelines.prepare)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import torch
 # --------------------------------------------------------------------------------------------- data
 @click.group()
 def data():
-    """Inspect data sets."""
+    """Inspect and prepare data sets."""
 
 
 @data.command("check")
@@ -26,6 +27,29 @@ def data_check(path, min_size):
     report = check(path, min_size=min_size)
     for line in report.lines():
         click.echo(line)
+
+
+@data.command("prepare")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The ZIP file to write (DATASET.zip).")
+@click.option("--resolution", type=int, required=True, help="Every image becomes N x N pixels.")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None,
+              help="1 (gray) or 3 (RGB); default: 1 if every image is gray, else 3.")
+@click.option("--crop", type=click.Choice(["center", "none"]), default="center", show_default=True,
+              help="center: the largest centred square, then resized; none: the whole image resized (squeezed).")
+@click.option("--labels", type=click.Choice(["auto", "folder", "json", "none"]), default="auto", show_default=True,
+              help="folder: first-level subfolder names; json: the source's dataset.json; auto: json if there is "
+                   "one, else folder if every image lies in a subfolder, else none.")
+@click.option("--bad-files", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
+              help="skip: leave bad files out (counted); error: stop at the first one.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new archive is complete).")
+def data_prepare(src, out, resolution, channels, crop, labels, bad_files, overwrite):
+    """Resize, crop and convert the images of a folder or ZIP into a ZIP of PNGs with a dataset.json of labels
+    (EDM's dataset_tool layout); train on it with --set data.path=OUT --set data.labels=json."""
+    from ..pipelines.prepare import prepare_dataset
+    result = prepare_dataset(src, out, resolution=resolution, channels=int(channels) if channels else None,
+                             crop=crop, labels=labels, bad_files=bad_files, overwrite=overwrite)
+    click.echo(result.one_line())
 
 
 # --------------------------------------------------------------------------------------------- env

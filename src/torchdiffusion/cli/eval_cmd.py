@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..pipelines.images import IMAGE_EXT, load_sample_folder
-from .common import make_extractor, resolve_device, set_threads
+from .common import make_extractor, progress_for, quiet_option, resolve_device, set_threads
 
 DATASETS = ("mnist", "fashion-mnist")
 
@@ -62,12 +62,8 @@ def load_real_images(spec: str, split: str | None = None, limit: int | None = No
 
 
 def _progress(what: str):
-    t0 = time.perf_counter()
-
-    def report(done: int, total: int) -> None:
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        _echo_err(f"  {what}: {done}/{total} images, {rate:.1f} img/s")
-    return report
+    """progress(done, total) of feature extraction: a bar on a terminal, else lines with an ETA (cli.common)."""
+    return progress_for(None, what)
 
 
 def real_side(real: str, split=None, limit=None) -> dict:
@@ -108,6 +104,7 @@ def _common(f):
         click.option("--batch", type=int, default=50, show_default=True, help="Feature network batch size."),
         click.option("--threads", type=int, default=None, help="torch CPU threads."),
         click.option("--device", default="auto", show_default=True),
+        quiet_option,
     ]
     for o in reversed(opts):
         f = o(f)

@@ -83,9 +83,10 @@ def eval_cond_cmd(run_dir, ckpt_path, strategy, label, n, seed, reference_split,
     if label is not None and not 0 <= label < k:
         raise ConfigError(f"--label {label} is not a class of this model; valid: 0..{k - 1}")
     train_set = build_data(cfg.data)
-    split = reference_split or cfg.data.val_split or "test"
-    if cfg.data.kind == "folder":
-        raise ConfigError("eval-cond needs held-out labelled images; a folder run has no held-out split")
+    split = reference_split or cfg.data.val_split or ("test" if cfg.data.kind != "folder" else None)
+    if split is None:
+        raise ConfigError("eval-cond needs held-out labelled images; this folder run holds none out (data.val_split "
+                          "is null): train with data.val_fraction, or give --reference train")
     ref_set = build_data(dataclasses.replace(cfg.data, limit=None), split)
     ref_x, ref_y = ref_set.x, ref_set.label.numpy()
     if reference_limit is not None:

@@ -18,7 +18,7 @@ import click
 import torch
 
 from ..errors import ConfigError
-from .common import resolve_device, set_threads
+from .common import progress_for, quiet_option, resolve_device, set_threads
 
 ESTIMATORS = ("ode", "vlb", "auto")
 
@@ -31,7 +31,9 @@ ESTIMATORS = ("ode", "vlb", "auto")
               help="ode: probability-flow ODE; vlb: variational bound (vp_discrete, vdm); auto: vlb where the model "
                    "has one, else ode.")
 @click.option("--n", "count", type=int, default=64, show_default=True, help="Number of images (the split's first N).")
-@click.option("--split", default="test", show_default=True, help="Data split of the run's data set (train, val, test).")
+@click.option("--split", default=None,
+              help="Data split of the run's data set (train, val, test; default: test, or for an image folder the "
+                   "run's held-out data.val_split).")
 @click.option("--hutchinson", type=int, default=1, show_default=True,
               help="ode: Hutchinson probes per image; 0 = exact divergence (one backward pass per dimension).")
 @click.option("--probe", type=click.Choice(["rademacher", "gaussian"]), default="rademacher", show_default=True)
@@ -50,6 +52,7 @@ ESTIMATORS = ("ode", "vlb", "auto")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write a JSON record here.")
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
+@quiet_option
 def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, rtol, atol, method, sigma_min,
                sigma_max, vlb_timesteps, seed, batch, weights, out, threads, device):
     """Bits/dim of the first N images of a split: mean and standard error."""
@@ -79,21 +82,31 @@ def likelihood(run_dir, ckpt_path, estimator, count, split, hutchinson, probe, r
     s_max = sigma_max if sigma_max is not None else process.sigma_max
     if not (0 < s_min < s_max):
         raise ConfigError(f"need 0 < --sigma-min < --sigma-max, got {s_min}, {s_max}")
+    if split is None:
+        split = "test" if cfg.data.kind != "folder" else cfg.data.val_split
+        if not split:
+            raise ConfigError("this folder run holds no images out (it was trained without data.val_fraction); "
+                              "score its training images with split 'train' (--split train), or train with "
+                              "data.val_fraction (e.g. 0.05) to hold some out")
     dataset = build_data(cfg.data, split)
     if len(dataset) < count:
         raise ConfigError(f"--n {count}: split '{split}' has only {len(dataset)} images")
     x_all = dataset.x[:count]
+    if run.sample_shape != run.image_shape:
+        from ..config.registry import kind_name
+        raise ConfigError(f"likelihood gives bits/dim of pixels; this model diffuses in the latent space of "
+                          f"model.codec.kind={kind_name('codec', cfg.model.codec)} (shape {run.sample_shape}), whose "
+                          f"density is not one of images; use a pixel-space run")
     if x_all.shape[1:] != run.sample_shape:
         raise ConfigError(f"split '{split}' images have shape {tuple(x_all.shape[1:])} but the model takes "
                           f"{run.sample_shape}")
     labels = dataset.label[:count] if run.num_classes > 0 else None  # the likelihood of an image given its label
 
-    def progress(done, total, seconds):
-        click.echo(f"{done}/{total} images, {seconds:.1f} s", err=True)
-
-    res = evaluate_bpd(model, x_all, labels, estimator=estimator, seed=seed, batch=batch, device=dev, sigma_min=s_min,
-                       sigma_max=s_max, hutchinson=hutchinson, probe=probe, rtol=rtol, atol=atol, method=method,
-                       vlb_timesteps=vlb_timesteps, progress=progress)
+    with progress_for(count, f"likelihood ({estimator})") as bar:
+        res = evaluate_bpd(model, x_all, labels, estimator=estimator, seed=seed, batch=batch, device=dev,
+                           sigma_min=s_min, sigma_max=s_max, hutchinson=hutchinson, probe=probe, rtol=rtol, atol=atol,
+                           method=method, vlb_timesteps=vlb_timesteps,
+                           progress=lambda done, total, seconds: bar(done, total))
     bpd, mean, se, seconds = res.bpd, res.mean, res.stderr, res.seconds
     if not math.isfinite(mean):
         raise ConfigError("the likelihood is not finite; check the model (NaN weights?) and --sigma-min")

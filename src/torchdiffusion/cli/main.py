@@ -55,9 +55,10 @@ class _Group(click.Group):
         except (torch.OutOfMemoryError, MemoryError):
             if _debug(ctx):
                 raise
-            click.echo("error: out of memory; lower train.batch_size (with train.grad_accum to keep the global batch), "
-                       "the model size, or --batch when sampling; the last checkpoint is intact", err=True)
-            sys.exit(EXIT_REFUSED)
+            click.echo("error: out of memory; lower --batch (sample, restore, eval, audit, likelihood) or, when "
+                       "training, train.batch_size (with train.grad_accum to keep the global batch), "
+                       "train.precision=bf16 or the model size; files already written are intact", err=True)
+            sys.exit(EXIT_REFUSED)  # RELIABILITY 24: one line with the knobs
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -91,6 +92,7 @@ COMMANDS = (
     ("list_cmd", "list_cmd"),
     ("interop_cmd", "convert_diffusers_cmd"),
     ("interop_cmd", "export_diffusers_cmd"),
+    ("encode_cmd", "encode_cmd"),
 )
 for _module, _name in COMMANDS:
     _command = getattr(importlib.import_module(f".{_module}", __package__), _name)

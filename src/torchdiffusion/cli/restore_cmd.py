@@ -16,11 +16,14 @@ import click
 import torch
 
 from ..errors import ConfigError, DataError
+from .common import progress_for, quiet_option
 
 METHOD_OPTIONS = {  # method -> restore-function options this command passes on
     "ilvr": ("sigma_stop",), "mcg": ("scale", "prior_std"), "dps": ("scale", "prior_std"),
     "repaint": ("jump", "resample"), "reconstruction": ("weight",),
 }
+#: methods that work on a latent-space model (A o decode is not linear: no projection, only the DPS gradient)
+LATENT_METHODS = ("dps",)
 
 
 @click.command("restore")
@@ -66,6 +69,7 @@ METHOD_OPTIONS = {  # method -> restore-function options this command passes on
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
+@quiet_option
 def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, input_dir, outdir, mask, half, missing,
                 scale, down, blur_sigma, noise_std, steps, sigma_start, seeds, limit, batch, dps_scale, prior_std, jump,
                 resample, weight, sigma_stop, weights, threads, device, labels=None):
@@ -97,12 +101,15 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     dev = resolve_device(device, 0)
     run = load_run(run_dir, ckpt_path, weights, dev)
     model = run.model
-    if run.sample_shape != run.image_shape:
+    from ..pipelines.generate import codec_decoder
+    decode = codec_decoder(run.codec)
+    if decode is not None and method not in LATENT_METHODS:
         from ..config.registry import kind_name
-        raise ConfigError(f"restore measures and solves in pixel space; this model diffuses in the latent space of "
-                          f"model.codec.kind={kind_name('codec', run.config.model.codec)} (shape "
-                          f"{run.sample_shape} for images {run.image_shape}); use a pixel-space run")
-    c, h, w = run.sample_shape
+        raise ConfigError(f"--method {method} works in pixel space; this model diffuses in the latent space of "
+                          f"model.codec.kind={kind_name('codec', run.config.model.codec)} (shape {run.sample_shape} "
+                          f"for images {run.image_shape}), where restore runs through the decoder; valid: "
+                          f"{', '.join(LATENT_METHODS)}")
+    c, h, w = run.image_shape
     if not input_dir.exists():
         raise DataError(f"--input {input_dir}: no such folder or ZIP file")
     data = load_image_folder(input_dir, channels="L" if c == 1 else "RGB")
@@ -144,8 +151,10 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
                 save_png(img, outdir / sub / name)
             done[0] += 1
 
-    result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=method_options,
-                            device=dev, on_batch=write, cond_for=cond_for)
+    with progress_for(len(images), "restore") as progress:
+        result = restore_images(model, x, seed_list, op, noise_std, fn, sigmas, batch=batch, options=method_options,
+                                device=dev, on_batch=write, cond_for=cond_for, progress=progress, decode=decode,
+                                latent_shape=run.sample_shape if decode is not None else None)
     k = min(len(images), 16)
     shown = to_uint8(measurement_image(op, result.measurement[:k], (c, h, w)))
     rows = torch.cat([shown, to_uint8(result.restored[:k]), images[:k]])
@@ -175,36 +184,7 @@ def output_names(inputs: list[str]) -> list[str]:
 
 
 def restore_condition(run, labels, n: int, device):
-    """(condition, labels per image or None, cond_for of restore_images) of a run for n images.
-
-    condition: "none" (an unconditional model), "labels" (--labels: one label for all or one per image) or "null"
-    (no --labels: the null condition, valid where a class condition was trained with label dropout)."""
-    conditioning = run.conditioning
-    k = run.num_classes
-    if labels is not None and not k:
-        raise ConfigError("--labels needs a class-conditional model; this model has no class condition")
-    if not conditioning:
-        return "none", None, None
+    """pipelines.restore.restore_condition for a loaded run (its conditioners, classes and label dropout)."""
+    from ..pipelines.restore import restore_condition as condition
     label_cfg = run.config.cond.get("label")
-    if labels is None:
-        if k and not getattr(label_cfg, "p_uncond", 0) > 0:
-            raise ConfigError(f"this model is class-conditional ({k} classes) and was trained without label dropout "
-                              f"(cond.label.p_uncond=0), so it has no null label; give --labels (one label, e.g. 3, "
-                              f"or one per image)")
-
-        def null_cond(chunk):
-            return {key: v.to(device) for key, v in conditioning.null(conditioning.for_sampling(chunk)).items()}
-        return "null", None, null_cond
-    bad = [v for v in labels if not 0 <= v < k]
-    if bad:
-        raise ConfigError(f"--labels {bad[0]} is out of range; this model has {k} classes (valid: 0-{k - 1})")
-    if len(labels) not in (1, n):
-        raise ConfigError(f"--labels gives {len(labels)} labels for {n} images; give one label or one per image")
-    per_image = labels * n if len(labels) == 1 else list(labels)
-    pos = [0]
-
-    def label_cond(chunk):
-        part = per_image[pos[0]:pos[0] + len(chunk)]
-        pos[0] += len(chunk)
-        return {key: v.to(device) for key, v in conditioning.for_sampling(chunk, {"label": part}).items()}
-    return "labels", per_image, label_cond
+    return condition(run.conditioning, run.num_classes, getattr(label_cfg, "p_uncond", 0), labels, n, device)

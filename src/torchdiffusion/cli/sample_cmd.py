@@ -8,14 +8,15 @@ from typing import Optional, Sequence
 import click
 
 from ..errors import ConfigError
-from .common import build_run_sampler, dist_info, parse_labels, parse_seeds, resolve_device, set_threads
+from .common import (build_run_sampler, dist_info, parse_labels, parse_seeds, progress_for, quiet_option,
+                     resolve_device, set_threads)
 
 
 # --------------------------------------------------------------------------------------------- guidance options
 _SAMPLE_OPTIONS = [
     click.option("--labels", default=None,
-                 help="Class labels, cycled over the seeds: 0-9, 3 or 0,5,7 (default for a class-conditional "
-                      "model: 0..K-1)."),
+                 help="Class labels, cycled over the seeds: 0-9, 3, 0,5,7 or the run's class names (circle,square) "
+                      "(default for a class-conditional model: 0..K-1)."),
     click.option("--guidance-scale", type=float, default=None,
                  help="Classifier-free guidance scale w: D_u + w (D_c - D_u); 1 = conditional, 0 = unconditional."),
     click.option("--guidance-interval", default=None, metavar="LO,HI",
@@ -64,7 +65,10 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
     from ..pipelines.guided import GuidedSampling
 
     interval = parse_interval(guidance_interval)
-    label_list = parse_labels(labels)
+    names = tuple(getattr(run.config.data, "class_names", ()))  # the run's classes by name (data.class_names)
+    if len(names) != (run.num_classes or (len(names) if classifier_run is not None else -1)):
+        names = ()  # the names are those of the model's classes (or of a classifier trained on the run's data)
+    label_list = parse_labels(labels, names)
     classifier = load_classifier(classifier_run, device=device) if classifier_run is not None else None
     judge_run = reject_classifier or classifier_run
     judge = None
@@ -104,6 +108,7 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
+@quiet_option
 @guidance_options  # --labels, --guidance-scale/-interval, --classifier(-scale), --reject* (above)
 def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
            device, grid_file=None, **guidance):
@@ -130,9 +135,10 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
     sigmas = build_sigmas(scfg, run.model.process)
     counter = CountingDenoiser(run.model) if nfe is None else None  # adaptive samplers: measure the NFE
     guided = guided_sampling(run, counter or run.model, seed_list, dev, world_size=info.world_size, **guidance)
-    record = sample_run(run, guided, seed_list, outdir, sample_config=scfg, sampler=fn, sampler_options=options,
-                        sigmas=sigmas, nfe=nfe, seeds_text=seeds, batch=batch, rank=info.rank,
-                        world_size=info.world_size, device=dev, counter=counter)
+    with progress_for(len(seed_list[info.rank::info.world_size]), "sample", off=not info.is_main) as progress:
+        record = sample_run(run, guided, seed_list, outdir, sample_config=scfg, sampler=fn, sampler_options=options,
+                            sigmas=sigmas, nfe=nfe, seeds_text=seeds, batch=batch, rank=info.rank,
+                            world_size=info.world_size, device=dev, counter=counter, progress=progress)
     if info.is_main:
         click.echo(f"wrote {len(seed_list)} images to {outdir} in {record['seconds']:.1f} s "
                    f"({scfg.sampler}, {scfg.steps} steps, {record['nfe']} NFE)")

@@ -15,6 +15,7 @@ from ..core.precond import LearnedVariance, Preconditioned, Preconditioner
 from ..core.vdm import VDM, VDMModel
 from ..core.processes import VPDiscrete
 from ..data import ImageArrayDataset, open_dataset
+from ..data.folder import FOLDER_SPLITS
 from ..errors import ConfigError
 from ..conditioners.base import Conditioning
 from ..protocols import BackboneIO, CondSpec
@@ -42,7 +43,11 @@ def diffusion_shape(cfg: ModelConfig) -> tuple[int, ...]:
 
 def build_codec(cfg):
     from .registry import kind_entry, kind_name
-    return kind_entry("codec", kind_name("codec", cfg)).build(cfg)
+    entry = kind_entry("codec", kind_name("codec", cfg))
+    if entry.build is None:  # kl / vq: a first-stage run folder, loaded by config.codecs (the registry cannot
+        from .codecs import build_latent_codec  # import the run loaders without an import circle)
+        return build_latent_codec(cfg)
+    return entry.build(cfg)
 
 
 def build_backbone(cfg: ModelConfig, conds: Sequence[CondSpec] = ()):
@@ -89,7 +94,8 @@ def build_run_model(cfg: RunConfig, precision: Optional[str] = None) -> Precondi
 
 def resolve_for_data(cfg: RunConfig, dataset, where: str = "data") -> RunConfig:
     """The config with what the data decide filled in, checked (RELIABILITY 21: before the first forward pass, in
-    one line): model.data_shape from the images, each class conditioner's num_classes from the labels."""
+    one line): model.data_shape from the images, each class conditioner's num_classes from the labels, and
+    data.class_names from the data's class names (so `--labels` can name classes)."""
     shape = (int(dataset.channels), *(int(s) for s in dataset.image_size))
     if cfg.model.data_shape and tuple(cfg.model.data_shape) != shape:
         raise ConfigError(f"{where} images are {'x'.join(map(str, shape[1:]))} with {shape[0]} channel(s) but "
@@ -108,7 +114,8 @@ def resolve_for_data(cfg: RunConfig, dataset, where: str = "data") -> RunConfig:
             ccfg = dataclasses.replace(ccfg, num_classes=k)
         cond[key] = ccfg
     model = dataclasses.replace(cfg.model, data_shape=shape)
-    out = dataclasses.replace(cfg, model=model, cond=cond)
+    data = dataclasses.replace(cfg.data, class_names=tuple(str(c) for c in dataset.class_names))
+    out = dataclasses.replace(cfg, model=model, cond=cond, data=data)
     with torch.random.fork_rng(devices=[]):  # a backbone that cannot take the shape fails here; the trial build
         build_backbone(out.model, build_conditioning(out.cond).specs)  # leaves the global RNG (the init) alone
     return out
@@ -153,16 +160,19 @@ def build_dataset(kind: str, **options):
 
 def build_data(cfg: DataConfig, split: str | None = None):
     options = dict(split=split or cfg.split, path=cfg.path, channels=cfg.channels, resolution=cfg.resolution,
-                   bad_files=cfg.bad_files, labels=cfg.labels)
+                   bad_files=cfg.bad_files, labels=cfg.labels, val_fraction=cfg.val_fraction)
     valid = DATASETS[cfg.kind][1] if cfg.kind in DATASETS else ()
-    if cfg.kind == "folder":
-        if split not in (None, cfg.split):
-            if split == cfg.val_split:  # the config asked for it
-                raise ConfigError(f"data.val_split={split!r}: an image folder has no held-out split; set "
-                                  f"data.val_split=null (the folder preset does)")
-            raise ConfigError(f"split {split!r}: an image folder has no held-out split, only its images (split "
-                              f"{cfg.split!r}); ask for split {cfg.split!r} instead")
-        options.pop("split")
+    if cfg.val_fraction is not None and "val_fraction" not in valid:
+        raise ConfigError(f"data.val_fraction applies to image folders; data.kind={cfg.kind} has fixed splits "
+                          f"(set data.val_fraction=null and choose data.val_split)")
+    if cfg.kind == "folder" and options["split"] not in FOLDER_SPLITS:
+        raise ConfigError(f"split {options['split']!r}: an image folder has the splits train, train+val and, with "
+                          f"data.val_fraction, val; ask for split 'train' (its training images) instead")
+    if cfg.kind == "folder" and options["split"] == "val" and not cfg.val_fraction:
+        raise ConfigError(f"data.{'val_split' if split else 'split'}='val': an image folder holds out images only "
+                          f"with data.val_fraction (e.g. 0.05: that share of the files, chosen by a hash of each "
+                          f"file's path); set it, or "
+                          + ("set data.val_split=null for no validation loss" if split else "data.split=train"))
     dataset = build_dataset(cfg.kind, **{k: v for k, v in options.items() if k in valid})
     if cfg.limit is not None:
         if cfg.limit < 1:

@@ -55,7 +55,9 @@ class LoadedRun:
 
     @property
     def codec(self):
-        return build_codec(self.config.model.codec)
+        """The run's codec on the model's device (a latent codec's autoencoder decodes where the samples are)."""
+        p = next(self.model.parameters(), None)
+        return build_codec(self.config.model.codec).to(p.device if p is not None else "cpu")
 
     def hashes(self) -> dict[str, str]:
         return {k: v["sha256"] for k, v in self.checkpoint.manifest["files"].items() if k.endswith(".safetensors")}

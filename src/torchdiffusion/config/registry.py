@@ -140,7 +140,7 @@ def _datasets() -> dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]]:
         "mnist": (load_mnist, ("split", "channels", "resolution", "path", "cache_dir"), ()),
         "fashion-mnist": (load_fashion_mnist, ("split", "channels", "resolution", "path"), ()),
         "folder": (load_image_folder, ("path", "channels", "resolution", "bad_files", "labels", "alpha_background",
-                                       "min_size", "max_pixels", "max_bytes"), ("path",)),
+                                       "min_size", "max_pixels", "max_bytes", "split", "val_fraction"), ("path",)),
     }
 
 
@@ -261,6 +261,11 @@ def _register_builtin() -> None:
     register_backbone("diffusers_unet2d", DiffusersUNet2DConfig, build_diffusers_unet,
                       "diffusers' UNet2DModel layout (DDPM U-Net), for folders loaded by config.interop")
     register_codec("identity", IdentityCodecConfig, IdentityCodec, "pixel space: [0, 255] -> [-1, 1]")
+    from ..autoencoders.latent import KLCodecConfig, VQCodecConfig
+    # built by config.build.build_codec through config.codecs (it loads the autoencoder's run folder)
+    _register("codec", "kl", KLCodecConfig, None, "latent space of a KL-VAE run (train-ae), scaled")
+    _register("codec", "vq", VQCodecConfig, None,
+              "pre-quantisation latent space of a VQ autoencoder run (train-ae); the decoder quantises")
     register_autoencoder("kl", KLConfig, KLAutoencoder, "KL-regularised autoencoder (Rombach et al. 2022)")
     register_autoencoder("vq", VQConfig, VQAutoencoder, "vector-quantised autoencoder, VQGAN (Esser et al. 2021)")
     register_conditioner("class", ClassConditionerConfig, ClassConditioner,

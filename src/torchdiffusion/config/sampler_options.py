@@ -81,6 +81,20 @@ def parse_sampler_options(name: str, fn: Callable, pairs: Sequence[str]) -> dict
     return out
 
 
+def build_run_sampler(scfg, pairs: Sequence[str] = ()) -> tuple[Callable, dict[str, Any], Any]:
+    """(sampler, its parsed options, NFE per image or None where only a count can tell) of a sample config (the
+    `sample` command's overrides applied, pipelines.settings.override_sample) and KEY=VALUE option strings: what
+    `sample` and the library's pipeline (config.pipeline) sample with."""
+    from .build import build_sampler
+    from .registry import SAMPLERS
+
+    fn = build_sampler(scfg)
+    options = parse_sampler_options(scfg.sampler, fn, pairs)
+    if options:
+        fn = functools.partial(fn, **options)
+    return fn, options, SAMPLERS[scfg.sampler][1](scfg.steps)
+
+
 class CountingDenoiser:
     """Wraps a denoiser and counts evaluations per batch row: `nfe_per_row` = rows evaluated / rows sampled.
     For samplers whose NFE is not known in advance (dpm_adaptive)."""

@@ -52,13 +52,19 @@ class ObjectiveConfig:
 class DataConfig:
     kind: str = "mnist"  # a data set kind of registry.DATASETS: mnist, fashion-mnist, folder
     path: Optional[str] = None  # folder or ZIP of images (kind=folder)
-    split: str = "train"  # mnist / fashion-mnist: train (50k), val (10k), test (10k), train+val
+    split: str = "train"  # mnist / fashion-mnist: train (50k), val (10k), test (10k), train+val; folder: train,
+    #   val, train+val (the held-out share is val_fraction)
     val_split: Optional[str] = "val"  # held-out images for the validation loss (null: none)
+    val_fraction: Optional[float] = None  # folder: share of files held out as split val, chosen by a hash of each
+    #   file's relative path (adding files moves no other file); null: none held out
     channels: Literal["auto", "L", "RGB", "RGBA"] = "L"  # folder: auto keeps what the files are
     limit: Optional[int] = None  # use only the first N images of each split (small-data experiments, tests)
     resolution: Optional[int] = None  # resize/center-crop folder images; pad MNIST-like 28x28 to this size
     bad_files: Literal["skip", "error"] = "error"  # folder: skip bad files (counted) or fail before step 0
-    labels: Literal["none", "folder"] = "none"  # folder: class labels from first-level subfolder names
+    labels: Literal["none", "folder", "json"] = "none"  # folder: class labels from first-level subfolder names,
+    #   or json: from the dataset.json of EDM's dataset_tool layout (what `torchdiffusion data prepare` writes)
+    class_names: tuple[str, ...] = ()  # names of labels 0..K-1, set from the data when training starts (folder:
+    #   the subfolder names); `--labels` accepts them
 
     def __post_init__(self):
         from .registry import DATASETS

@@ -5,7 +5,6 @@ objective, sampler for grids, in-loop evaluation) and hands them to the training
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,14 +16,23 @@ from ..train.trainer import TrainResult
 from .schema import RunConfig
 
 
-def complete_config(cls, stored: dict) -> dict:
+#: keys that training sets from the data (build.resolve_for_data); a checkpoint that predates one takes the value
+#: the data give today (the data fingerprint check still compares the data themselves)
+DATA_DERIVED = (("data", "class_names"),)
+
+
+def complete_config(cls, stored: dict, current: dict | None = None) -> dict:
     """A checkpoint's stored config with today's defaults for the keys it predates (unknown keys: left as stored,
-    so the resume check lists them)."""
+    so the resume check lists them); keys of DATA_DERIVED it predates take their value in `current`."""
     from .strict import from_dict, to_dict
     try:
-        return to_dict(from_dict(cls, stored))
+        out = to_dict(from_dict(cls, stored))
     except ConfigError:
         return stored
+    for section, key in DATA_DERIVED if current else ():
+        if key not in (stored.get(section) or {}) and key in (current.get(section) or {}):
+            out[section][key] = current[section][key]
+    return out
 
 
 def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_changes: bool = False,
@@ -33,12 +41,24 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_ch
     """Train (or resume) the run of a resolved config in run_dir: data, conditioners and codec from the config,
     the model sized from the data, the loop with the diffusion step, training-time grids and in-loop evaluation.
     resume: latest (the folder's newest verified checkpoint, if any), none (a new run: refused if the folder holds
-    checkpoints) or a checkpoint path (must exist). should_stop() is polled at each step boundary (signals)."""
+    checkpoints) or a checkpoint path (must exist). should_stop() is polled at each step boundary (signals).
+    The main process holds the run folder's lock (train.runlock) throughout: a second `train` on the same folder
+    is refused in one line naming the holder's pid."""
+    from ..train.runlock import run_lock
+    with run_lock(run_dir, enabled=dist.is_main):
+        return _train_run(cfg, run_dir, resume=resume, allow_changes=allow_changes, dist=dist, device=device,
+                          progress=progress, until_step=until_step, should_stop=should_stop)
+
+
+def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: bool, dist: DistInfo,
+               device: torch.device, progress: bool | None, until_step: int | None,
+               should_stop: Callable[[], bool] | None) -> TrainResult:
     import yaml
     info = dist
 
     from .build import build_codec, build_conditioning, build_data, build_objective, build_run_model, \
         build_sampler, build_sigmas, diffusion_shape, resolve_for_data
+    from .codecs import LatentEncoder, is_latent, prepare_latent_run, write_codec_record
     from .strict import to_dict
     from ..data import dataset_fingerprint
     from ..pipelines.generate import codec_decoder, generate, make_grid, save_png
@@ -46,6 +66,9 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_ch
     from ..train import distributed
     from ..train.trainer import Trainer
 
+    if cfg.train.tensorboard:
+        from ..train.logger import tensorboard_writer_class
+        tensorboard_writer_class()  # not installed: one line before any data is read
     torch.manual_seed(cfg.seed)
     train_set = build_data(cfg.data)
     val_set = build_data(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
@@ -68,8 +91,17 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_ch
         if not resume_from.exists():
             raise CheckpointError(f"{resume_from}: --resume checkpoint does not exist; training does not silently "
                                   f"start fresh (use --resume none to start a new run)")
+    encode_batch, loop_set = None, train_set
+    if is_latent(model_cfg.codec):  # scale, shift and fingerprint: estimated now, or the resumed run's
+        stored = None
+        if resume_from is not None:
+            stored = (ckpt.load_checkpoint(resume_from).meta.get("config") or {}).get("model", {}).get("codec")
+        cfg, codec, loop_set = prepare_latent_run(cfg, train_set, stored, device=device, is_main=info.is_main)
+        model_cfg = cfg.model
+        encode_batch = LatentEncoder(codec, cfg.seed, cfg.train.batch_size, info.rank, info.world_size, device)
+    else:
+        codec = build_codec(model_cfg.codec).to(device)
     model = build_run_model(cfg)
-    codec = build_codec(model_cfg.codec).to(device)
     decode = codec_decoder(codec)
     objective = build_objective(cfg.objective, model_cfg)
     resolved = to_dict(cfg)
@@ -79,6 +111,8 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_ch
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
         tmp.replace(run_dir / "config.yaml")
+        if is_latent(model_cfg.codec):
+            write_codec_record(run_dir, model_cfg)
 
     sampler = build_sampler(cfg.sample)
     sigmas = build_sigmas(cfg.sample, model.process)
@@ -88,18 +122,20 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_ch
     def sample_grid(ema, step):
         images = generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device, cond_for=cond_for,
                           decode=decode)
-        save_png(make_grid(images), run_dir / "samples" / f"grid_{step:08d}.png")
+        grid = make_grid(images)
+        save_png(grid, run_dir / "samples" / f"grid_{step:08d}.png")
+        return grid  # also a TensorBoard image with train.tensorboard
 
     distributed.init(info, device)
     try:
         evaluator = build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for, decode=decode)
-        trainer = Trainer(cfg.train, model=model, objective=objective, train_set=train_set, val_set=val_set,
+        trainer = Trainer(cfg.train, model=model, objective=objective, train_set=loop_set, val_set=val_set,
                           run_dir=run_dir, seed=cfg.seed, resolved_config=resolved, make_cond=make_cond,
-                          encode=codec.encode,
+                          encode=codec.encode, encode_batch=encode_batch,
                           data_fingerprint=dataset_fingerprint(train_set), sample_grid=sample_grid, dist=info,
                           device=device, should_stop=should_stop, progress=progress,
                           until_step=until_step, evaluator=evaluator,
-                          complete_config=lambda stored: complete_config(type(cfg), stored))
+                          complete_config=lambda stored: complete_config(type(cfg), stored, resolved))
         return trainer.fit(resume_from, allow_changes)
     finally:
         distributed.shutdown(info)
@@ -109,9 +145,9 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     """The train command's in-loop evaluator (None when train.eval_every is 0).
 
     Reference: the first train.eval_reference_images images of train.eval_reference (default the data's
-    val_split, else its training split), cached like `eval ref`; the main process computes a missing
-    cache file first, the others then read it. Samples: train.eval_sampler / eval_steps (default the
-    sample section), one generator per seed like `sample`."""
+    val_split, else its training split; an image folder's training split), cached like `eval ref`; the main
+    process computes a missing cache file first, the others then read it. Samples: train.eval_sampler /
+    eval_steps (default the sample section), one generator per seed like `sample`."""
     from ..eval import InceptionFeatures, InLoopEvaluator, cached_reference
     from .build import build_data, build_sampler, build_sigmas
     from ..pipelines.generate import generate
@@ -127,8 +163,11 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     sampler, sigmas = build_sampler(scfg), build_sigmas(scfg, model.process)
     weights = None if t.eval_features == "inception" else t.eval_features
     extractor = InceptionFeatures(weights, device=device, option="train.eval_features (a local default_1.pt)")
-    split = t.eval_reference or cfg.data.val_split or cfg.data.split
-    real = train_set if (cfg.data.kind == "folder" or split == cfg.data.split) else build_data(cfg.data, split)
+    # an image folder's held-out share (data.val_fraction) is usually too small for reference statistics: its
+    # training split is the default reference there
+    default = cfg.data.split if cfg.data.kind == "folder" else cfg.data.val_split or cfg.data.split
+    split = t.eval_reference or default
+    real = train_set if split == cfg.data.split else build_data(cfg.data, split)
     images = real.x[:t.eval_reference_images] if t.eval_reference_images else real.x
     source = f"{cfg.data.kind}:{split}[:{len(images)}]"
     reference = None
@@ -147,10 +186,7 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
 
 
 def _progress(what: str):
-    import sys
-    t0 = time.perf_counter()
-
-    def report(done: int, total: int) -> None:
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        print(f"  {what}: {done}/{total} images, {rate:.1f} img/s", file=sys.stderr, flush=True)
-    return report
+    """progress(done, total) of the in-loop reference's features (pipelines.progress: a bar on a terminal, else
+    lines with an ETA, on stderr)."""
+    from ..pipelines.progress import Progress
+    return Progress(None, what)

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["Probe", "probe_image", "image_to_array", "BAD_CATEGORIES", "TRAITS",
-           "CHANNEL_POLICIES", "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_SIZE"]
+           "CHANNEL_POLICIES", "CROP_POLICIES", "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_SIZE"]
 
 BAD_CATEGORIES = ("empty", "unreadable", "not-an-image", "decompression-bomb", "truncated", "tiny",
                   "unsupported")
@@ -134,12 +134,20 @@ def _flatten_alpha(img: Image.Image, background: int) -> Image.Image:
     return out.convert("L") if gray else out
 
 
-def _crop_resize(img: Image.Image, resolution: Optional[int]) -> Image.Image:
-    """Centre-crop the largest square, then resize it to resolution x resolution with LANCZOS
-    (the filter EDM's dataset_tool uses; it antialiases when shrinking). None keeps the size."""
+CROP_POLICIES = ("center", "none")
+
+
+def _crop_resize(img: Image.Image, resolution: Optional[int], crop: str = "center") -> Image.Image:
+    """crop="center": centre-crop the largest square, then resize it to resolution x resolution with
+    LANCZOS (the filter EDM's dataset_tool uses; it antialiases when shrinking); crop="none": resize
+    the whole image to resolution x resolution (the aspect ratio changes unless it is square).
+    resolution None keeps the size."""
     if resolution is None:
         return img
     w, h = img.size
+    if crop == "none":
+        return img if (w, h) == (resolution, resolution) else img.resize((resolution, resolution),
+                                                                         Image.Resampling.LANCZOS)
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     if (w, h) != (s, s):
@@ -150,14 +158,17 @@ def _crop_resize(img: Image.Image, resolution: Optional[int]) -> Image.Image:
 
 
 def image_to_array(img: Image.Image, channels: str, resolution: Optional[int] = None,
-                   alpha_background: int = 255) -> np.ndarray:
+                   alpha_background: int = 255, crop: str = "center") -> np.ndarray:
     """Decoded Pillow image -> uint8 (C, H, W).
 
     channels: one of CHANNEL_POLICIES; under "auto" the result is (1, H, W) for a gray source
     and (3, H, W) otherwise (the caller unifies a whole set). EXIF orientation is applied first.
+    crop: one of CROP_POLICIES (see _crop_resize), used when resolution is given.
     """
     if channels not in CHANNEL_POLICIES:
         raise ValueError(f"unknown channels {channels!r}; valid: {', '.join(CHANNEL_POLICIES)}")
+    if crop not in CROP_POLICIES:
+        raise ValueError(f"unknown crop {crop!r}; valid: {', '.join(CROP_POLICIES)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Pillow's "palette with transparency" notice
         if img.getexif().get(0x0112, 1) != 1:  # 0x0112: EXIF Orientation
@@ -173,6 +184,6 @@ def image_to_array(img: Image.Image, channels: str, resolution: Optional[int] = 
                 img = _flatten_alpha(img, alpha_background)
             target = {"L": "L", "RGB": "RGB", "auto": "L" if img.mode == "L" else "RGB"}[channels]
             img = img.convert(target)  # CMYK/YCbCr/LAB -> RGB; RGB -> L uses ITU-R 601-2 luma
-        img = _crop_resize(img, resolution)
+        img = _crop_resize(img, resolution, crop)
     a = np.asarray(img, dtype=np.uint8)
     return a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))

@@ -15,7 +15,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from torchdiffusion.errors import DataError
 
@@ -24,6 +24,7 @@ __all__ = ["IMAGE_EXTENSIONS", "Entry", "Listing", "open_image_source", "MemberT
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_BYTES = 256 << 20  # largest single file read into memory: 256 MiB
+LABEL_FILE = "dataset.json"  # labels at the root, in EDM's dataset_tool layout (read by data.folder)
 
 
 class MemberTooLarge(OSError):
@@ -44,6 +45,7 @@ class Listing:
     root: str
     entries: list[Entry]   # image-extension files, sorted by relpath
     ignored: int           # other files, hidden files, __MACOSX
+    label_file: Optional[bytes] = None  # the bytes of a root-level dataset.json (EDM's label file), if any
 
 
 def _ignored_part(parts: tuple[str, ...]) -> bool:
@@ -60,8 +62,12 @@ def _unsafe_member(name: str) -> bool:
             or ".." in PurePosixPath(n).parts)
 
 
-def _list_folder(root: Path) -> Listing:
+def _list_folder(root: Path, max_bytes: int) -> Listing:
     entries, ignored = [], 0
+    label_file = None
+    lf = root / LABEL_FILE
+    if lf.is_file() and lf.stat().st_size <= max_bytes:
+        label_file = lf.read_bytes()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for f in sorted(filenames):
@@ -76,7 +82,7 @@ def _list_folder(root: Path) -> Listing:
                 size = -1
             entries.append(Entry(rel, size, p.read_bytes))
     entries.sort(key=lambda e: e.relpath)
-    return Listing(str(root), entries, ignored)
+    return Listing(str(root), entries, ignored, label_file)
 
 
 def _list_zip(zf: zipfile.ZipFile, root: str, max_bytes: int) -> Listing:
@@ -86,7 +92,11 @@ def _list_zip(zf: zipfile.ZipFile, root: str, max_bytes: int) -> Listing:
             raise DataError(f"{root}: rejected: member {info.filename!r} is an absolute path or contains "
                             "'..' (it would escape the archive); nothing was read")
     entries, ignored = [], 0
+    label_file = None
     for info in infos:
+        if info.filename == LABEL_FILE and info.file_size <= max_bytes:
+            with zf.open(info) as f:
+                label_file = f.read(max_bytes + 1)
         if info.is_dir():
             continue
         rel = info.filename.replace("\\", "/")
@@ -102,7 +112,7 @@ def _list_zip(zf: zipfile.ZipFile, root: str, max_bytes: int) -> Listing:
             return data
         entries.append(Entry(rel, info.file_size, read))
     entries.sort(key=lambda e: e.relpath)
-    return Listing(root, entries, ignored)
+    return Listing(root, entries, ignored, label_file)
 
 
 @contextlib.contextmanager
@@ -110,7 +120,7 @@ def open_image_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTE
     """Context manager giving the Listing of a folder or a .zip file (kept open while in use)."""
     p = Path(path)
     if p.is_dir():
-        yield _list_folder(p)
+        yield _list_folder(p, max_bytes)
         return
     if not p.exists():
         raise DataError(f"image folder or ZIP not found: {p}")

@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from ..data.convert import to_uint8
+from ..errors import ConfigError
 from ..protocols import Cond, Denoiser
 from ..sampling.noise import randn
 
@@ -73,12 +72,45 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2) -> Tens
 
 def save_png(image: Tensor, path: Path) -> None:
     """uint8 (C, H, W) with C in {1, 3} -> PNG, written atomically (temp file + rename)."""
-    arr = image.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else np.ascontiguousarray(arr))
+    from .images import to_pil
+    pil = to_pil(image)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     pil.save(tmp, format="PNG")
     tmp.replace(path)
+
+
+def save_images(images, path, seeds=None) -> list[Path]:
+    """uint8 (N, C, H, W) (or (C, H, W), or PIL images) -> PNGs. A path ending in an image suffix is one file (a
+    grid when N > 1); anything else is a folder (created) of <seed>.png files, 000000.png ... (seeds default
+    0..N-1), as `sample` names them. Returns the paths written."""
+    from .images import IMAGE_EXT, from_pil
+    if not isinstance(images, torch.Tensor):
+        images = list(images)
+        channels = 1 if images and getattr(images[0], "mode", "") == "L" else 3
+        images = from_pil(images, channels)
+    if images.dtype != torch.uint8:
+        raise ConfigError(f"save() takes uint8 images (0..255), got {images.dtype}")
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ConfigError(f"save() takes (N, C, H, W) images with C = 1 or 3, got {tuple(images.shape)}")
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_EXT:
+        if path.suffix.lower() != ".png":
+            raise ConfigError(f"{path}: save() writes PNG files; name it .png or give a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(images[0] if len(images) == 1 else make_grid(images), path)
+        return [path]
+    seeds = list(range(len(images))) if seeds is None else list(seeds)
+    if len(seeds) != len(images):
+        raise ConfigError(f"{len(seeds)} seeds for {len(images)} images; give one per image")
+    path.mkdir(parents=True, exist_ok=True)
+    out = []
+    for s, im in zip(seeds, images):
+        out.append(path / f"{int(s):06d}.png")
+        save_png(im, out[-1])
+    return out
 
 
 def _is_sample_output(name: str) -> bool:
@@ -113,21 +145,27 @@ def prepare_outdir(outdir: Path, overwrite: bool = False) -> None:
 
 def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_config, sampler: Callable,
                sampler_options: dict, sigmas: Tensor, nfe: int | None, seeds_text: str, batch: int = 16,
-               rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"), counter=None) -> dict:
+               rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"), counter=None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
     """Generate this process's share of `seed_list` (every world_size-th seed from rank) with `guided`
     (pipelines.guided.GuidedSampling) into OUTDIR/<seed>.png; the main process also writes grid.png (one process
     only) and samples.json. Returns the samples.json record.
 
     run: a config.loaders.LoadedRun; nfe: per image, or None for adaptive samplers: then `counter` is the base
     denoiser of `guided`, counting the rows it evaluates (config.sampler_options.CountingDenoiser), and the
-    record gives the measured mean."""
+    record gives the measured mean. progress(done, total): after each batch written (pipelines.progress.Progress)."""
     my_seeds = list(seed_list[rank::world_size])
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
 
+    written = [0]
+
     def write(chunk, images):
         for s, img in zip(chunk, images):
             save_png(img, outdir / f"{s:06d}.png")
+        written[0] += len(chunk)
+        if progress is not None:
+            progress(written[0], len(my_seeds))
 
     t0 = time.perf_counter()
     images = guided.generate(generate, my_seeds, run.sample_shape, sampler, sigmas, batch=batch, device=device,

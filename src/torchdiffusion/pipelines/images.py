@@ -1,5 +1,6 @@
 """Folders of generated images read back: what `sample` wrote (000123.png per seed, grid.png) as one uint8 batch,
-for scoring (eval) and auditing (audit)."""
+for scoring (eval) and auditing (audit); and uint8 batches to and from PIL images (the library's pipeline,
+config.pipeline)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 SEED_NAME = re.compile(r"^(\d+)\.(png|jpg|jpeg|webp|bmp)$", re.IGNORECASE)
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -49,3 +50,27 @@ def load_sample_folder(folder: Path, n: int | None = None, option: str = "--fake
     x = torch.from_numpy(np.stack(arrays))
     return x, {"fake": str(folder), "fake_first": chosen[0].name, "fake_last": chosen[-1].name,
                "fake_shape": list(x.shape[1:])}
+
+
+def to_pil(image: torch.Tensor):
+    """uint8 (C, H, W), C in {1, 3} -> a PIL image (mode L or RGB)."""
+    from PIL import Image
+    arr = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else np.ascontiguousarray(arr))
+
+
+def from_pil(images, channels: int) -> torch.Tensor:
+    """PIL images -> uint8 (N, C, H, W) with C = channels (1: mode L, 3: RGB); all of one size."""
+    from PIL import Image
+    arrays = []
+    for im in images:
+        if not isinstance(im, Image.Image):
+            raise ConfigError(f"images must be a uint8 tensor, PIL images or a folder; got {type(im).__name__}")
+        a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    if not arrays:
+        raise ConfigError("no images given")
+    if len({a.shape for a in arrays}) != 1:
+        raise DataError(f"the images differ in size: {sorted({a.shape for a in arrays})[:3]}")
+    return torch.from_numpy(np.stack(arrays))
+

@@ -208,6 +208,50 @@ def _audit_section(audit_dir: Path, out_dir: Path) -> str:
     return "\n".join(parts)
 
 
+#: reconstruction metrics of an autoencoder run's metrics.csv shown for a latent run (train-ae's validation columns)
+RECON_COLUMNS = (("val_rec_l1", "L1 (held-out)"), ("val_psnr", "PSNR dB (held-out)"), ("val_ssim", "SSIM (held-out)"),
+                 ("val_rfid", "rFID (held-out)"), ("val_code_usage", "code usage (held-out)"),
+                 ("val_code_perplexity", "code perplexity (held-out)"))
+
+
+def _first_stage_section(run_dir: Path, out_dir: Path) -> str:
+    """A latent run's codec (its codec.json, written when training starts): codec run, kind, latent shape, scale,
+    shift, and the autoencoder run's last reconstruction metrics and reconstruction grid where it has them. Empty
+    for a pixel-space run."""
+    path = run_dir / "codec.json"
+    if not path.is_file():
+        return ""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f'<p class="flag">{_esc(path.name)} is not readable JSON.</p>'
+    rows = [("codec kind", rec.get("kind")), ("codec run", rec.get("run")),
+            ("first-stage checkpoint", f"{rec.get('first_stage_checkpoint')} (step {rec.get('first_stage_step')}, "
+                                       f"{rec.get('first_stage_weights')} weights)"),
+            ("weights fingerprint", str(rec.get("fingerprint", ""))[:16]),
+            ("image shape", "x".join(map(str, rec.get("data_shape") or []))),
+            ("latent shape", f"{'x'.join(map(str, rec.get('latent_shape') or []))} (f = {rec.get('downsampling')})"),
+            ("latent scale", rec.get("scale")), ("latent shift", rec.get("shift")),
+            ("scale estimated from", f"the first {rec.get('scale_images')} training images"
+                                     + (" (shift too)" if rec.get("estimate_shift") else "")),
+            ("KL posterior", rec.get("posterior", "-")), ("latent cache", rec.get("cache") or "none (encoded on the fly)")]
+    parts = [_table(rows)]
+    ae_dir = Path(str(rec.get("run") or ""))
+    series = read_metrics(ae_dir / "metrics.csv") if rec.get("run") else {}
+    recon = [(label, f"{_fmt(series[k][-1][1])} (step {series[k][-1][0]})") for k, label in RECON_COLUMNS if k in series]
+    if recon:
+        parts.append("<p>The autoencoder run's last reconstruction metrics:</p>" + _table(recon))
+    else:
+        parts.append('<p class="note">No reconstruction metrics in the autoencoder run (metrics.csv).</p>')
+    grids = sorted((ae_dir / "samples").glob("recon_*.png")) if rec.get("run") and (ae_dir / "samples").is_dir() else []
+    if grids:
+        name = _copy(grids[-1], out_dir, "first_stage_" + grids[-1].name)
+        parts.append(f"<figure>{_img(name, 'held-out images over their reconstructions', 240)}"
+                     f"<figcaption>{_esc(grids[-1].name)}: held-out images over their reconstructions</figcaption>"
+                     f"</figure>")
+    return "\n".join(parts)
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, audit_dir: str | Path | None = None) -> Path:
     """Write out_dir/index.html (default run_dir/report) and the images it shows; returns the HTML path."""
     run_dir = Path(run_dir)
@@ -240,6 +284,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, audit_d
         except (OSError, ValueError):
             rows.append(("eval/best.json", "unreadable"))
     sections.append("<h2>Summary</h2>" + _table(rows))
+
+    # ---- first stage (latent runs)
+    first_stage = _first_stage_section(run_dir, out_dir)
+    if first_stage:
+        sections.append("<h2>First stage (latent diffusion)</h2>" + first_stage)
 
     # ---- grids
     grids = pick_grids(run_dir / "samples")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..core.grids import karras
 from ..errors import ConfigError
+from ..inverse.decoded import DecodedOperator
 from ..inverse.measurement import Measurement
 from ..inverse.methods import SAMPLER_METHODS
 from ..inverse.operators import (AvgPoolDown, BicubicDown, Colorize, GaussianBlur, GaussianNoise, Inpaint,
@@ -83,10 +84,18 @@ def restore_images(denoiser: Denoiser, images: Tensor, seeds: Sequence[int], op:
                    method: Callable, sigmas: Tensor, *, batch: int = 16, options: dict | None = None,
                    device: torch.device = torch.device("cpu"),
                    on_batch: Callable[[Sequence[int], Tensor, Tensor], None] | None = None,
-                   cond_for: Callable[[Sequence[int]], dict] | None = None) -> Restoration:
+                   cond_for: Callable[[Sequence[int]], dict] | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   decode: Callable[[Tensor], Tensor] | None = None,
+                   latent_shape: Sequence[int] | None = None) -> Restoration:
     """Measure `images` (N, C, H, W, model range) with op + Gaussian noise and restore them with `method`
     (an inverse.methods.restore_* function) on `sigmas`; one seed per image. cond_for(seeds): the denoiser's
-    condition of a chunk (None: unconditional)."""
+    condition of a chunk (None: unconditional). progress(done, total): after each batch
+    (pipelines.progress.Progress).
+
+    A latent model (decode: its codec's decoder, latent_shape (C', h, w)): the solver walks in the latent space
+    against the measurement operator A o decode (inverse.decoded; DPS only) and the restoration is decoded; y is
+    measured from the pixels as for a pixel model."""
     if len(seeds) != len(images):
         raise ConfigError(f"{len(seeds)} seeds for {len(images)} images; give one seed per image")
     noise_model = GaussianNoise(noise_std)
@@ -98,16 +107,25 @@ def restore_images(denoiser: Denoiser, images: Tensor, seeds: Sequence[int], op:
         x0 = images[start:start + batch].to(device)
         gens = seed_generators(chunk)
         y = noise_model(op(x0), gens)
-        meas = Measurement(op, y, tuple(x0.shape), noise_std)
-        noise = randn(tuple(x0.shape), gens).to(device)
+        if decode is None:
+            meas, walk_shape = Measurement(op, y, tuple(x0.shape), noise_std), tuple(x0.shape)
+        else:
+            walk_shape = (len(chunk), *(int(s) for s in latent_shape))
+            meas = Measurement(DecodedOperator(op, decode), y, walk_shape, noise_std)
+        noise = randn(walk_shape, gens).to(device)
         cond = cond_for(chunk) if cond_for is not None else None
         x = method(denoiser, meas, noise, sigmas, cond=cond, generator=gens, **(options or {}))
         x = x.detach()
+        if decode is not None:
+            with torch.no_grad():
+                x = decode(x).clamp(-1, 1)
         outs.append(x.cpu())
         ys.append(y.cpu())
-        errs.append(meas.error(x).cpu())
+        errs.append(Measurement(op, y, tuple(x0.shape), noise_std).error(x).cpu())
         if on_batch is not None:
             on_batch(chunk, x.cpu(), y.cpu())
+        if progress is not None:
+            progress(min(start + batch, len(images)), len(images))
     seconds = time.perf_counter() - t0
     return Restoration(torch.cat(outs), torch.cat(ys), torch.cat(errs), seconds)
 
@@ -148,3 +166,39 @@ def measurement_image(op: Operator, y: Tensor, shape: Sequence[int]) -> Tensor:
     if isinstance(op, Inpaint):
         x = torch.where(op.mask.to(x.device).bool().expand_as(x), x, torch.full_like(x, -1.0))
     return x.reshape(-1, *tuple(shape)[-3:]).clamp(-1, 1)
+
+
+def restore_condition(conditioning, num_classes: int, p_uncond: float, labels, n: int, device,
+                      flag: str = "--labels"):
+    """(condition, labels per image or None, cond_for of restore_images) of a model for n images.
+
+    condition: "none" (an unconditional model), "labels" (one label for all images or one per image) or "null"
+    (no labels: the null condition, valid where the class condition was trained with label dropout, p_uncond > 0).
+    flag names the labels in messages (the command's --labels, the API's labels=)."""
+    k = num_classes
+    if labels is not None and not k:
+        raise ConfigError(f"{flag} needs a class-conditional model; this model has no class condition")
+    if not conditioning:
+        return "none", None, None
+    if labels is None:
+        if k and not p_uncond > 0:
+            raise ConfigError(f"this model is class-conditional ({k} classes) and was trained without label dropout "
+                              f"(cond.label.p_uncond=0), so it has no null label; give {flag} (one label, e.g. 3, "
+                              f"or one per image)")
+
+        def null_cond(chunk):
+            return {key: v.to(device) for key, v in conditioning.null(conditioning.for_sampling(chunk)).items()}
+        return "null", None, null_cond
+    bad = [v for v in labels if not 0 <= v < k]
+    if bad:
+        raise ConfigError(f"{flag} {bad[0]} is out of range; this model has {k} classes (valid: 0-{k - 1})")
+    if len(labels) not in (1, n):
+        raise ConfigError(f"{flag} gives {len(labels)} labels for {n} images; give one label or one per image")
+    per_image = labels * n if len(labels) == 1 else list(labels)
+    pos = [0]
+
+    def label_cond(chunk):
+        part = per_image[pos[0]:pos[0] + len(chunk)]
+        pos[0] += len(chunk)
+        return {key: v.to(device) for key, v in conditioning.for_sampling(chunk, {"label": part}).items()}
+    return "labels", per_image, label_cond

@@ -31,6 +31,8 @@ class DiffusionStep:
     """TrainStep of a denoiser (core.precond.Preconditioned) trained with an objective (core.objectives).
 
     encode(pixels) -> x0 maps a batch's "x" to the diffusion space (default to_model_range; a codec's encode).
+    encode_batch(batch, step) -> x0, when given, replaces it and sees the whole batch and the global step (None for
+    validation): a latent codec's cached latents and per-step posterior samples (config.codecs.LatentEncoder).
     make_cond(batch, step) -> cond: step is the global training step (e.g. to seed condition dropout), None for
     validation (the validation loss is the conditional model's: no dropout)."""
 
@@ -40,12 +42,14 @@ class DiffusionStep:
                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, grad_clip: float = 1.0,
                  ema_halflife_images: float = 50_000.0, ema_rampup: Optional[float] = 0.05,
                  make_cond: Callable[[dict, Optional[int]], Cond] | None = None,
-                 encode: Callable[[Tensor], Tensor] = to_model_range, val_set=None, val_images: int = 512):
+                 encode: Callable[[Tensor], Tensor] = to_model_range, val_set=None, val_images: int = 512,
+                 encode_batch: Callable[[dict, Optional[int]], Tensor] | None = None):
         self.model, self.objective, self.schedule = model, objective, schedule
         self.lr, self.betas, self.eps, self.weight_decay, self.grad_clip = lr, betas, eps, weight_decay, grad_clip
         self.ema_halflife_images, self.ema_rampup = ema_halflife_images, ema_rampup
         self.make_cond = make_cond or (lambda batch, step: None)
         self.encode, self.val_set, self.val_images = encode, val_set, val_images
+        self.encode_batch = encode_batch or (lambda batch, step: self.encode(batch["x"]))
         self.ctx: LoopContext | None = None
 
     @classmethod
@@ -94,7 +98,7 @@ class DiffusionStep:
 
     def train_step(self, batch: dict, step: int) -> dict[str, float] | None:
         ctx = self.ctx
-        x0 = self.encode(batch["x"]).to(ctx.device)
+        x0 = self.encode_batch(batch, step).to(ctx.device)
         cond = self.make_cond(batch, step)
         sigma, noise = self.noise(step, tuple(x0.shape))
         set_lr(self.opt, self.schedule(step))
@@ -122,7 +126,7 @@ class DiffusionStep:
         for start in range(0, n, bs):
             idx = torch.arange(start, min(n, start + bs))
             batch = self.val_set.batch(idx)
-            x0 = self.encode(batch["x"]).to(ctx.device)
+            x0 = self.encode_batch(batch, None).to(ctx.device)
             sigma = self.objective.sample_sigma(len(idx), self.model.process, g).to(ctx.device)
             noise = torch.randn(x0.shape, generator=g).to(ctx.device)
             total += float(self.objective.loss(self.ema, x0, self.make_cond(batch, None), sigma=sigma,

@@ -1,6 +1,9 @@
-"""Run-folder logging: log.txt (human), metrics.csv (one row per logged step), progress on a terminal.
+"""Run-folder logging: log.txt (human), metrics.csv (one row per logged step), progress on a terminal, and
+optionally TensorBoard (train.tensorboard: metrics.csv's rows as scalars and the sample grids as images in
+RUN/tensorboard, through torch.utils.tensorboard when the `tensorboard` package is installed).
 
-On a terminal a tqdm bar; otherwise (cluster logs, files) one-line records every `log_every` steps.
+On a terminal a tqdm bar; otherwise (cluster logs, files) one-line records after the first step, every
+`log_every` steps and every `log_seconds` seconds (the trainer decides when).
 """
 from __future__ import annotations
 
@@ -12,30 +15,50 @@ from typing import Any, Mapping
 
 from tqdm import tqdm
 
+from ..errors import ConfigError
+
 METRIC_COLUMNS = ["step", "images", "loss", "grad_norm", "lr", "val_loss", "images_per_s", "wall_s",
                   "fid", "kid", "kid_std"]  # the last three: in-loop evaluation rows only (train.eval_every)
 #: columns that depend on the wall clock; everything else is bit-identical across resume (RELIABILITY 1)
 TIMING_COLUMNS = ("images_per_s", "wall_s")
+TENSORBOARD_INSTALL = "pip install tensorboard (or pip install 'torchdiffusion[tensorboard]')"
+
+
+def tensorboard_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, or a one-line ConfigError saying how to install the package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(f"train.tensorboard=true needs the tensorboard package, which is not installed: "
+                          f"{TENSORBOARD_INSTALL}; or set train.tensorboard=false (metrics.csv has the same "
+                          f"numbers)") from None
+    return SummaryWriter
 
 
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True,
-                 progress: bool | None = None, columns: list[str] | None = None):
-        """columns: metrics.csv's header (default METRIC_COLUMNS; a training step may add its own)."""
+                 progress: bool | None = None, columns: list[str] | None = None, tensorboard: bool = False):
+        """columns: metrics.csv's header (default METRIC_COLUMNS; a training step may add its own). tensorboard:
+        also write the rows and images to run_dir/tensorboard (events after start_step, left by an interrupted
+        run, are purged, as metrics.csv's rows are)."""
         self.enabled = enabled
         self.columns = list(columns or METRIC_COLUMNS)
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.csv"
         self.log_path = run_dir / "log.txt"
         self.bar = None
+        self.writer = None
         if not enabled:
             return
+        writer_class = tensorboard_writer_class() if tensorboard else None  # refuse before anything is written
         run_dir.mkdir(parents=True, exist_ok=True)
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self._truncate_metrics(start_step)
+        if writer_class is not None:
+            self.writer = writer_class(str(run_dir / "tensorboard"), purge_step=start_step + 1)
 
     def _truncate_metrics(self, start_step: int) -> None:
         """On resume, drop rows written after the checkpoint we resume from, so every step has exactly one row."""
@@ -70,6 +93,18 @@ class RunLogger:
             return
         with open(self.metrics_path, "a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(c)) for c in self.columns])
+        if self.writer is not None:
+            step = int(row["step"])
+            for c in self.columns:
+                v = row.get(c)
+                if c != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(c, float(v), step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        """A uint8 (C, H, W) image (a sample grid) at `step`, to TensorBoard when it is on (the PNG is written
+        by the caller)."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="CHW")
 
     def progress(self, step: int, postfix: Mapping[str, Any] | None = None) -> None:
         if self.bar is not None:
@@ -81,6 +116,9 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def _fmt(v: Any) -> str:

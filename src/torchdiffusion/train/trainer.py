@@ -54,6 +54,8 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # several processes: replicate (DDP) or shard (FSDP2, train.fsdp)
     max_minutes: float = 0.0  # stop (and checkpoint) after this much training time; 0 = no limit
     log_every: int = 50
+    log_seconds: float = 30.0  # also a log line when this many seconds passed since the last; 0 = by steps only
+    tensorboard: bool = False  # also write metrics.csv's rows and the sample grids to RUN/tensorboard
     val_every: int = 500
     val_images: int = 512
     sample_every: int = 1000
@@ -80,6 +82,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.log_seconds < 0:
+            raise ValueError(f"train.log_seconds must be >= 0 (0: log by steps only), got {self.log_seconds}")
         for name in ("eval_every", "eval_patience", "eval_reference_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -99,11 +103,13 @@ class TrainingError(TorchDiffusionError):
 EXIT_PREEMPTED = _EXIT_PREEMPTED
 
 #: config keys that may change between a checkpoint and its resumption (cadence and budgets, not the maths)
-RESUMABLE_CHANGES = ("train.steps", "train.parallel", "train.max_minutes", "train.log_every", "train.val_every", "train.sample_every",
+RESUMABLE_CHANGES = ("train.steps", "train.parallel", "train.max_minutes", "train.log_every", "train.log_seconds",
+                     "train.tensorboard", "train.val_every", "train.sample_every",
                      "train.ckpt_every", "train.keep_last", "train.nan_policy", "train.max_nan_skips",
                      "train.eval_every", "train.eval_images", "train.eval_metric", "train.eval_patience",
                      "train.eval_sampler", "train.eval_steps", "train.eval_features", "train.eval_reference",
-                     "train.eval_reference_images", "train.eval_kid_subsets", "sample.")
+                     "train.eval_reference_images", "train.eval_kid_subsets", "sample.",
+                     "model.codec.cache")  # a latent cache holds what encoding on the fly computes
 
 
 class Evaluator(Protocol):
@@ -167,6 +173,7 @@ class Trainer:
                  step: TrainStep | None = None,
                  make_cond: Callable[[dict, Optional[int]], Cond] | None = None,
                  encode: Callable[[Tensor], Tensor] | None = None,
+                 encode_batch: Callable[[dict, Optional[int]], Tensor] | None = None,
                  sample_grid: Callable[[nn.Module, int], None] | None = None,
                  dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"),
                  should_stop: Callable[[], bool] | None = None, progress: bool | None = None,
@@ -178,6 +185,7 @@ class Trainer:
                 raise TrainingError("Trainer needs a training step, or a model and an objective for the diffusion step")
             from .diffusion_step import DiffusionStep
             step = DiffusionStep.from_config(cfg, model, objective, make_cond=make_cond, val_set=val_set,
+                                             encode_batch=encode_batch,
                                              **({} if encode is None else {"encode": encode}))
         elif model is not None or objective is not None:
             raise TrainingError("Trainer takes either a step or a model and an objective, not both")
@@ -355,6 +363,13 @@ class Trainer:
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.replace(eval_dir / "best.json")
 
+    def _sample_grid(self, log: RunLogger) -> None:
+        """sample_grid(ema, step) writes the grid's PNG; a uint8 (C, H, W) grid it returns also goes to the
+        logger's TensorBoard images."""
+        grid = self.sample_grid(self.eval_model, self.step)
+        if isinstance(grid, Tensor):
+            log.image("samples", grid, self.step)
+
     # ----------------------------------------------------------------- the loop
     def fit(self, resume_from: Path | None = None, allow_changes: bool = False) -> TrainResult:
         cfg = self.cfg
@@ -362,7 +377,7 @@ class Trainer:
         if resume_from is not None:
             self.restore(resume_from, allow_changes)
         log = RunLogger(self.run_dir, cfg.steps, self.step, enabled=self.dist.is_main, progress=self.progress,
-                        columns=self.columns)
+                        columns=self.columns, tensorboard=cfg.tensorboard)
         if resume_from is not None:
             log.info(f"resumed from {resume_from} at step {self.step}")
         else:
@@ -377,7 +392,9 @@ class Trainer:
         for m in stepper.modules().values():
             m.train()
         t_start = self._t_fit = time.perf_counter()
-        t_last, step_last = t_start, self.step
+        t_last, step_last = t_start, self.step  # the last log_every row: its images_per_s (metrics.csv)
+        t_line, step_line = t_start, self.step  # the last log line (log.txt): also after the first step and
+        first_step = self.step + 1  # every train.log_seconds, so a slow run shows life early
         stopped, last_ckpt = "done", None
         batches = iterate_batches(self.train_set, self.per_rank, self.seed, self.step,
                                   rank=self.dist.rank, world_size=self.dist.world_size)
@@ -408,17 +425,24 @@ class Trainer:
                     out_of_patience = 0 < cfg.eval_patience <= self.evals_since_best
                 now = time.perf_counter()
                 row["wall_s"] = round(self.wall_before + now - t_start, 3)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                logged_row = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                if logged_row:
                     row["images_per_s"] = round((self.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9), 2)
-                    log.info(f"step {self.step}/{cfg.steps} {format_metrics(out)} {row['images_per_s']} img/s"
-                             + "".join(f" {k} {row[k]:.4f}" for k in row
-                                       if k.startswith("val_") and isinstance(row[k], float)))
                     t_last, step_last = now, self.step
+                if logged_row or self.step == first_step or (cfg.log_seconds > 0 and now - t_line >= cfg.log_seconds):
+                    rate = (self.step - step_line) * cfg.batch_size / max(now - t_line, 1e-9)
+                    eta = (cfg.steps - self.step) * cfg.batch_size / max(rate, 1e-9)
+                    log.info(f"step {self.step}/{cfg.steps} {format_metrics(out)} "
+                             f"{row['images_per_s'] if logged_row else round(rate, 2)} img/s"
+                             + "".join(f" {k} {row[k]:.4f}" for k in row
+                                       if k.startswith("val_") and isinstance(row[k], float))
+                             + (f" ETA {eta / 60:.1f} min" if self.step < cfg.steps else ""))
+                    t_line, step_line = now, self.step
                 log.metrics(row)
                 log.progress(self.step, {k: v for k, v in out.items() if k == "loss" or k.endswith("_loss")})
                 if self.sample_grid is not None and self.dist.is_main and (
                         self.step % cfg.sample_every == 0 or self.step == cfg.steps):
-                    self.sample_grid(self.eval_model, self.step)
+                    self._sample_grid(log)
                 if cfg.max_minutes > 0 and (now - t_start) / 60 >= cfg.max_minutes and self.step < cfg.steps:
                     stopped = "time"
                 if self.should_stop() and self.step < cfg.steps:
@@ -434,7 +458,7 @@ class Trainer:
                 if stopped != "done":
                     if stopped == "time" and self.sample_grid is not None and self.dist.is_main \
                             and self.step % cfg.sample_every != 0:
-                        self.sample_grid(self.eval_model, self.step)
+                        self._sample_grid(log)
                     if stopped == "patience":
                         log.info(f"stopped at step {self.step}: no {cfg.eval_metric} improvement in "
                                  f"{self.evals_since_best} evaluations (train.eval_patience); best at step "
@@ -444,6 +468,14 @@ class Trainer:
                     log.info(f"stopped at step {self.step} ({why}); "
                              f"run the same command again to resume")
                     break
+        except torch.OutOfMemoryError as e:  # RELIABILITY 24: one line with the knobs; nothing saved is touched
+            last = ckpt.resolve_latest(self.ckpt_dir)
+            raise TrainingError(
+                f"out of memory at step {self.step + 1}; lower train.batch_size (raise train.grad_accum to keep the "
+                f"global batch of {cfg.batch_size})"
+                + (", use train.precision=bf16" if cfg.precision == "fp32" else "")
+                + f" or a smaller model (model.backbone.model_channels); last checkpoint: {last or 'none'} "
+                  f"(intact; the same command resumes from it)") from e
         finally:
             log.close()
         return TrainResult(self.step, stopped, last_ckpt)
