@@ -276,3 +276,25 @@ def test_train_ae_resumes_from_the_run_folder_alone(kl_run, tmp_path):
     r = invoke(["train-ae", "--run", d, "--no-progress", "--set", "ae.z_channels=4", "--set", "train.steps=4"],
                expect=1)
     assert "cannot resume, the config changed in: ae.z_channels" in r.output
+
+
+def test_train_ae_runs_under_torchrun_with_two_processes(tmp_path):
+    """The adaptive weight's autograd.grad and the no-grad reconstructions work through DDP (each process weighs
+    its own micro-batch's gradients, as LDM under DDP)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(port), "-m", "torchdiffusion.cli.main", "train-ae", "--preset", "mnist-kl-f4",
+            "--run-dir", str(tmp_path / "ddp"), "--no-progress"]
+    for s in TINY_AE + ["train.steps=3", "loss.gan_start=2"]:
+        args += ["--set", s]
+    r = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_metrics(tmp_path / "ddp" / "metrics.csv")
+    assert [x["ae_lambda"] != "" for x in rows] == [False, False, True]
+    assert load_first_stage(tmp_path / "ddp").step == 3
