@@ -278,9 +278,10 @@ def test_train_ae_resumes_from_the_run_folder_alone(kl_run, tmp_path):
     assert "cannot resume, the config changed in: ae.z_channels" in r.output
 
 
-def test_train_ae_runs_under_torchrun_with_two_processes(tmp_path):
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_train_ae_runs_under_torchrun_with_two_processes(tmp_path, kind):
     """The adaptive weight's autograd.grad and the no-grad reconstructions work through DDP (each process weighs
-    its own micro-batch's gradients, as LDM under DDP)."""
+    its own micro-batch's gradients, as LDM under DDP); a VQ codebook's EMA and restarts stay in step."""
     import os
     import socket
     import subprocess
@@ -289,12 +290,43 @@ def test_train_ae_runs_under_torchrun_with_two_processes(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(port), "-m", "torchdiffusion.cli.main", "train-ae", "--preset", "mnist-kl-f4",
+            "--master-port", str(port), "-m", "torchdiffusion.cli.main", "train-ae", "--preset", f"mnist-{kind}-f4",
             "--run-dir", str(tmp_path / "ddp"), "--no-progress"]
-    for s in TINY_AE + ["train.steps=3", "loss.gan_start=2"]:
+    extra = ["ae.codebook=ema", "ae.restart_every=1", "ae.n_codes=16"] if kind == "vq" else []
+    for s in TINY_AE + ["train.steps=3", "loss.gan_start=2"] + extra:
         args += ["--set", s]
     r = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_metrics(tmp_path / "ddp" / "metrics.csv")
     assert [x["ae_lambda"] != "" for x in rows] == [False, False, True]
-    assert load_first_stage(tmp_path / "ddp").step == 3
+    fs = load_first_stage(tmp_path / "ddp")
+    assert fs.step == 3
+    if kind == "vq":
+        assert int(fs.module.quantizer.restarts) > 0
+
+
+def test_an_ema_codebook_on_two_processes_follows_the_global_batch(tmp_path):
+    """Without the GAN and restarts, VQ with an EMA codebook has no randomness: two processes (each half the batch,
+    statistics summed) must end where one process does."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = TINY_AE + ["train.steps=3", "loss.disc_start=100", "ae.codebook=ema", "ae.restart_every=0",
+                      "ae.n_codes=16"]
+    cmd = ["-m", "torchdiffusion.cli.main", "train-ae", "--preset", "mnist-vq-f4", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                    "--master-addr", "127.0.0.1", "--master-port", str(port)])):
+        args = launcher + cmd + ["--run-dir", str(tmp_path / name)]
+        for s in sets:
+            args += ["--set", s]
+        r = subprocess.run(args, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (load_first_stage(tmp_path / n).module.quantizer for n in ("one", "two"))
+    assert torch.equal(a.usage, b.usage) and torch.allclose(a.cluster_size, b.cluster_size, atol=1e-6)
+    assert torch.allclose(a.codebook, b.codebook, atol=1e-5)

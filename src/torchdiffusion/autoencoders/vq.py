@@ -20,6 +20,9 @@ an encoder output of the current batch (chosen by a generator seeded by the pass
 Code usage is counted over windows (`usage` since reset_usage(), e.g. an epoch or a validation interval), never
 as one batch's perplexity.
 
+On several processes (torch.distributed) the EMA statistics and usage counts are summed over all processes and a
+restarted code takes process 0's encoder output, so every process keeps the same codebook.
+
 Latent diffusion runs on h (encode): decode(h) quantises first, so decode(encode(x)) equals forward(x)[0].
 """
 from __future__ import annotations
@@ -59,6 +62,22 @@ class VQConfig:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.beta < 0 or self.restart_every < 0:
             raise ValueError(f"beta and restart_every must be >= 0, got {self.beta} and {self.restart_every}")
+
+
+def _global_sum(t: Tensor) -> Tensor:
+    """t summed over the processes of a torch.distributed job (t itself on one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def _from_first_process(t: Tensor) -> Tensor:
+    """Process 0's t on every process of a torch.distributed job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast(t, 0)
+    return t
 
 
 class VectorQuantizer(nn.Module):
@@ -111,7 +130,7 @@ class VectorQuantizer(nn.Module):
         if len(dead):
             g = torch.Generator().manual_seed(int(self.calls) * 1_000_003 + 17)
             rows = torch.randint(len(flat), (len(dead),), generator=g).to(flat.device)
-            new = flat[rows].to(self.embedding.weight.dtype)
+            new = _from_first_process(flat[rows].to(self.embedding.weight.dtype).contiguous())
             self.embedding.weight[dead] = new
             if self.ema:
                 self.cluster_size[dead] = 1.0
@@ -121,8 +140,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: Tensor, indices: Tensor) -> None:
-        n = torch.bincount(indices, minlength=self.n_codes).to(self.cluster_size.dtype)
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat.to(self.embed_sum.dtype))
+        n = _global_sum(torch.bincount(indices, minlength=self.n_codes).to(self.cluster_size.dtype))
+        sums = _global_sum(torch.zeros_like(self.embed_sum).index_add_(0, indices, flat.to(self.embed_sum.dtype)))
         self.cluster_size.mul_(self.decay).add_(n, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.cluster_size.sum()
@@ -144,7 +163,7 @@ class VectorQuantizer(nn.Module):
         if updating:
             if self.ema:
                 self._ema_update(flat.detach(), indices)
-            counts = torch.bincount(indices, minlength=self.n_codes)
+            counts = _global_sum(torch.bincount(indices, minlength=self.n_codes))
             self.usage += counts
             self.window += counts
             self.calls += 1
