@@ -152,3 +152,48 @@ def progress_for(total: Optional[int], what: str, unit: str = "images", *, off: 
     ctx = click.get_current_context(silent=True)
     quiet = off or bool(ctx is not None and ctx.meta.get("torchdiffusion.quiet"))
     return Progress(total, what, unit, mode=progress_mode(quiet))
+
+
+# ------------------------------------------------------------------------------------------- training commands
+def training_options(f):
+    """The options every training command shares (train, train-ae): --run/--run-dir, --resume,
+    --allow-config-change, --print-config, --threads, --device, --progress and --until-step."""
+    options = [
+        click.option("--run", "--run-dir", "run_dir", default=None, type=click.Path(path_type=Path),
+                     help="Run folder (default runs/<preset>). An existing run folder resumes."),
+        click.option("--resume", default="latest", show_default=True, help="PATH to a checkpoint, 'latest' or 'none'."),
+        click.option("--allow-config-change", is_flag=True, help="Resume even though the config or data changed."),
+        click.option("--print-config", is_flag=True, help="Print the resolved config and exit."),
+        click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--progress/--no-progress", default=None, help="tqdm bar (default: only on a terminal)."),
+        click.option("--until-step", type=int, default=None,
+                     help="Stop with a checkpoint at this step (e.g. to fit a job's time slot); run again to continue."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def run_training(train_fn: Callable, cfg, run_dir: Path, info, *, resume: str, allow_changes: bool, device: str,
+                 progress, until_step) -> None:
+    """train_fn(cfg, run_dir, ...) (config.training.train_run or config.ae_training.train_ae_run) with SIGTERM/SIGINT
+    turned into a checkpoint at the next step boundary and exit code 75 (errors.EXIT_CODES)."""
+    import signal
+    import sys
+    from ..train.trainer import EXIT_PREEMPTED
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        result = train_fn(cfg, run_dir, resume=resume, allow_changes=allow_changes, dist=info,
+                          device=resolve_device(device, info.local_rank), progress=progress, until_step=until_step,
+                          should_stop=lambda: stop["flag"])
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if result.stopped == "signal":
+        sys.exit(EXIT_PREEMPTED)

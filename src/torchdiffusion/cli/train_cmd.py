@@ -2,28 +2,17 @@
 handle signals, and call config.training.train_run."""
 from __future__ import annotations
 
-import signal
-import sys
 from pathlib import Path
 
 import click
 
-from .common import dist_info, resolve_device, set_threads
+from .common import dist_info, run_training, set_threads, training_options
 
 
 @click.command("train")
 @click.option("--preset", default=None, help="Preset name (mnist, fashion-mnist, folder, ...) or a YAML path.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override, e.g. train.steps=500.")
-@click.option("--run", "--run-dir", "run_dir", default=None, type=click.Path(path_type=Path),
-              help="Run folder (default runs/<preset>). An existing run folder resumes.")
-@click.option("--resume", default="latest", show_default=True, help="PATH to a checkpoint, 'latest' or 'none'.")
-@click.option("--allow-config-change", is_flag=True, help="Resume even though the config or data changed.")
-@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--progress/--no-progress", default=None, help="tqdm bar (default: only on a terminal).")
-@click.option("--until-step", type=int, default=None,
-              help="Stop with a checkpoint at this step (e.g. to fit a job's time slot); run again to continue.")
+@training_options
 def train(preset, overrides, run_dir, resume, allow_config_change, print_config, threads, device, progress,
           until_step):
     """Train a model; running it again on the same run folder resumes."""
@@ -32,7 +21,6 @@ def train(preset, overrides, run_dir, resume, allow_config_change, print_config,
     from ..config.presets_io import load_preset, resolve
     from ..config.strict import load_yaml, to_dict
     from ..config.training import train_run
-    from ..train.trainer import EXIT_PREEMPTED
 
     info = dist_info()
     set_threads(threads, info.world_size)
@@ -47,20 +35,5 @@ def train(preset, overrides, run_dir, resume, allow_config_change, print_config,
     if print_config:
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
         return
-    stop = {"flag": False}
-
-    def on_signal(signum, frame):  # SIGTERM/SIGINT: checkpoint at the next step boundary, exit 75
-        stop["flag"] = True
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        result = train_run(cfg, run_dir, resume=resume, allow_changes=allow_config_change, dist=info,
-                           device=resolve_device(device, info.local_rank), progress=progress, until_step=until_step,
-                           should_stop=lambda: stop["flag"])
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    if result.stopped == "signal":
-        sys.exit(EXIT_PREEMPTED)
-
-
+    run_training(train_run, cfg, run_dir, info, resume=resume, allow_changes=allow_config_change, device=device,
+                 progress=progress, until_step=until_step)
