@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..train.distributed import DistInfo
 from ..train.trainer import TrainResult
 from .ae_schema import AERunConfig
@@ -98,14 +98,13 @@ def train_ae_run(cfg: AERunConfig, run_dir: Path, *, resume: str = "latest", all
     from ..autoencoders.discriminator import PatchDiscriminator
     from ..data import dataset_fingerprint
     from ..pipelines.generate import save_png
-    from ..train import checkpoint as ckpt
     from ..train import distributed
     from ..train.ae_step import build_ae_step
     from ..train.trainer import Trainer
     from .build import build_data
     from .first_stage import build_autoencoder
     from .strict import to_dict
-    from .training import complete_config
+    from .training import complete_config, resume_checkpoint
 
     info = dist
     if cfg.train.eval_every:
@@ -120,19 +119,7 @@ def train_ae_run(cfg: AERunConfig, run_dir: Path, *, resume: str = "latest", all
     cfg = resolve_for_data(cfg, train_set)
     if val_set is not None and (val_set.channels, *val_set.image_size) != tuple(cfg.data_shape):
         raise ConfigError(f"data.val_split={cfg.data.val_split} has images of another shape than the training split")
-    ckpt_dir = run_dir / "checkpoints"
-    if resume == "latest":
-        resume_from = ckpt.resolve_latest(ckpt_dir) if ckpt_dir.exists() else None
-    elif resume == "none":
-        if ckpt_dir.exists() and ckpt.resolve_latest(ckpt_dir) is not None:
-            raise ConfigError(f"{run_dir} already holds checkpoints; use --resume latest to continue it, "
-                              f"or another --run folder to start fresh")
-        resume_from = None
-    else:
-        resume_from = Path(resume)
-        if not resume_from.exists():
-            raise CheckpointError(f"{resume_from}: --resume checkpoint does not exist; training does not silently "
-                                  f"start fresh (use --resume none to start a new run)")
+    resume_from = resume_checkpoint(run_dir, resume)
     ae = build_autoencoder(cfg)
     disc = PatchDiscriminator(cfg.loss.disc, int(cfg.data_shape[0]))
     perceptual = build_perceptual(cfg, device)

@@ -35,6 +35,26 @@ def complete_config(cls, stored: dict, current: dict | None = None) -> dict:
     return out
 
 
+def resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint a training command resumes from: --resume latest (the run folder's newest verified
+    checkpoint, None in a new folder), none (a new run: refused if the folder holds checkpoints) or a path (must
+    exist: training never silently starts fresh, RELIABILITY 9)."""
+    from ..train import checkpoint as ckpt
+    ckpt_dir = run_dir / "checkpoints"
+    if resume == "latest":
+        return ckpt.resolve_latest(ckpt_dir) if ckpt_dir.exists() else None
+    if resume == "none":
+        if ckpt_dir.exists() and ckpt.resolve_latest(ckpt_dir) is not None:
+            raise ConfigError(f"{run_dir} already holds checkpoints; use --resume latest to continue it, "
+                              f"or another --run folder to start fresh")
+        return None
+    resume_from = Path(resume)
+    if not resume_from.exists():
+        raise CheckpointError(f"{resume_from}: --resume checkpoint does not exist; training does not silently "
+                              f"start fresh (use --resume none to start a new run)")
+    return resume_from
+
+
 def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_changes: bool = False,
               dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"), progress: bool | None = None,
               until_step: int | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
@@ -78,19 +98,7 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
     make_cond = conditioning if conditioning else None  # conditioners: cond from the batch, with their dropout
     cond_for = conditioning.cond_for if conditioning else None  # training grids: each conditioner's default
     model_cfg = cfg.model
-    ckpt_dir = run_dir / "checkpoints"
-    if resume == "latest":
-        resume_from = ckpt.resolve_latest(ckpt_dir) if ckpt_dir.exists() else None
-    elif resume == "none":
-        if ckpt_dir.exists() and ckpt.resolve_latest(ckpt_dir) is not None:
-            raise ConfigError(f"{run_dir} already holds checkpoints; use --resume latest to continue it, "
-                              f"or another --run folder to start fresh")
-        resume_from = None
-    else:
-        resume_from = Path(resume)
-        if not resume_from.exists():
-            raise CheckpointError(f"{resume_from}: --resume checkpoint does not exist; training does not silently "
-                                  f"start fresh (use --resume none to start a new run)")
+    resume_from = resume_checkpoint(run_dir, resume)
     encode_batch, loop_set = None, train_set
     if is_latent(model_cfg.codec):  # scale, shift and fingerprint: estimated now, or the resumed run's
         stored = None
