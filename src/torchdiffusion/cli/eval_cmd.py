@@ -280,6 +280,44 @@ def eval_is(fake, n, is_weights, classifier, splits, out, batch, threads, device
               f" (N={result['n_fake']}, {splits} splits)")
 
 
+@eval_group.command("recon")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
+              help="A `train-ae` run folder (or one of its checkpoints).")
+@click.option("--split", default=None, help="Images to reconstruct (default: the run's data.val_split).")
+@click.option("--n", type=int, default=1000, show_default=True, help="The first N images of that split.")
+@click.option("--no-features", is_flag=True, help="Only L1, PSNR, SSIM (and code usage): no rFID/rKID.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="JSON result (default RUN/eval/recon.json, which `report` shows).")
+@_common
+def eval_recon(run_dir, split, n, no_features, out, feature_weights, classifier, cache_dir, batch, threads, device):
+    """A first stage's reconstructions of held-out images: rec L1, PSNR, SSIM, code usage (VQ) and rFID/rKID
+    (FID/KID of the reconstructions against the originals, at the same N)."""
+    from ..config.build import build_data
+    from ..config.first_stage import load_first_stage, reconstruction_metrics
+    dev = _setup(threads, device)
+    if n < 2:
+        raise ConfigError(f"--n must be >= 2, got {n}")
+    fs = load_first_stage(run_dir)
+    split = split or fs.config.data.val_split
+    if not split:
+        raise ConfigError("the autoencoder run has no data.val_split; give --split (e.g. test)")
+    x = build_data(fs.config.data, split).x[:n]
+    if len(x) < 2:
+        raise DataError(f"split {split!r} has {len(x)} image(s); need >= 2")
+    extractor = None if no_features else make_extractor(feature_weights, classifier, batch, dev)
+    t0 = time.perf_counter()
+    result = reconstruction_metrics(fs.module.to(dev), x, extractor=extractor, batch=batch, device=dev)
+    result.update(run=str(run_dir), split=split, step=fs.step, kind=fs.kind, weights=fs.weights,
+                  latent_shape=list(fs.latent_shape), seconds=round(time.perf_counter() - t0, 1))
+    folder = run_dir if (run_dir / "config.yaml").is_file() else Path(fs.checkpoint).parent.parent
+    out = out or folder / "eval" / "recon.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    click.echo(json.dumps(result))
+
+
 __all__ = ["eval_group", "load_sample_folder", "load_real_images", "make_extractor"]
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(eval_group())

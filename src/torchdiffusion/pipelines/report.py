@@ -252,6 +252,47 @@ def _first_stage_section(run_dir: Path, out_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def _autoencoder_section(run_dir: Path, series: dict, out_dir: Path) -> str:
+    """A `train-ae` run (its config has an "ae" section): the last held-out reconstruction metrics of metrics.csv,
+    the result of `eval recon` (eval/recon.json: rFID, rKID, PSNR, SSIM, code usage at its N) and the
+    reconstruction grids over training (samples/recon_*.png). Empty for other runs."""
+    import yaml
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    if not isinstance(cfg, dict) or "ae" not in cfg:
+        return ""
+    ae = cfg.get("ae") or {}
+    parts = [_table([("kind", ae.get("kind")), ("perceptual term", (cfg.get("loss") or {}).get("perceptual", "-"))])]
+    recon = [(label, f"{_fmt(series[k][-1][1])} (step {series[k][-1][0]})") for k, label in RECON_COLUMNS if k in series]
+    if recon:
+        parts.append("<p>Last held-out reconstruction metrics of training (metrics.csv):</p>" + _table(recon))
+    path = run_dir / "eval" / "recon.json"
+    if path.is_file():
+        try:
+            r = json.loads(path.read_text())
+            keys = [("n", "images"), ("split", "split"), ("step", "step"), ("rec_l1", "L1"), ("psnr", "PSNR dB"),
+                    ("ssim", "SSIM"), ("rfid", "rFID"), ("rkid", "rKID"), ("code_usage", "code usage"),
+                    ("code_perplexity", "code perplexity"), ("extractor", "features")]
+            parts.append("<p><code>torchdiffusion eval recon</code> (eval/recon.json; rFID at this N is biased "
+                         "upwards, compare at equal N):</p>" + _table([(label, _fmt(r[k])) for k, label in keys if k in r]))
+        except (OSError, ValueError):
+            parts.append(f'<p class="flag">{_esc(path)} is not readable JSON.</p>')
+    else:
+        parts.append('<p class="note">No rFID yet: run <code>torchdiffusion eval recon --run RUN</code> and make the '
+                     'report again.</p>')
+    samples = run_dir / "samples"
+    grids = sorted(samples.glob("recon_*.png")) if samples.is_dir() else []
+    if grids:
+        picked = [grids[round(i * (len(grids) - 1) / (min(len(grids), MAX_GRIDS) - 1))]
+                  for i in range(min(len(grids), MAX_GRIDS))] if len(grids) > 1 else grids
+        figs = "".join(f"<figure>{_img(_copy(p, out_dir, p.name), 'held-out images over their reconstructions', 240)}"
+                       f"<figcaption>{_esc(p.stem)}</figcaption></figure>" for p in dict.fromkeys(picked))
+        parts.append(f'<p class="note">Held-out images over their reconstructions.</p><div class="row">{figs}</div>')
+    return "\n".join(parts)
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, audit_dir: str | Path | None = None) -> Path:
     """Write out_dir/index.html (default run_dir/report) and the images it shows; returns the HTML path."""
     run_dir = Path(run_dir)
@@ -284,6 +325,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, audit_d
         except (OSError, ValueError):
             rows.append(("eval/best.json", "unreadable"))
     sections.append("<h2>Summary</h2>" + _table(rows))
+
+    # ---- autoencoder runs (train-ae)
+    autoencoder = _autoencoder_section(run_dir, series, out_dir)
+    if autoencoder:
+        sections.append("<h2>Autoencoder (first stage)</h2>" + autoencoder)
 
     # ---- first stage (latent runs)
     first_stage = _first_stage_section(run_dir, out_dir)
