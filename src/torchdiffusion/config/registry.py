@@ -250,6 +250,7 @@ def _register_builtin() -> None:
     from ..conditioners.classlabel import ClassConditioner, ClassConditionerConfig
     from ..nn.diffusers_unet import DiffusersUNet2DConfig, build_diffusers_unet
     from ..nn.dit import DiTConfig, build_dit
+    from ..nn.token_transformer import TokenTransformerConfig, build_token_transformer
     from ..nn.unet import UNetConfig, build_unet
     from ..nn.uvit import UViTConfig, build_uvit
 
@@ -258,6 +259,8 @@ def _register_builtin() -> None:
     register_backbone("unet", UNetConfig, build_unet, "U-Net with AdaGN residual blocks and attention (ADM)")
     register_backbone("dit", DiTConfig, build_dit, "diffusion transformer with adaLN-Zero blocks (Peebles & Xie 2023)")
     register_backbone("uvit", UViTConfig, build_uvit, "U-ViT: all inputs as tokens, long skips (Bao et al. 2023)")
+    register_backbone("token_transformer", TokenTransformerConfig, build_token_transformer,
+                      "bidirectional transformer over discrete tokens, logits of x0 (token models only; core.discrete)")
     register_backbone("diffusers_unet2d", DiffusersUNet2DConfig, build_diffusers_unet,
                       "diffusers' UNet2DModel layout (DDPM U-Net), for folders loaded by config.interop")
     register_codec("identity", IdentityCodecConfig, IdentityCodec, "pixel space: [0, 255] -> [-1, 1]")

@@ -35,6 +35,18 @@ TokenDenoiser = Callable[[Tensor, Tensor, Cond], Tensor]
 LOSS_KINDS = ("hybrid", "vlb", "ce", "maskgit")
 
 
+class TokenModel(torch.nn.Module):
+    """A backbone forward(x, c_noise, cond) -> (B, ..., K) as a TokenDenoiser: c_noise = t as a float (the step
+    index, as DDPM's discrete-time labels; sin-cos features resolve integer steps); the backbone knows no process."""
+
+    def __init__(self, backbone: torch.nn.Module, steps: int):
+        super().__init__()
+        self.backbone, self.steps = backbone, int(steps)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        return self.backbone(x_t, t.to(torch.float32), cond)
+
+
 def _per_sample(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1).sum(1)
 
