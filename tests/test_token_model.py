@@ -88,3 +88,36 @@ def test_token_step_trains_and_resumes_bit_exactly(tmp_path, kind, proc):
     start = tiny_net().state_dict()
     moved = a.tensors["model_tokens"]["backbone.final.linear.weight"]
     assert not torch.equal(moved, start["final.linear.weight"])
+
+
+def test_vq_run_to_tokens_to_images(tmp_path):
+    """A VQ first-stage run (random weights, the train-ae format): images -> tokens -> a token model trained two
+    steps -> ancestral samples -> decoded images of the data's shape; wrong K and bad tokens are one line."""
+    from latent_runs import make_ae_run
+
+    from torchdiffusion.config.first_stage import load_first_stage
+    from torchdiffusion.errors import ConfigError, DataError
+    from torchdiffusion.pipelines.tokens import check_codebook, decode_tokens, encode_tokens
+
+    fs = load_first_stage(make_ae_run(tmp_path / "vq", "vq", data_shape=(1, 16, 16)))
+    images = torch.randint(0, 256, (24, 1, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    tok = encode_tokens(fs.module, images)
+    assert tok.shape == (24, 1, 4, 4) and tok.dtype == torch.uint8 and int(tok.max()) < 16
+    n_codes = fs.module.cfg.n_codes
+    check_codebook(fs.module, n_codes)
+    with pytest.raises(ConfigError, match="16 codes but the token model has K = 8"):
+        check_codebook(fs.module, 8)
+    p = absorbing(n_codes, 10)
+    torch.manual_seed(0)
+    net = TokenModel(TokenTransformer(TokenTransformerConfig(**TINY), BackboneIO((n_codes, 4, 4), n_codes)), 10)
+    step = token_step(net, p, lr=1e-3)
+    cfg = TrainConfig(steps=2, batch_size=8, log_every=1, val_every=100, sample_every=100, ckpt_every=100)
+    Trainer(cfg, step=step, train_set=ImageArrayDataset(tok), val_set=None, run_dir=tmp_path / "tok", seed=0,
+            resolved_config={"t": 1}, data_fingerprint="f", progress=False).fit(None)
+    with torch.no_grad():
+        x = sample_ancestral(step.ema["tokens"], p, (3, 4, 4), steps=5,
+                             generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    out = decode_tokens(fs.module, x)
+    assert out.shape == (3, 1, 16, 16) and out.dtype == torch.uint8
+    with pytest.raises(DataError, match="out of range.*0..15"):
+        decode_tokens(fs.module, torch.full((1, 4, 4), 16))
