@@ -44,7 +44,7 @@ test-peers:
 	@$(PEERS_VENV)/bin/python -c "import pytest" 2>/dev/null || $(PEERS_VENV)/bin/python -m pip install -q pytest==9.2.0
 	PYTHONPATH=src:$(BENCH_DIR)/adapters $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_peer_parity.py
 	PYTHONPATH=src $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_eval_metrics.py -k torchmetrics
-	PYTHONPATH=src $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_diffusers_parity.py
+	PYTHONPATH=src $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_diffusers_parity.py tests/test_discrete_peers.py
 
 clean-venv:
 	rm -rf $(VENV)
