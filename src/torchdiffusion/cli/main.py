@@ -93,6 +93,8 @@ COMMANDS = (
     ("interop_cmd", "convert_diffusers_cmd"),
     ("interop_cmd", "export_diffusers_cmd"),
     ("encode_cmd", "encode_cmd"),
+    ("tokens_cmd", "train_tokens_cmd"),
+    ("tokens_cmd", "sample_tokens_cmd"),
 )
 for _module, _name in COMMANDS:
     _command = getattr(importlib.import_module(f".{_module}", __package__), _name)

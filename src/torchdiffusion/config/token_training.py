@@ -1,0 +1,234 @@
+"""Token runs: training (`torchdiffusion train-tokens`), loading and sampling through the VQ decoder
+(`torchdiffusion sample-tokens`).
+
+Why a command of its own rather than `train --preset ...`: the `train` run config is the continuous frame's
+(model.process kinds with a sigma, objective densities and weightings, sigma grids and grid samplers, a
+Preconditioned denoiser, in-loop FID through grid samplers); a token run shares the loop, the data and the
+first-stage loader but none of those sections, so folding it in would make every one of them a two-family union.
+
+Tokens are the VQ indices of the data, computed once when training starts (the VQ codebook never updated) and
+named by a fingerprint over the data fingerprint and the VQ weights' fingerprint (pipelines.tokens); a run stores
+K, the token grid, the images' shape and both fingerprints in its config, and refuses in one line a VQ run with
+another codebook size or other weights (resume, sampling).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from ..train.distributed import DistInfo
+from ..train.trainer import TrainResult
+from .presets_io import _suggest
+from .strict import apply_overrides, from_dict, load_yaml
+from .token_schema import TokenRunConfig
+
+SET_AT_START = ("num_classes", "token_grid", "data_shape", "vq_fingerprint", "token_fingerprint")
+
+
+def token_preset_names() -> list[str]:
+    from importlib import resources
+    root = resources.files(__package__) / "presets" / "tokens"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_token_preset(name_or_path: str) -> dict:
+    from importlib import resources
+    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
+        return load_yaml(Path(name_or_path))
+    names = token_preset_names()
+    if name_or_path not in names:
+        raise ConfigError(f"unknown token preset '{name_or_path}'{_suggest(name_or_path, names)}; valid: "
+                          f"{', '.join(names)} (or a path to a .yaml file)")
+    with resources.as_file(resources.files(__package__) / "presets" / "tokens" / f"{name_or_path}.yaml") as p:
+        return load_yaml(p)
+
+
+def resolve_tokens(base: dict, overrides: list[str]) -> TokenRunConfig:
+    """Defaults <- base (a preset or a run's saved config) <- --set overrides, strictly checked."""
+    for o in overrides:
+        if o.split("=", 1)[0].strip() in SET_AT_START:
+            raise ConfigError(f"{o.split('=', 1)[0].strip()} is set when training starts; remove it from --set")
+    return from_dict(TokenRunConfig, apply_overrides(base, overrides))
+
+
+def _first_stage(cfg: TokenRunConfig, device):
+    from ..pipelines.tokens import codebook_size
+    from .first_stage import load_first_stage
+    if not cfg.vq_run:
+        raise ConfigError("vq_run is not set: give the VQ first stage's run folder (--set vq_run=RUNS/fashion-vq-f4)")
+    fs = load_first_stage(cfg.vq_run, device)
+    if fs.kind != "vq":
+        raise ConfigError(f"vq_run {cfg.vq_run}: a {fs.kind} first stage; token models need a VQ run (ae.kind: vq)")
+    K = codebook_size(fs.module)
+    if cfg.num_classes and cfg.num_classes != K:
+        raise ConfigError(f"vq_run {cfg.vq_run} has {K} codes but this token model has K = {cfg.num_classes}; use "
+                          f"the VQ run it was trained on")
+    if cfg.vq_fingerprint and cfg.vq_fingerprint != fs.fingerprint:
+        raise ConfigError(f"vq_run {cfg.vq_run}: its weights (fingerprint {fs.fingerprint[:12]}) are not those the "
+                          f"token model was trained on ({cfg.vq_fingerprint[:12]}); use that VQ run")
+    return fs
+
+
+def build_token_model(cfg: TokenRunConfig):
+    """(TokenModel, DiscreteProcess) of a run config whose K and token grid are set."""
+    from ..core.discrete_objectives import TokenModel
+    from ..nn.token_transformer import TokenTransformer
+    from ..protocols import BackboneIO
+    K, grid = int(cfg.num_classes), tuple(int(v) for v in cfg.token_grid)
+    process = cfg.process.build(K)
+    backbone = TokenTransformer(cfg.backbone, BackboneIO((K, *grid), K))
+    return TokenModel(backbone, process.steps), process
+
+
+def sample_tokens(sample_cfg, net, process, grid: Sequence[int], seeds: Sequence[int], *, device="cpu",
+                  batch: int = 64, callback=None) -> torch.Tensor:
+    """int64 (len(seeds), *grid) tokens, one generator per seed (a seed's tokens do not depend on the batch)."""
+    from ..sampling.discrete import sample_ancestral, sample_maskgit
+    out = []
+    for i in range(0, len(seeds), batch):
+        chunk = list(seeds[i:i + batch])
+        gens = [torch.Generator().manual_seed(int(s)) for s in chunk]
+        kw = dict(steps=sample_cfg.steps, generator=gens, temperature=sample_cfg.temperature,
+                  top_p_mass=sample_cfg.top_p, device=device)
+        with torch.no_grad():
+            if sample_cfg.sampler == "maskgit":
+                x = sample_maskgit(net, process, (len(chunk), *grid), choice_temperature=sample_cfg.choice_temperature,
+                                   **kw)
+            else:
+                x = sample_ancestral(net, process, (len(chunk), *grid), **kw)
+        out.append(x.cpu())
+        if callback is not None:
+            callback(min(i + batch, len(seeds)), len(seeds))
+    return torch.cat(out)
+
+
+def train_tokens_run(cfg: TokenRunConfig, run_dir: Path, *, resume: str = "latest", allow_changes: bool = False,
+                     dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"),
+                     progress: bool | None = None, until_step: int | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train (or resume) a token run in run_dir: config.yaml, metrics.csv, log.txt, samples/grid_<step>.png
+    (decoded through the VQ decoder), checkpoints/ (model_tokens, ema_tokens, optim_tokens)."""
+    import yaml
+
+    from ..data import dataset_fingerprint
+    from ..data.dataset import ImageArrayDataset
+    from ..pipelines.generate import make_grid, save_png
+    from ..pipelines.tokens import decode_tokens, encode_tokens, token_fingerprint
+    from ..train import distributed
+    from ..train.schedule import LRSchedule
+    from ..train.token_step import token_step
+    from ..train.trainer import Trainer
+    from .build import build_data
+    from .strict import to_dict
+    from .training import complete_config, resume_checkpoint
+
+    info = dist
+    t = cfg.train
+    if t.eval_every:
+        raise ConfigError("train.eval_every: token runs have no in-loop FID yet; set train.eval_every=0 and use "
+                          "`sample-tokens` then `eval` on the decoded images")
+    if t.batch_size % (info.world_size * t.grad_accum):
+        raise ConfigError(f"train.batch_size {t.batch_size} must split evenly over {info.world_size} process(es) x "
+                          f"{t.grad_accum} accumulation rounds")
+    resume_from = resume_checkpoint(run_dir, resume)
+    fs = _first_stage(cfg, device)
+    train_set = build_data(cfg.data)
+    shape = (int(train_set.channels),) + tuple(int(s) for s in train_set.image_size)
+    if shape != tuple(fs.data_shape):
+        raise ConfigError(f"the data give images of shape {shape} (C, H, W) but vq_run {cfg.vq_run} was trained on "
+                          f"{tuple(fs.data_shape)}; use the same data section as the VQ run")
+    tokens = encode_tokens(fs.module, train_set.x, device=device)
+    val_tokens = None
+    if cfg.data.val_split:
+        val_set = build_data(cfg.data, cfg.data.val_split)
+        val_tokens = encode_tokens(fs.module, val_set.x[:t.val_images], device=device)[:, 0].long()
+    token_fp = token_fingerprint(dataset_fingerprint(train_set), fs.fingerprint)
+    cfg = dataclasses.replace(cfg, num_classes=int(fs.module.cfg.n_codes), token_grid=tuple(tokens.shape[2:]),
+                              data_shape=shape, vq_fingerprint=fs.fingerprint, token_fingerprint=token_fp)
+    torch.manual_seed(cfg.seed)
+    model, process = build_token_model(cfg)
+    step = token_step(model, process, cfg.loss, lr=t.lr, schedule=LRSchedule(t.lr, t.warmup_steps, t.steps,
+                                                                            t.lr_schedule),
+                      grad_clip=t.grad_clip, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                      ema_halflife_images=t.ema_halflife_images, ema_rampup=t.ema_rampup, val_tokens=val_tokens,
+                      val_seed=cfg.seed)
+    resolved = to_dict(cfg)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tmp.replace(run_dir / "config.yaml")
+    seeds = list(range(cfg.sample.grid_images))
+
+    def sample_grid(_unused, k):
+        ema = step.ema.get("tokens", step.models["tokens"])
+        x = sample_tokens(cfg.sample, ema, process, cfg.token_grid, seeds, device=device)
+        grid = make_grid(decode_tokens(fs.module, x, device=device))
+        save_png(grid, run_dir / "samples" / f"grid_{k:08d}.png")
+        return grid
+
+    distributed.init(info, device)
+    try:
+        trainer = Trainer(t, step=step, train_set=ImageArrayDataset(tokens, train_set.label), val_set=None,
+                          run_dir=run_dir, seed=cfg.seed, resolved_config=resolved, data_fingerprint=token_fp,
+                          sample_grid=sample_grid, dist=info, device=device, should_stop=should_stop,
+                          progress=progress, until_step=until_step,
+                          complete_config=lambda stored: complete_config(TokenRunConfig, stored))
+        return trainer.fit(resume_from, allow_changes)
+    finally:
+        distributed.shutdown(info)
+
+
+@dataclass
+class TokenRun:
+    """A trained token run: its EMA token denoiser (eval mode), process, VQ first stage and config."""
+    model: torch.nn.Module
+    process: object
+    first_stage: object
+    config: TokenRunConfig
+    checkpoint: Path
+
+
+def load_token_run(path: Path | str, device="cpu") -> TokenRun:
+    """A token run folder (its latest verified checkpoint) or one of its checkpoint folders."""
+    from ..train import checkpoint as ckpt
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        cpath = ckpt.resolve_latest(path / "checkpoints")
+        if cpath is None:
+            raise CheckpointError(f"{path}: no complete checkpoint in {path / 'checkpoints'}")
+    elif path.exists():
+        cpath = path
+    else:
+        raise CheckpointError(f"{path}: no such token run (train one with `torchdiffusion train-tokens`)")
+    c = ckpt.load_checkpoint(cpath)
+    stored = c.meta.get("config") or {}
+    if not isinstance(stored, dict) or "vq_run" not in stored:
+        raise CheckpointError(f"{cpath}: not a token run's checkpoint (its config has no vq_run)")
+    cfg = from_dict(TokenRunConfig, stored)
+    fs = _first_stage(cfg, device)
+    model, process = build_token_model(cfg)
+    group = "ema_tokens" if "ema_tokens" in c.tensors else "model_tokens"
+    model.load_state_dict(c.tensors[group])
+    return TokenRun(model.eval().requires_grad_(False).to(device), process, fs, cfg, cpath)
+
+
+def sample_token_run(run: TokenRun, seeds: Sequence[int], outdir: Path, *, sample_cfg=None, device="cpu",
+                     overwrite: bool = False, callback=None) -> list[Path]:
+    """One decoded PNG per seed (<seed>.png, as `sample` writes them, so `eval` reads the folder) and grid.png."""
+    from ..pipelines.generate import make_grid, prepare_outdir, save_images, save_png
+    from ..pipelines.tokens import decode_tokens
+    sample_cfg = sample_cfg or run.config.sample
+    prepare_outdir(outdir, overwrite)
+    x = sample_tokens(sample_cfg, run.model, run.process, run.config.token_grid, seeds, device=device,
+                      callback=callback)
+    images = decode_tokens(run.first_stage.module, x, device=device)
+    paths = save_images(images, outdir, seeds)
+    save_png(make_grid(images[:64]), Path(outdir) / "grid.png")
+    return paths
