@@ -161,10 +161,12 @@ class DiscreteProcess:
 
     def marginal_coeffs(self, t: Tensor):
         """(abar_t, rbar_t, cbar_t) float64 for integer times t."""
+        t = torch.as_tensor(t).cpu()
         return self.abar[t], self.rbar[t], self.cbar[t]
 
     def transition_coeffs(self, s: Tensor, t: Tensor):
-        """(a, r, c) of the s -> t transition Q_{s+1} ... Q_t (s < t) as float64 tensors shaped like t."""
+        """(a, r, c) of the s -> t transition Q_{s+1} ... Q_t (s < t) as float64 CPU tensors shaped like t."""
+        s, t = torch.as_tensor(s).cpu(), torch.as_tensor(t).cpu()
         abar_s, abar_t = self.abar[s], self.abar[t]
         a = torch.where(abar_s > 0, abar_t / abar_s.clamp_min(1e-300), torch.zeros_like(abar_t))
         c = 1 - (1 - self.cbar[t]) / (1 - self.cbar[s])
