@@ -32,7 +32,6 @@ class TokenSampleConfig:
     temperature: float = 1.0
     choice_temperature: float = 4.5  # MaskGIT's released value
     top_p: Optional[float] = None
-    guidance_scale: Optional[float] = None  # class-conditional runs: classifier-free guidance on logits
     grid_images: int = 64
 
     def __post_init__(self):
