@@ -30,7 +30,7 @@ def test_reverse_step_matches_vq_diffusion_scheduler(T):
         x_t = torch.randint(0, K + 1, (B, N), generator=g)
         theirs = sched.q_posterior(log_p0, x_t, torch.tensor(j)).double().softmax(1).permute(0, 2, 1)
         ours = p.reverse_probs(x_t, j + 1, j, log_p0.double().exp().permute(0, 2, 1))
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-4)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)  # measured 5e-7 (diffusers is float32)
 
 
 def test_ancestral_sampling_matches_the_scheduler_in_distribution():
