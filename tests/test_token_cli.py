@@ -36,3 +36,21 @@ def test_train_and_sample_tokens_through_the_vq_decoder(tmp_path):
     # bad options are one line too
     r = invoke(["train-tokens", "--run", tmp_path / "none"], expect=2)
     assert "needs --preset" in r.output
+
+
+def test_class_conditional_tokens_with_guidance(tmp_path):
+    vq = make_ae_run(tmp_path / "vq", "vq")
+    run = tmp_path / "tok"
+    args = ["train-tokens", "--preset", "fashion-vq-tokens", "--run", run, "--no-progress", "--threads", "1",
+            "--set", f"vq_run={vq}", "--set", "cond.label.kind=class", "--set", "sample.guidance_scale=2.0"]
+    for s in TINY_TOKENS:
+        args += ["--set", s]
+    invoke(args)
+    assert "num_classes: 10" in (run / "config.yaml").read_text()  # the class conditioner's, from MNIST
+    out = tmp_path / "out"
+    invoke(["sample-tokens", "--run", run, "--seeds", "0-2", "--outdir", out, "--guidance-scale", "3"])
+    assert len(list(out.glob("00000*.png"))) == 3
+    # an unconditional run refuses a guidance scale in one line
+    r = invoke(["train-tokens", "--preset", "fashion-vq-tokens", "--run", tmp_path / "u", "--set", f"vq_run={vq}",
+                "--set", "sample.guidance_scale=2.0", *sum((["--set", s] for s in TINY_TOKENS), [])], expect=2)
+    assert "takes no conditions" in r.output

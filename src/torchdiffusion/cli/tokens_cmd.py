@@ -52,9 +52,11 @@ def train_tokens_cmd(preset, overrides, run_dir, resume, allow_config_change, pr
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the run's sample.steps).")
 @click.option("--temperature", type=float, default=None, help="Divides the x0 logits.")
 @click.option("--top-p", type=float, default=None, help="Nucleus truncation of p(x0 | x_t), in (0, 1].")
+@click.option("--guidance-scale", type=float, default=None,
+              help="Classifier-free guidance on logits, l_u + w (l_c - l_u) (conditional runs; 1 = conditional).")
 @click.option("--overwrite", is_flag=True, help="Replace the samples an earlier run of this command wrote there.")
 @click.option("--device", default="auto", show_default=True)
-def sample_tokens_cmd(run_dir, seeds, outdir, sampler, steps, temperature, top_p, overwrite, device):
+def sample_tokens_cmd(run_dir, seeds, outdir, sampler, steps, temperature, top_p, guidance_scale, overwrite, device):
     """Sample tokens and decode them through the VQ decoder: OUTDIR/<seed>.png and grid.png (`eval` reads them)."""
     import dataclasses
 
@@ -64,8 +66,8 @@ def sample_tokens_cmd(run_dir, seeds, outdir, sampler, steps, temperature, top_p
     dev = resolve_device(device)
     run = load_token_run(run_dir, dev)
     s = run.config.sample
-    change = {k: v for k, v in dict(sampler=sampler, steps=steps, temperature=temperature, top_p=top_p).items()
-              if v is not None}
+    change = {k: v for k, v in dict(sampler=sampler, steps=steps, temperature=temperature, top_p=top_p,
+                                    guidance_scale=guidance_scale).items() if v is not None}
     s = dataclasses.replace(s, **change)
     if s.sampler == "maskgit" and run.process.mask_index is None:
         raise ConfigError(f"--sampler maskgit needs a process with a mask token; this run's is {run.process.kind} "

@@ -8,6 +8,8 @@
     backbone        nn.token_transformer.TokenTransformerConfig
     train           the loop's settings (train.trainer.TrainConfig; eval_every must be 0: no in-loop FID yet)
     sample          TokenSampleConfig: the sampler of training grids and the `sample-tokens` default
+    cond            conditioners (e.g. {label: {kind: class}}): adaLN conditions of the backbone, with dropout
+                    for classifier-free guidance (sample.guidance_scale)
     num_classes, token_grid, data_shape, vq_fingerprint, token_fingerprint
                     set when training starts (K = the codebook size, (h, w), the images' (C, H, W), and the
                     fingerprints of the VQ weights and of the token set); never in a preset
@@ -23,6 +25,7 @@ from ..errors import ConfigError
 from ..nn.token_transformer import TokenTransformerConfig
 from ..train.trainer import TrainConfig
 from .schema import DataConfig
+from .strict import kind_field
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class TokenSampleConfig:
     temperature: float = 1.0
     choice_temperature: float = 4.5  # MaskGIT's released value
     top_p: Optional[float] = None
+    guidance_scale: Optional[float] = None  # conditional runs: classifier-free guidance on logits (None = 1)
     grid_images: int = 64
 
     def __post_init__(self):
@@ -52,6 +56,8 @@ class TokenRunConfig:
     backbone: TokenTransformerConfig = field(default_factory=TokenTransformerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: TokenSampleConfig = field(default_factory=TokenSampleConfig)
+    # conditioners by the cond key they fill, as in a diffusion run: {label: {kind: class, p_uncond: 0.1}}
+    cond: dict = kind_field("conditioner", dict, mapping=True)
     num_classes: int = 0
     token_grid: tuple[int, ...] = ()
     data_shape: tuple[int, ...] = ()

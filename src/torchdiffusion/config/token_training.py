@@ -74,27 +74,55 @@ def _first_stage(cfg: TokenRunConfig, device):
     return fs
 
 
-def build_token_model(cfg: TokenRunConfig):
-    """(TokenModel, DiscreteProcess) of a run config whose K and token grid are set."""
+def resolve_cond(cfg: TokenRunConfig, dataset) -> TokenRunConfig:
+    """Each class conditioner's num_classes from the data's labels (as config.build.resolve_for_data does)."""
+    cond = {}
+    for key, ccfg in cfg.cond.items():
+        if hasattr(ccfg, "num_classes"):
+            k = dataset.num_classes
+            if k < 1:
+                raise ConfigError(f"cond.{key} (class) needs labelled data, but data.kind={cfg.data.kind} has no "
+                                  f"class labels")
+            if ccfg.num_classes not in (0, k):
+                raise ConfigError(f"cond.{key}.num_classes={ccfg.num_classes} but the data have {k} classes")
+            ccfg = dataclasses.replace(ccfg, num_classes=k)
+        cond[key] = ccfg
+    return dataclasses.replace(cfg, cond=cond)
+
+
+def build_token_model(cfg: TokenRunConfig, conds=()):
+    """(TokenModel, DiscreteProcess) of a run config whose K and token grid are set; conds: the conditioners'
+    CondSpecs."""
     from ..core.discrete_objectives import TokenModel
     from ..nn.token_transformer import TokenTransformer
     from ..protocols import BackboneIO
     K, grid = int(cfg.num_classes), tuple(int(v) for v in cfg.token_grid)
     process = cfg.process.build(K)
-    backbone = TokenTransformer(cfg.backbone, BackboneIO((K, *grid), K))
+    backbone = TokenTransformer(cfg.backbone, BackboneIO((K, *grid), K, tuple(conds)))
     return TokenModel(backbone, process.steps), process
 
 
 def sample_tokens(sample_cfg, net, process, grid: Sequence[int], seeds: Sequence[int], *, device="cpu",
-                  batch: int = 64, callback=None) -> torch.Tensor:
-    """int64 (len(seeds), *grid) tokens, one generator per seed (a seed's tokens do not depend on the batch)."""
+                  batch: int = 64, callback=None, conditioning=None) -> torch.Tensor:
+    """int64 (len(seeds), *grid) tokens, one generator per seed (a seed's tokens do not depend on the batch).
+    With conditioners: each seed's default condition (labels seed % K) and classifier-free guidance at
+    sample_cfg.guidance_scale (guidance.token_cfg)."""
+    from ..guidance.token_cfg import TokenCFG
     from ..sampling.discrete import sample_ancestral, sample_maskgit
+    w = sample_cfg.guidance_scale
+    if w is not None and not conditioning:
+        raise ConfigError("guidance scale: this token run takes no conditions (its config has no cond section)")
+    if w is not None and w != 1.0:
+        net = TokenCFG(net, w, conditioning.null)
     out = []
     for i in range(0, len(seeds), batch):
         chunk = list(seeds[i:i + batch])
         gens = [torch.Generator().manual_seed(int(s)) for s in chunk]
+        cond = conditioning.cond_for(chunk) if conditioning else None
+        if cond is not None:
+            cond = {k: v.to(device) for k, v in cond.items()}
         kw = dict(steps=sample_cfg.steps, generator=gens, temperature=sample_cfg.temperature,
-                  top_p_mass=sample_cfg.top_p, device=device)
+                  top_p_mass=sample_cfg.top_p, device=device, cond=cond)
         with torch.no_grad():
             if sample_cfg.sampler == "maskgit":
                 x = sample_maskgit(net, process, (len(chunk), *grid), choice_temperature=sample_cfg.choice_temperature,
@@ -123,7 +151,7 @@ def train_tokens_run(cfg: TokenRunConfig, run_dir: Path, *, resume: str = "lates
     from ..train.schedule import LRSchedule
     from ..train.token_step import token_step
     from ..train.trainer import Trainer
-    from .build import build_data
+    from .build import build_conditioning, build_data
     from .strict import to_dict
     from .training import complete_config, resume_checkpoint
 
@@ -135,6 +163,9 @@ def train_tokens_run(cfg: TokenRunConfig, run_dir: Path, *, resume: str = "lates
     if t.batch_size % (info.world_size * t.grad_accum):
         raise ConfigError(f"train.batch_size {t.batch_size} must split evenly over {info.world_size} process(es) x "
                           f"{t.grad_accum} accumulation rounds")
+    if cfg.sample.guidance_scale is not None and not cfg.cond:
+        raise ConfigError("sample.guidance_scale: this token run takes no conditions; add a conditioner "
+                          "(--set cond.label.kind=class) or leave the guidance scale unset")
     resume_from = resume_checkpoint(run_dir, resume)
     fs = _first_stage(cfg, device)
     train_set = build_data(cfg.data)
@@ -143,20 +174,24 @@ def train_tokens_run(cfg: TokenRunConfig, run_dir: Path, *, resume: str = "lates
         raise ConfigError(f"the data give images of shape {shape} (C, H, W) but vq_run {cfg.vq_run} was trained on "
                           f"{tuple(fs.data_shape)}; use the same data section as the VQ run")
     tokens = encode_tokens(fs.module, train_set.x, device=device)
-    val_tokens = None
+    val_tokens = val_labels = None
     if cfg.data.val_split:
         val_set = build_data(cfg.data, cfg.data.val_split)
         val_tokens = encode_tokens(fs.module, val_set.x[:t.val_images], device=device)[:, 0].long()
+        val_labels = val_set.label[:t.val_images] if cfg.cond else None
     token_fp = token_fingerprint(dataset_fingerprint(train_set), fs.fingerprint)
     cfg = dataclasses.replace(cfg, num_classes=int(fs.module.cfg.n_codes), token_grid=tuple(tokens.shape[2:]),
                               data_shape=shape, vq_fingerprint=fs.fingerprint, token_fingerprint=token_fp)
+    cfg = resolve_cond(cfg, train_set)
+    conditioning = build_conditioning(cfg.cond, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                                      device=device)
     torch.manual_seed(cfg.seed)
-    model, process = build_token_model(cfg)
-    step = token_step(model, process, cfg.loss, lr=t.lr, schedule=LRSchedule(t.lr, t.warmup_steps, t.steps,
+    model, process = build_token_model(cfg, conditioning.specs)
+    step = token_step(model, process, cfg.loss, make_cond=conditioning if conditioning else None, lr=t.lr, schedule=LRSchedule(t.lr, t.warmup_steps, t.steps,
                                                                             t.lr_schedule),
                       grad_clip=t.grad_clip, betas=tuple(t.betas), weight_decay=t.weight_decay,
                       ema_halflife_images=t.ema_halflife_images, ema_rampup=t.ema_rampup, val_tokens=val_tokens,
-                      val_seed=cfg.seed)
+                      val_labels=val_labels, val_seed=cfg.seed)
     resolved = to_dict(cfg)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +203,7 @@ def train_tokens_run(cfg: TokenRunConfig, run_dir: Path, *, resume: str = "lates
 
     def sample_grid(_unused, k):
         ema = step.ema.get("tokens", step.models["tokens"])
-        x = sample_tokens(cfg.sample, ema, process, cfg.token_grid, seeds, device=device)
+        x = sample_tokens(cfg.sample, ema, process, cfg.token_grid, seeds, device=device, conditioning=conditioning)
         grid = make_grid(decode_tokens(fs.module, x, device=device))
         save_png(grid, run_dir / "samples" / f"grid_{k:08d}.png")
         return grid
@@ -187,12 +222,13 @@ def train_tokens_run(cfg: TokenRunConfig, run_dir: Path, *, resume: str = "lates
 
 @dataclass
 class TokenRun:
-    """A trained token run: its EMA token denoiser (eval mode), process, VQ first stage and config."""
+    """A trained token run: its EMA token denoiser (eval mode), process, VQ first stage, config, conditioners."""
     model: torch.nn.Module
     process: object
     first_stage: object
     config: TokenRunConfig
     checkpoint: Path
+    conditioning: object = None
 
 
 def load_token_run(path: Path | str, device="cpu") -> TokenRun:
@@ -212,11 +248,13 @@ def load_token_run(path: Path | str, device="cpu") -> TokenRun:
     if not isinstance(stored, dict) or "vq_run" not in stored:
         raise CheckpointError(f"{cpath}: not a token run's checkpoint (its config has no vq_run)")
     cfg = from_dict(TokenRunConfig, stored)
+    from .build import build_conditioning
     fs = _first_stage(cfg, device)
-    model, process = build_token_model(cfg)
+    conditioning = build_conditioning(cfg.cond, seed=cfg.seed, device=device)
+    model, process = build_token_model(cfg, conditioning.specs)
     group = "ema_tokens" if "ema_tokens" in c.tensors else "model_tokens"
     model.load_state_dict(c.tensors[group])
-    return TokenRun(model.eval().requires_grad_(False).to(device), process, fs, cfg, cpath)
+    return TokenRun(model.eval().requires_grad_(False).to(device), process, fs, cfg, cpath, conditioning)
 
 
 def sample_token_run(run: TokenRun, seeds: Sequence[int], outdir: Path, *, sample_cfg=None, device="cpu",
@@ -227,7 +265,7 @@ def sample_token_run(run: TokenRun, seeds: Sequence[int], outdir: Path, *, sampl
     sample_cfg = sample_cfg or run.config.sample
     prepare_outdir(outdir, overwrite)
     x = sample_tokens(sample_cfg, run.model, run.process, run.config.token_grid, seeds, device=device,
-                      callback=callback)
+                      callback=callback, conditioning=run.conditioning)
     images = decode_tokens(run.first_stage.module, x, device=device)
     paths = save_images(images, outdir, seeds)
     save_png(make_grid(images[:64]), Path(outdir) / "grid.png")

@@ -36,8 +36,10 @@ def token_step(model: TokenModel, process: DiscreteProcess, loss: DiscreteLossCo
                lr: float = 3e-4, schedule: Optional[LRSchedule] = None, grad_clip: float = 1.0,
                betas=(0.9, 0.999), weight_decay: float = 0.0, ema_halflife_images: float = 50_000.0,
                ema_rampup: Optional[float] = 0.05, make_cond: Callable[[dict, Optional[int]], Cond] | None = None,
-               val_tokens: Optional[Tensor] = None, val_seed: int = 0) -> MultiModelStep:
-    """The TrainStep of a token model (see the module notes); val_tokens int64 (n, h, w) for val_bpt."""
+               val_tokens: Optional[Tensor] = None, val_labels: Optional[Tensor] = None,
+               val_seed: int = 0) -> MultiModelStep:
+    """The TrainStep of a token model (see the module notes); val_tokens int64 (n, h, w) (with val_labels (n,)
+    for a conditional model: make_cond(batch, None), no dropout) for val_bpt."""
     make_cond = make_cond or (lambda batch, step: None)
 
     def loss_fn(nets, batch, step, g) -> Tensor:
@@ -54,7 +56,10 @@ def token_step(model: TokenModel, process: DiscreteProcess, loss: DiscreteLossCo
         total = 0.0
         for i in range(0, len(val_tokens), 256):
             x0 = val_tokens[i:i + 256].to(dev)
-            out = discrete_loss(process, net, x0, None, config=DiscreteLossConfig("vlb"), generator=g)
+            cond = None
+            if val_labels is not None:
+                cond = make_cond({"x": x0, "label": val_labels[i:i + 256].to(dev)}, None)
+            out = discrete_loss(process, net, x0, cond, config=DiscreteLossConfig("vlb"), generator=g)
             total += float(bits_per_token(out.vlb, x0[0].numel()).sum())
         return {"val_bpt": total / len(val_tokens)}
 
