@@ -17,28 +17,18 @@ from ..errors import ConfigError
 from ..train.distributed import DistInfo
 from ..train.trainer import TrainResult
 from .ae_schema import AERunConfig
-from .presets_io import _suggest
-from .strict import apply_overrides, from_dict, load_yaml
+from .presets_io import load_preset, preset_names
+from .strict import apply_overrides, from_dict
 
 
 # ------------------------------------------------------------------------------------------- presets
 def ae_preset_names() -> list[str]:
-    from importlib import resources
-    root = resources.files(__package__) / "presets" / "ae"
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    return preset_names("ae")
 
 
 def load_ae_preset(name_or_path: str) -> dict:
-    """An autoencoder preset by name (ae_preset_names()) or a path to a YAML file."""
-    from importlib import resources
-    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
-        return load_yaml(Path(name_or_path))
-    names = ae_preset_names()
-    if name_or_path not in names:
-        raise ConfigError(f"unknown autoencoder preset '{name_or_path}'{_suggest(name_or_path, names)}; valid: "
-                          f"{', '.join(names)} (or a path to a .yaml file)")
-    with resources.as_file(resources.files(__package__) / "presets" / "ae" / f"{name_or_path}.yaml") as p:
-        return load_yaml(p)
+    """A autoencoder preset by name (ae_preset_names()) or a path to a YAML file."""
+    return load_preset(name_or_path, "ae", "autoencoder preset")
 
 
 def resolve_ae(base: dict, overrides: list[str]) -> AERunConfig:
@@ -93,7 +83,6 @@ def train_ae_run(cfg: AERunConfig, run_dir: Path, *, resume: str = "latest", all
     """Train (or resume) the autoencoder run of a resolved config in run_dir (resume: latest | none | a checkpoint
     path, as config.training.train_run). Writes config.yaml, metrics.csv, log.txt, samples/recon_<step>.png and
     checkpoints/."""
-    import yaml
 
     from ..autoencoders.discriminator import PatchDiscriminator
     from ..data import dataset_fingerprint
@@ -104,7 +93,7 @@ def train_ae_run(cfg: AERunConfig, run_dir: Path, *, resume: str = "latest", all
     from .build import build_data
     from .first_stage import build_autoencoder
     from .strict import to_dict
-    from .training import complete_config, resume_checkpoint
+    from .training import complete_config, resume_checkpoint, write_run_config
 
     info = dist
     if cfg.train.eval_every:
@@ -131,11 +120,7 @@ def train_ae_run(cfg: AERunConfig, run_dir: Path, *, resume: str = "latest", all
                          perceptual=perceptual, val_x=val_x)
     resolved = to_dict(cfg)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        tmp.replace(run_dir / "config.yaml")
+        write_run_config(run_dir, resolved)
     grid_source = (val_set if val_set is not None else train_set).x[:cfg.recon.grid_images]
 
     def recon_grid(_unused, k):

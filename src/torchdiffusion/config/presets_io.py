@@ -9,8 +9,9 @@ from .schema import RunConfig
 from .strict import _suggest, apply_overrides, from_dict, load_yaml
 
 
-def preset_names() -> list[str]:
-    root = resources.files(__package__) / "presets"
+def preset_names(folder: str = "") -> list[str]:
+    """The shipped presets of a family: "" the diffusion runs', "ae" train-ae's, "tokens" train-tokens'."""
+    root = resources.files(__package__) / "presets" / folder if folder else resources.files(__package__) / "presets"
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -22,15 +23,17 @@ def preset_summary(name: str) -> str:
     return first.split(": ", 1)[0].rstrip(".")
 
 
-def load_preset(name_or_path: str) -> dict:
-    """A preset by name (see preset_names()) or a path to a YAML file."""
+def load_preset(name_or_path: str, folder: str = "", what: str = "preset") -> dict:
+    """A preset of a family (preset_names(folder)) by name, or a path to a YAML file; `what` names the family in
+    the error ("autoencoder preset", "token preset")."""
     if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
         return load_yaml(Path(name_or_path))
-    names = preset_names()
+    names = preset_names(folder)
     if name_or_path not in names:
-        raise ConfigError(f"unknown preset '{name_or_path}'{_suggest(name_or_path, names)}; valid: {', '.join(names)} "
+        raise ConfigError(f"unknown {what} '{name_or_path}'{_suggest(name_or_path, names)}; valid: {', '.join(names)} "
                           f"(or a path to a .yaml file)")
-    with resources.as_file(resources.files(__package__) / "presets" / f"{name_or_path}.yaml") as p:
+    root = resources.files(__package__) / "presets"
+    with resources.as_file((root / folder if folder else root) / f"{name_or_path}.yaml") as p:
         return load_yaml(p)
 
 

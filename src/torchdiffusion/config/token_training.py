@@ -23,29 +23,20 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..train.distributed import DistInfo
 from ..train.trainer import TrainResult
-from .presets_io import _suggest
-from .strict import apply_overrides, from_dict, load_yaml
+from .presets_io import load_preset, preset_names
+from .strict import apply_overrides, from_dict
 from .token_schema import TokenRunConfig
 
 SET_AT_START = ("num_classes", "token_grid", "data_shape", "vq_fingerprint", "token_fingerprint")
 
 
 def token_preset_names() -> list[str]:
-    from importlib import resources
-    root = resources.files(__package__) / "presets" / "tokens"
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    return preset_names("tokens")
 
 
 def load_token_preset(name_or_path: str) -> dict:
-    from importlib import resources
-    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
-        return load_yaml(Path(name_or_path))
-    names = token_preset_names()
-    if name_or_path not in names:
-        raise ConfigError(f"unknown token preset '{name_or_path}'{_suggest(name_or_path, names)}; valid: "
-                          f"{', '.join(names)} (or a path to a .yaml file)")
-    with resources.as_file(resources.files(__package__) / "presets" / "tokens" / f"{name_or_path}.yaml") as p:
-        return load_yaml(p)
+    """A token preset by name (token_preset_names()) or a path to a YAML file."""
+    return load_preset(name_or_path, "tokens", "token preset")
 
 
 def resolve_tokens(base: dict, overrides: list[str]) -> TokenRunConfig:
@@ -141,7 +132,6 @@ def train_tokens_run(cfg: TokenRunConfig, run_dir: Path, *, resume: str = "lates
                      should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train (or resume) a token run in run_dir: config.yaml, metrics.csv, log.txt, samples/grid_<step>.png
     (decoded through the VQ decoder), checkpoints/ (model_tokens, ema_tokens, optim_tokens)."""
-    import yaml
 
     from ..data import dataset_fingerprint
     from ..data.dataset import ImageArrayDataset
@@ -153,7 +143,7 @@ def train_tokens_run(cfg: TokenRunConfig, run_dir: Path, *, resume: str = "lates
     from ..train.trainer import Trainer
     from .build import build_conditioning, build_data
     from .strict import to_dict
-    from .training import complete_config, resume_checkpoint
+    from .training import complete_config, resume_checkpoint, write_run_config
 
     info = dist
     t = cfg.train
@@ -194,11 +184,7 @@ def train_tokens_run(cfg: TokenRunConfig, run_dir: Path, *, resume: str = "lates
                       val_labels=val_labels, val_seed=cfg.seed)
     resolved = to_dict(cfg)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        tmp.replace(run_dir / "config.yaml")
+        write_run_config(run_dir, resolved)
     seeds = list(range(cfg.sample.grid_images))
 
     def sample_grid(_unused, k):

@@ -35,6 +35,16 @@ def complete_config(cls, stored: dict, current: dict | None = None) -> dict:
     return out
 
 
+def write_run_config(run_dir: Path, resolved: dict) -> None:
+    """RUN/config.yaml (atomically: tmp + rename) and RUN/samples/, as every training command writes them."""
+    import yaml
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    tmp.replace(run_dir / "config.yaml")
+
+
 def resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint a training command resumes from: --resume latest (the run folder's newest verified
     checkpoint, None in a new folder), none (a new run: refused if the folder holds checkpoints) or a path (must
@@ -73,7 +83,6 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: str = "latest", allow_ch
 def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: bool, dist: DistInfo,
                device: torch.device, progress: bool | None, until_step: int | None,
                should_stop: Callable[[], bool] | None) -> TrainResult:
-    import yaml
     info = dist
 
     from .build import build_codec, build_conditioning, build_data, build_objective, build_run_model, \
@@ -114,11 +123,7 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
     objective = build_objective(cfg.objective, model_cfg)
     resolved = to_dict(cfg)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        tmp.replace(run_dir / "config.yaml")
+        write_run_config(run_dir, resolved)
         if is_latent(model_cfg.codec):
             write_codec_record(run_dir, model_cfg)
 
