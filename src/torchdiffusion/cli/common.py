@@ -175,6 +175,27 @@ def training_options(f):
     return f
 
 
+def preset_or_saved(preset, run_dir, load_preset: Callable[[str], dict], *, command: str, presets: str,
+                    marker: str, kind: str, marker_text: str | None = None) -> tuple[Path, dict]:
+    """(run folder, base config) of a training command without a default preset (train-ae, train-tokens): --preset
+    (runs/<preset> by default), or the saved config.yaml of an existing --run to resume, which must hold `marker`
+    (the key that tells a `kind` run's config from another's; marker_text names it in the message)."""
+    from ..config.strict import load_yaml
+    saved = run_dir / "config.yaml" if run_dir is not None else None
+    if preset is None and not (saved is not None and saved.exists()):
+        raise ConfigError(f"{command} needs --preset ({presets} or a YAML path), or --run of an existing {kind} run "
+                          f"to resume")
+    run_dir = run_dir or Path("runs") / Path(preset).stem
+    saved = run_dir / "config.yaml"
+    if not (saved.exists() and preset is None):
+        return run_dir, load_preset(preset)
+    base = load_yaml(saved)
+    if marker not in base:
+        raise ConfigError(f"{saved} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} run's config (no {marker_text or marker}); "
+                          f"give --preset")
+    return run_dir, base
+
+
 def run_training(train_fn: Callable, cfg, run_dir: Path, info, *, resume: str, allow_changes: bool, device: str,
                  progress, until_step) -> None:
     """train_fn(cfg, run_dir, ...) (config.training.train_run or config.ae_training.train_ae_run) with SIGTERM/SIGINT

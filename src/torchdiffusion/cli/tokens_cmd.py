@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import dist_info, parse_seeds, resolve_device, run_training, set_threads, training_options
+from .common import (dist_info, parse_seeds, preset_or_saved, resolve_device, run_training, set_threads,
+                     training_options)
 
 
 @click.command("train-tokens")
@@ -20,21 +21,13 @@ def train_tokens_cmd(preset, overrides, run_dir, resume, allow_config_change, pr
     """Train a token model on the VQ indices of the data; running it again on the same run folder resumes."""
     import yaml
 
-    from ..config.strict import load_yaml, to_dict
+    from ..config.strict import to_dict
     from ..config.token_training import load_token_preset, resolve_tokens, train_tokens_run
-    from ..errors import ConfigError
 
     info = dist_info()
     set_threads(threads, info.world_size)
-    saved = run_dir / "config.yaml" if run_dir is not None else None
-    if preset is None and not (saved is not None and saved.exists()):
-        raise ConfigError("train-tokens needs --preset (fashion-vq-tokens or a YAML path), or --run of an existing "
-                          "token run to resume")
-    run_dir = run_dir or Path("runs") / Path(preset).stem
-    saved = run_dir / "config.yaml"
-    base = load_yaml(saved) if saved.exists() and preset is None else load_token_preset(preset)
-    if saved.exists() and preset is None and "vq_run" not in base:
-        raise ConfigError(f"{saved} is not a token run's config (no vq_run); give --preset")
+    run_dir, base = preset_or_saved(preset, run_dir, load_token_preset, command="train-tokens",
+                                    presets="fashion-vq-tokens", marker="vq_run", kind="token")
     cfg = resolve_tokens(base, list(overrides))
     if print_config:
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import dist_info, run_training, set_threads, training_options
+from .common import dist_info, preset_or_saved, run_training, set_threads, training_options
 
 
 @click.command("train-ae")
@@ -21,20 +21,13 @@ def train_ae_cmd(preset, overrides, run_dir, resume, allow_config_change, print_
     import yaml
 
     from ..config.ae_training import load_ae_preset, resolve_ae, train_ae_run
-    from ..config.strict import load_yaml, to_dict
-    from ..errors import ConfigError
+    from ..config.strict import to_dict
 
     info = dist_info()
     set_threads(threads, info.world_size)
-    saved = run_dir / "config.yaml" if run_dir is not None else None
-    if preset is None and not (saved is not None and saved.exists()):
-        raise ConfigError("train-ae needs --preset (mnist-kl-f4, mnist-vq-f4, fashion-kl-f4, fashion-vq-f4 or a YAML "
-                          "path), or --run of an existing autoencoder run to resume")
-    run_dir = run_dir or Path("runs") / Path(preset).stem
-    saved = run_dir / "config.yaml"
-    base = load_yaml(saved) if saved.exists() and preset is None else load_ae_preset(preset)
-    if saved.exists() and preset is None and "ae" not in base:
-        raise ConfigError(f"{saved} is not an autoencoder run's config (no 'ae' section); give --preset")
+    run_dir, base = preset_or_saved(preset, run_dir, load_ae_preset, command="train-ae",
+                                    presets="mnist-kl-f4, mnist-vq-f4, fashion-kl-f4, fashion-vq-f4", marker="ae",
+                                    kind="autoencoder", marker_text="'ae' section")
     cfg = resolve_ae(base, list(overrides))
     if print_config:
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
