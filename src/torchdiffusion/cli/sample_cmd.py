@@ -85,6 +85,28 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
                           warn=lambda msg: click.echo(msg, err=True))
 
 
+def autoguided(run, path: Path, scale: float, weights: str, device):
+    """run.model guided by the model at `path` (guidance.autoguidance), after checking that the two models share
+    the process, the data and the conditions (a guide of another task is refused in one line)."""
+    from ..config.loaders import load_run
+    from ..config.strict import to_dict
+    from ..guidance.autoguidance import AutoGuidance
+
+    if not path.exists():
+        raise ConfigError(f"--autoguide {path}: no such run or checkpoint folder")
+    is_run = (path / "checkpoints").is_dir()
+    bad = load_run(path if is_run else None, None if is_run else path, weights, device)
+    for what in ("data", "model.process", "cond"):
+        mine, theirs = run.config, bad.config
+        for part in what.split("."):
+            mine, theirs = getattr(mine, part, None), getattr(theirs, part, None)
+        mine, theirs = (to_dict(v) if v is not None and not isinstance(v, dict) else v for v in (mine, theirs))
+        if mine != theirs:
+            raise ConfigError(f"--autoguide {path}: its {what} differs from the sampled run's; the guide must be a "
+                              f"weaker model of the same data, process and conditions")
+    return AutoGuidance(run.model, bad.model, scale)
+
+
 # --------------------------------------------------------------------------------------------- sample
 @click.command()
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None,
@@ -108,10 +130,15 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--autoguide", "autoguide_path", type=click.Path(path_type=Path), default=None,
+              help="Autoguidance (Karras et al. 2024): a weaker model of the same task (a run folder or a checkpoint "
+                   "folder, e.g. an early checkpoint of the same run) to guide away from.")
+@click.option("--autoguide-scale", type=float, default=2.0, show_default=True,
+              help="With --autoguide: w in D_bad + w (D_good - D_bad); 1 = the model alone.")
 @quiet_option
 @guidance_options  # --labels, --guidance-scale/-interval, --classifier(-scale), --reject* (above)
 def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
-           device, grid_file=None, **guidance):
+           device, grid_file=None, autoguide_path=None, autoguide_scale=2.0, **guidance):
     """Generate one PNG per seed, a grid, and samples.json."""
     from ..config.build import build_sigmas
     from ..config.loaders import load_run
@@ -133,8 +160,11 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
                            eta=eta, grids=GRIDS)
     fn, options, nfe = build_run_sampler(scfg, sampler_opts)
     sigmas = build_sigmas(scfg, run.model.process)
-    counter = CountingDenoiser(run.model) if nfe is None else None  # adaptive samplers: measure the NFE
-    guided = guided_sampling(run, counter or run.model, seed_list, dev, world_size=info.world_size, **guidance)
+    base = run.model
+    if autoguide_path is not None:
+        base = autoguided(run, autoguide_path, autoguide_scale, weights, dev)
+    counter = CountingDenoiser(base) if nfe is None else None  # adaptive samplers: measure the NFE
+    guided = guided_sampling(run, counter or base, seed_list, dev, world_size=info.world_size, **guidance)
     with progress_for(len(seed_list[info.rank::info.world_size]), "sample", off=not info.is_main) as progress:
         record = sample_run(run, guided, seed_list, outdir, sample_config=scfg, sampler=fn, sampler_options=options,
                             sigmas=sigmas, nfe=nfe, seeds_text=seeds, batch=batch, rank=info.rank,

@@ -1,0 +1,78 @@
+"""Autoguidance (guidance.autoguidance): identities at w = 0 and 1, the interval, and the closed form on Gaussian
+data, where D_w must be the exact denoiser of p_1^w p_0^(1-w)."""
+import torch
+
+from torchdiffusion.guidance.autoguidance import AutoGuidance
+
+
+def gaussian_denoiser(mean: float, var: float):
+    """Exact E[x0 | x] for x0 ~ N(mean, var) per coordinate, x = x0 + sigma n."""
+
+    def d(x, sigma, cond=None):
+        s2 = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).double() ** 2
+        return (mean + var / (var + s2) * (x.double() - mean)).to(x.dtype)
+
+    return d
+
+
+class Counting:
+    def __init__(self, d):
+        self.d, self.calls = d, 0
+
+    def __call__(self, *a):
+        self.calls += 1
+        return self.d(*a)
+
+
+def test_scale_one_is_the_good_model_and_zero_the_bad_one():
+    good, bad = Counting(gaussian_denoiser(0.3, 1.0)), Counting(gaussian_denoiser(-0.2, 2.0))
+    x, sigma = torch.randn(4, 1, 3, 3), torch.full((4,), 0.7)
+    assert torch.equal(AutoGuidance(good, bad, 1.0)(x, sigma), good.d(x, sigma)) and bad.calls == 0
+    assert torch.equal(AutoGuidance(good, bad, 0.0)(x, sigma), bad.d(x, sigma))
+
+
+def test_matches_the_exact_denoiser_of_the_tilted_gaussian():
+    """Scores add: w grad log p_1 + (1 - w) grad log p_0 with p_i = N(m_i, v_i + sigma^2) is the score of a Gaussian
+    of precision w / (v_1 + s2) + (1 - w) / (v_0 + s2); D = x + sigma^2 score."""
+    m1, v1, m0, v0, w = 0.4, 0.5, -0.3, 1.5, 2.5
+    x = torch.randn(6, 2, 4, dtype=torch.float64) * 2
+    sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0, 20.0], dtype=torch.float64)
+    d = AutoGuidance(gaussian_denoiser(m1, v1), gaussian_denoiser(m0, v0), w)(x, sigma)
+    s2 = sigma.reshape(-1, 1, 1) ** 2
+    score = -w * (x - m1) / (v1 + s2) - (1 - w) * (x - m0) / (v0 + s2)
+    torch.testing.assert_close(d, x + s2 * score, rtol=1e-12, atol=1e-12)
+
+
+def test_interval_falls_back_to_the_good_model_outside():
+    good, bad = gaussian_denoiser(0.3, 1.0), gaussian_denoiser(-0.2, 2.0)
+    x, sigma = torch.randn(3, 1, 2, 2), torch.tensor([0.1, 1.0, 10.0])
+    out = AutoGuidance(good, bad, 2.0, interval=(0.5, 5.0))(x, sigma)
+    full = AutoGuidance(good, bad, 2.0)(x, sigma)
+    assert torch.equal(out[1], full[1])
+    assert torch.equal(out[0], good(x, sigma)[0]) and torch.equal(out[2], good(x, sigma)[2])
+    assert not torch.equal(out[1], good(x, sigma)[1])
+
+
+def _sample(run, out, *extra):
+    from tiny_runs import invoke
+
+    invoke(["sample", "--run", run, "--outdir", out, "--seeds", "0-1", "--batch", "2", "--quiet", *extra])
+    return (out / "grid.png").read_bytes()
+
+
+def test_sample_command_autoguide(tiny_run, tmp_path):
+    """A guide equal to the model changes nothing at any scale (D_0 + w (D_1 - D_0) = D_1 exactly when D_0 = D_1);
+    a guide trained on other data, or a missing one, is refused in one line."""
+    from tiny_runs import TINY_RUN, invoke
+
+    plain = _sample(tiny_run, tmp_path / "plain")
+    assert _sample(tiny_run, tmp_path / "self", "--autoguide", tiny_run, "--autoguide-scale", "3") == plain
+    other = tmp_path / "other"
+    args = ["train", "--run", other, "--no-progress"]
+    for s in TINY_RUN + ["data.limit=32"]:
+        args += ["--set", s]
+    invoke(args)
+    r = invoke(["sample", "--run", tiny_run, "--outdir", tmp_path / "x", "--autoguide", other], expect=2)
+    assert "its data differs" in r.output and "Traceback" not in r.output
+    r = invoke(["sample", "--run", tiny_run, "--outdir", tmp_path / "y", "--autoguide", tmp_path / "nope"], expect=2)
+    assert "no such run or checkpoint folder" in r.output
