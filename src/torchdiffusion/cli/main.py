@@ -79,6 +79,7 @@ COMMANDS = (
     ("train_cmd", "train"),
     ("train_ae_cmd", "train_ae_cmd"),
     ("sample_cmd", "sample"),
+    ("cascade_cmd", "cascade_group"),
     ("env_cmd", "data"),
     ("env_cmd", "env"),
     ("guidance_cmd", "train_classifier_cmd"),

@@ -156,6 +156,11 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
     if info.is_main:  # before the model loads: a refusal costs nothing (several processes: the main one checks)
         prepare_outdir(outdir, overwrite)
     run = load_run(run_dir, ckpt_path, weights, dev)
+    sr = [name for name, c in run.conditioning.items.items() if hasattr(c, "low_res_of")]
+    if sr:
+        raise ConfigError(f"{run.path} is a super-resolution stage (cond.{sr[0]}): it needs a low-resolution input; "
+                          f"sample it with `torchdiffusion cascade sample --stage BASE_RUN --stage SR_RUN` or "
+                          f"`cascade sample --low-res DIR --stage SR_RUN`")
     scfg = override_sample(run.config.sample, sampler=sampler, steps=steps, grid=grid_kind, grid_file=grid_file,
                            eta=eta, grids=GRIDS)
     fn, options, nfe = build_run_sampler(scfg, sampler_opts)

@@ -112,6 +112,12 @@ def resolve_for_data(cfg: RunConfig, dataset, where: str = "data") -> RunConfig:
                 raise ConfigError(f"cond.{key}.num_classes={ccfg.num_classes} but the data have {k} classes; "
                                   f"leave it at 0 (set from the data) or set {k}")
             ccfg = dataclasses.replace(ccfg, num_classes=k)
+        if hasattr(ccfg, "for_data"):  # a super-resolution conditioner: channels and target size from the data
+            latent = tuple(build_codec(cfg.model.codec).latent_shape(shape))
+            if latent != shape:
+                raise ConfigError(f"cond.{key} ({type(ccfg).__name__}) concatenates pixels; it needs the pixel-space "
+                                  f"codec (model.codec.kind=identity), not a latent codec")
+            ccfg = ccfg.for_data(shape[0], shape[1:], f"cond.{key}")
         cond[key] = ccfg
     model = dataclasses.replace(cfg.model, data_shape=shape)
     data = dataclasses.replace(cfg.data, class_names=tuple(str(c) for c in dataset.class_names))
@@ -174,6 +180,12 @@ def build_data(cfg: DataConfig, split: str | None = None):
                           f"file's path); set it, or "
                           + ("set data.val_split=null for no validation loss" if split else "data.split=train"))
     dataset = build_dataset(cfg.kind, **{k: v for k, v in options.items() if k in valid})
+    if cfg.downsample != 1:  # a cascade's base stage: the one down-sampler of data.resize, kept at rest as uint8
+        from ..data.resize import check_factor, downsample_uint8
+        check_factor(cfg.downsample, tuple(dataset.x.shape[-2:]), where="data.downsample")
+        dataset = ImageArrayDataset(downsample_uint8(dataset.x, cfg.downsample), dataset.label,
+                                    class_names=dataset.class_names,
+                                    info={**dict(dataset.info or {}), "downsample": cfg.downsample})
     if cfg.limit is not None:
         if cfg.limit < 1:
             raise ConfigError(f"data.limit must be >= 1 (or null for all images), got {cfg.limit}")

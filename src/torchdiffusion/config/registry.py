@@ -248,6 +248,7 @@ def _register_builtin() -> None:
     from ..autoencoders.kl import KLAutoencoder, KLConfig
     from ..autoencoders.vq import VQAutoencoder, VQConfig
     from ..conditioners.classlabel import ClassConditioner, ClassConditionerConfig
+    from ..conditioners.low_res import LowResConditioner, LowResConfig
     from ..nn.diffusers_unet import DiffusersUNet2DConfig, build_diffusers_unet
     from ..nn.dit import DiTConfig, build_dit
     from ..nn.token_transformer import TokenTransformerConfig, build_token_transformer
@@ -273,6 +274,8 @@ def _register_builtin() -> None:
     register_autoencoder("vq", VQConfig, VQAutoencoder, "vector-quantised autoencoder, VQGAN (Esser et al. 2021)")
     register_conditioner("class", ClassConditionerConfig, ClassConditioner,
                          "class label with dropout to the null label (classifier-free guidance)")
+    register_conditioner("low_res", LowResConfig, LowResConditioner,
+                         "super-resolution: the down-sampled image, noise/blur augmented, concatenated (CDM)")
 
 
 _register_builtin()

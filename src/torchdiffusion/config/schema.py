@@ -60,6 +60,7 @@ class DataConfig:
     channels: Literal["auto", "L", "RGB", "RGBA"] = "L"  # folder: auto keeps what the files are
     limit: Optional[int] = None  # use only the first N images of each split (small-data experiments, tests)
     resolution: Optional[int] = None  # resize/center-crop folder images; pad MNIST-like 28x28 to this size
+    downsample: int = 1  # > 1: area-average by this factor (data.resize; a cascade's base stage, e.g. 28 -> 14)
     bad_files: Literal["skip", "error"] = "error"  # folder: skip bad files (counted) or fail before step 0
     labels: Literal["none", "folder", "json"] = "none"  # folder: class labels from first-level subfolder names,
     #   or json: from the dataset.json of EDM's dataset_tool layout (what `torchdiffusion data prepare` writes)
@@ -73,6 +74,8 @@ class DataConfig:
             close = difflib.get_close_matches(self.kind, list(DATASETS), n=1)
             raise ValueError(f"kind {self.kind!r} is not valid{f' (did you mean {close[0]!r}?)' if close else ''}; "
                              f"valid: {', '.join(DATASETS)}")
+        if isinstance(self.downsample, bool) or not isinstance(self.downsample, int) or self.downsample < 1:
+            raise ValueError(f"downsample must be an integer >= 1 (1: full resolution), got {self.downsample!r}")
 
 
 @dataclass(frozen=True)

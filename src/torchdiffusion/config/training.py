@@ -106,6 +106,8 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
                                       device=device)
     make_cond = conditioning if conditioning else None  # conditioners: cond from the batch, with their dropout
     cond_for = conditioning.cond_for if conditioning else None  # training grids: each conditioner's default
+    if conditioning and low_res_names(conditioning):  # super resolution: grids of the held-out images' low res
+        cond_for = reference_low_res(conditioning, val_set if val_set is not None else train_set)
     model_cfg = cfg.model
     resume_from = resume_checkpoint(run_dir, resume)
     encode_batch, loop_set = None, train_set
@@ -152,6 +154,24 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
         return trainer.fit(resume_from, allow_changes)
     finally:
         distributed.shutdown(info)
+
+
+def low_res_names(conditioning) -> list[str]:
+    """The names of the run's super-resolution conditioners (those that make a low-res image from a batch)."""
+    return [name for name, c in conditioning.items.items() if hasattr(c, "low_res_of")]
+
+
+def reference_low_res(conditioning, dataset):
+    """cond_for(seeds) of an SR run's training grids and in-loop evaluation: seed i is conditioned on the low-res
+    version of image i % N of `dataset` (the conditioners' own down-sampler, their sampling level)."""
+    from ..conditioners.low_res import LowResInput
+
+    def cond_for(seeds):
+        idx = torch.tensor([int(s) % len(dataset) for s in seeds], dtype=torch.int64)
+        batch = dataset.batch(idx)
+        return conditioning.for_sampling(seeds, {name: LowResInput(conditioning[name].low_res_of(batch))
+                                                 for name in low_res_names(conditioning)})
+    return cond_for
 
 
 def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=None, cache_dir=None, decode=None):
