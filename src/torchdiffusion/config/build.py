@@ -180,17 +180,17 @@ def build_data(cfg: DataConfig, split: str | None = None):
                           f"file's path); set it, or "
                           + ("set data.val_split=null for no validation loss" if split else "data.split=train"))
     dataset = build_dataset(cfg.kind, **{k: v for k, v in options.items() if k in valid})
+    if cfg.limit is not None:
+        if cfg.limit < 1:
+            raise ConfigError(f"data.limit must be >= 1 (or null for all images), got {cfg.limit}")
+        dataset = ImageArrayDataset(dataset.x[:cfg.limit], dataset.label[:cfg.limit],
+                                    class_names=dataset.class_names, info=dataset.info)
     if cfg.downsample != 1:  # a cascade's base stage: the one down-sampler of data.resize, kept at rest as uint8
         from ..data.resize import check_factor, downsample_uint8
         check_factor(cfg.downsample, tuple(dataset.x.shape[-2:]), where="data.downsample")
         dataset = ImageArrayDataset(downsample_uint8(dataset.x, cfg.downsample), dataset.label,
                                     class_names=dataset.class_names,
                                     info={**dict(dataset.info or {}), "downsample": cfg.downsample})
-    if cfg.limit is not None:
-        if cfg.limit < 1:
-            raise ConfigError(f"data.limit must be >= 1 (or null for all images), got {cfg.limit}")
-        dataset = ImageArrayDataset(dataset.x[:cfg.limit], dataset.label[:cfg.limit],
-                                    class_names=dataset.class_names, info=dataset.info)
     return dataset
 
 
