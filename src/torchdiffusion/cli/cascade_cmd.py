@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import click
 
 from ..errors import ConfigError
-from .common import build_run_sampler, make_extractor, parse_seeds, resolve_device, set_threads
+from .common import build_run_sampler, load_real_images, make_extractor, parse_seeds, resolve_device, set_threads
 
 
 def _per_stage(text: Optional[str], n: int, name: str, cast=str) -> list:
@@ -205,7 +205,6 @@ def cascade_sweep(stage_paths, low_res_dir, outdir, seeds, batch, sampler, steps
     from ..conditioners.low_res import level_text, parse_level
     from ..pipelines.cascade import level_grid
     from ..pipelines.cascade_sweep import plot_sweep, sweep_levels, sweep_table
-    from .eval_cmd import load_real_images
 
     seed_list = parse_seeds(seeds)
     prepare_cascade_outdir(outdir, overwrite)

@@ -133,6 +133,42 @@ def make_extractor(feature_weights, classifier, batch: int, device):
     return InceptionFeatures(feature_weights, batch_size=batch, device=device, option="--feature-weights PATH")
 
 
+# ------------------------------------------------------------------------------------------- real images
+#: the data sets `--real NAME:SPLIT` names (eval, cascade sweep)
+DATASETS = ("mnist", "fashion-mnist")
+
+
+def load_real_images(spec: str, split: str | None = None, limit: int | None = None) -> tuple[torch.Tensor, str]:
+    """'mnist:test' / 'fashion-mnist:train' / a folder (or ZIP) of images -> (uint8 images, source label)."""
+    from ..data import load_fashion_mnist, load_image_folder, load_mnist
+    from ..errors import DataError
+    from ..pipelines.images import IMAGE_EXT, load_sample_folder
+
+    name, _, sp = spec.partition(":")
+    if name in DATASETS:
+        sp = sp or split or "test"
+        ds = (load_mnist if name == "mnist" else load_fashion_mnist)(sp)
+        source = f"{name}:{sp}"
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise DataError(f"{spec}: not a data set ({', '.join(DATASETS)}, e.g. mnist:test), a statistics file "
+                            f"or a folder of images")
+        if p.is_dir() and any(q.suffix.lower() in IMAGE_EXT for q in p.iterdir()):
+            x = load_sample_folder(p, option="--real")[0]  # a flat folder (e.g. samples): seed order, grid.png skipped
+        else:
+            x = load_image_folder(p, channels="auto").x  # class subfolders or a ZIP
+        source = f"folder:{p.resolve().name}"
+    if name in DATASETS:
+        x = ds.x
+    if limit is not None:
+        if limit < 2:
+            raise ConfigError(f"--limit must be >= 2, got {limit}")
+        x = x[:limit]
+        source += f"[:{len(x)}]"
+    return x, source
+
+
 # ------------------------------------------------------------------------------------------- progress
 def _remember_quiet(ctx: click.Context, param, value: bool) -> None:
     ctx.meta["torchdiffusion.quiet"] = bool(value)

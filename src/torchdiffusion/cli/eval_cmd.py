@@ -21,10 +21,10 @@ import click
 import torch
 
 from ..errors import ConfigError, DataError
-from ..pipelines.images import IMAGE_EXT, load_sample_folder
-from .common import make_extractor, progress_for, quiet_option, resolve_device, set_threads
+from ..pipelines.images import load_sample_folder
+from .common import (DATASETS, load_real_images, make_extractor, progress_for, quiet_option, resolve_device,
+                     set_threads)
 
-DATASETS = ("mnist", "fashion-mnist")
 
 
 def _echo_err(msg: str) -> None:
@@ -32,35 +32,6 @@ def _echo_err(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def load_real_images(spec: str, split: str | None = None, limit: int | None = None) -> tuple[torch.Tensor, str]:
-    """'mnist:test' / 'fashion-mnist:train' / a folder (or ZIP) of images -> (uint8 images, source label)."""
-    from ..data import load_fashion_mnist, load_image_folder, load_mnist
-
-    name, _, sp = spec.partition(":")
-    if name in DATASETS:
-        sp = sp or split or "test"
-        ds = (load_mnist if name == "mnist" else load_fashion_mnist)(sp)
-        source = f"{name}:{sp}"
-    else:
-        p = Path(spec)
-        if not p.exists():
-            raise DataError(f"{spec}: not a data set ({', '.join(DATASETS)}, e.g. mnist:test), a statistics file "
-                            f"or a folder of images")
-        if p.is_dir() and any(q.suffix.lower() in IMAGE_EXT for q in p.iterdir()):
-            x = load_sample_folder(p, option="--real")[0]  # a flat folder (e.g. samples): seed order, grid.png skipped
-        else:
-            x = load_image_folder(p, channels="auto").x  # class subfolders or a ZIP
-        source = f"folder:{p.resolve().name}"
-    if name in DATASETS:
-        x = ds.x
-    if limit is not None:
-        if limit < 2:
-            raise ConfigError(f"--limit must be >= 2, got {limit}")
-        x = x[:limit]
-        source += f"[:{len(x)}]"
-    return x, source
-
-
 def _progress(what: str):
     """progress(done, total) of feature extraction: a bar on a terminal, else lines with an ETA (cli.common)."""
     return progress_for(None, what)

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..conditioners.low_res import LowResInput, level_text, sigma_of_time
+from ..core.augmentation import LowResInput, level_text, sigma_of_time
 from ..data.convert import to_model_range, to_uint8
 from ..errors import ConfigError
 from ..protocols import Denoiser

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..conditioners.low_res import level_text, sigma_of_time
+from ..core.augmentation import level_text, sigma_of_time
 from .cascade import Stage, cascade_generate
 
 
