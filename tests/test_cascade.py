@@ -354,3 +354,26 @@ def test_bad_cascade_inputs_are_one_line(runs, tmp_path):
     assert "does not divide the image size 28x28" in r.output
     r = train("mnist-cascade-base", tmp_path / "g", 2, ["data.downsample=5"], expect=2)
     assert "data.downsample 5 does not divide" in r.output
+
+
+def test_sweep_reuses_the_base_and_gives_the_cascade_images(tmp_path):
+    """cascade sweep (full hand-off) samples the base once; each level's images equal `cascade sample`'s."""
+    from torchdiffusion.pipelines.cascade_sweep import plot_sweep, sweep_levels, sweep_table
+    stages = _tiny_cascade()
+    seeds = [0, 1, 2, 3]
+    seen = []
+
+    def score(images):
+        seen.append(images)
+        return {"fid": float(images.double().mean()), "kid": 0.0, "kid_std": 0.0, "n": len(images)}
+
+    rows = sweep_levels(stages, seeds, [0.0, 0.3], score, handoff="full", outdir=tmp_path)
+    for t, images in zip([0.0, 0.3], seen):
+        assert torch.equal(images, cascade_generate(stages, seeds, levels=t)["images"][-1])
+    trunc = sweep_levels(stages, seeds, [0.3], score, handoff="truncated")
+    assert torch.equal(seen[-1], cascade_generate(stages, seeds, levels=0.3, handoff="truncated")["images"][-1])
+    assert [r["t"] for r in rows] == [0.0, 0.3] and len(trunc) == 1
+    table = sweep_table({"handoff": "full", "real": "x", "extractor": "e", "count": 4, "seeds": "0-3", "rows": rows})
+    assert "t=0 (clean)" in table and "t=0.3 (SNR 3.85)" in table
+    plot_sweep(rows, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0 and (tmp_path / "grid_t0.300.png").is_file()
