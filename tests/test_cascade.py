@@ -350,6 +350,9 @@ def test_bad_cascade_inputs_are_one_line(runs, tmp_path):
     for args, msg in cases:
         r = invoke(args, expect=2)
         assert msg in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    import torchdiffusion
+    with pytest.raises(ConfigError, match="super-resolution stage"):
+        torchdiffusion.load(runs / "sr").sample(range(2))
     r = train("mnist-cascade-sr", tmp_path / "f", 2, ["cond.low_res.factor=3"], expect=2)
     assert "does not divide the image size 28x28" in r.output
     r = train("mnist-cascade-base", tmp_path / "g", 2, ["data.downsample=5"], expect=2)

@@ -205,6 +205,11 @@ class DiffusionPipeline:
         from ..pipelines.progress import Progress
 
         _check_output(output)
+        sr = [n for n, c in self.conditioning.items.items() if hasattr(c, "low_res_of")] if self.conditioning else []
+        if sr:
+            raise ConfigError(f"this is a super-resolution stage (cond.{sr[0]}): it needs a low-resolution input; "
+                              f"run it after a base stage with pipelines.cascade.cascade_generate or "
+                              f"`torchdiffusion cascade sample`")
         seed_list = _seed_list(seeds)
         if not isinstance(batch, int) or batch < 1:
             raise ConfigError(f"batch must be an int >= 1, got {batch!r}")
