@@ -11,8 +11,7 @@ reflected at both walls is p(t) = L - |L - ((p0 + v t) mod 2L)|, rounded to the 
 frame_stride s > 1 keeps every s-th frame of a trajectory s times as long: frame_index = s * t (real indices).
 
 Per clip the set also keeps (extras) the digit classes (N, digits), their start velocities (N, digits, 2) in
-pixels per frame and a motion direction class (N,) in 0..7 (the first digit's start velocity, 8 sectors of 45
-degrees), which the Moving MNIST feature network of eval.video_metrics learns.
+pixels per frame and their motion direction classes (N, digits) in 0..7 (8 sectors of 45 degrees), which the Moving MNIST feature network of eval.video_metrics learns.
 """
 from __future__ import annotations
 
@@ -73,7 +72,7 @@ def _generate(split: str, n: int, frames: int, stride: int, resolution: int, dig
         x = np.zeros((count, frames, resolution, resolution), dtype=np.uint8)
         dig = np.zeros((count, digits), dtype=np.int64)
         vel = np.zeros((count, digits, 2), dtype=np.float32)
-        direction = np.zeros(count, dtype=np.int64)
+        direction = np.zeros((count, digits), dtype=np.int64)
         for i in range(count):
             rng = np.random.Generator(np.random.PCG64([seed, _SPLIT_CODE[part], i]))
             which = rng.integers(0, len(images), size=digits)
@@ -89,8 +88,7 @@ def _generate(split: str, n: int, frames: int, stride: int, resolution: int, dig
                     win = x[i, t, y0:y0 + digit_size, x0:x0 + digit_size]
                     np.maximum(win, img, out=win)
                 dig[i, d], vel[i, d] = labels[which[d]], v
-                if d == 0:
-                    direction[i] = int(((angle + math.pi / DIRECTIONS) % (2 * math.pi)) // (2 * math.pi / DIRECTIONS))
+                direction[i, d] = int(((angle + math.pi / DIRECTIONS) % (2 * math.pi)) // (2 * math.pi / DIRECTIONS))
         out_x.append(x)
         out_digits.append(dig)
         out_vel.append(vel)
