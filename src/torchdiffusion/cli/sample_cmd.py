@@ -135,11 +135,13 @@ def autoguided(run, path: Path, scale: float, weights: str, device):
                    "folder, e.g. an early checkpoint of the same run) to guide away from.")
 @click.option("--autoguide-scale", type=float, default=2.0, show_default=True,
               help="With --autoguide: w in D_bad + w (D_good - D_bad); 1 = the model alone.")
+@click.option("--frames", type=int, default=None,
+              help="Video runs: frames per clip (default: the training clips'; the frame count is free).")
 @quiet_option
 @guidance_options  # --labels, --guidance-scale/-interval, --classifier(-scale), --reject* (above)
 def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
-           device, grid_file=None, autoguide_path=None, autoguide_scale=2.0, **guidance):
-    """Generate one PNG per seed, a grid, and samples.json."""
+           device, grid_file=None, autoguide_path=None, autoguide_scale=2.0, frames=None, **guidance):
+    """Generate one PNG per seed (clips: one GIF), a grid, and samples.json."""
     from ..config.build import build_sigmas
     from ..config.loaders import load_run
     from ..config.registry import GRIDS
@@ -156,6 +158,13 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
     if info.is_main:  # before the model loads: a refusal costs nothing (several processes: the main one checks)
         prepare_outdir(outdir, overwrite)
     run = load_run(run_dir, ckpt_path, weights, dev)
+    shape = run.sample_shape
+    if frames is not None:
+        if len(shape) != 4:
+            raise ConfigError(f"--frames applies to video runs (clips (C, T, H, W)); this run makes {tuple(shape)}")
+        if frames < 1:
+            raise ConfigError(f"--frames must be >= 1, got {frames}")
+        shape = (shape[0], frames, *shape[2:])
     scfg = override_sample(run.config.sample, sampler=sampler, steps=steps, grid=grid_kind, grid_file=grid_file,
                            eta=eta, grids=GRIDS)
     fn, options, nfe = build_run_sampler(scfg, sampler_opts)
@@ -168,9 +177,10 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
     with progress_for(len(seed_list[info.rank::info.world_size]), "sample", off=not info.is_main) as progress:
         record = sample_run(run, guided, seed_list, outdir, sample_config=scfg, sampler=fn, sampler_options=options,
                             sigmas=sigmas, nfe=nfe, seeds_text=seeds, batch=batch, rank=info.rank,
-                            world_size=info.world_size, device=dev, counter=counter, progress=progress)
+                            world_size=info.world_size, device=dev, counter=counter, progress=progress,
+                            shape=shape)
     if info.is_main:
-        click.echo(f"wrote {len(seed_list)} images to {outdir} in {record['seconds']:.1f} s "
+        click.echo(f"wrote {len(seed_list)} {'clips' if len(shape) == 4 else 'images'} to {outdir} in {record['seconds']:.1f} s "
                    f"({scfg.sampler}, {scfg.steps} steps, {record['nfe']} NFE)")
 
 

@@ -6,7 +6,7 @@ feature network and its weights' sha256, the resize), so two numbers are compara
 
 - per-frame FID / KID: every frame of every clip is an image; any image FeatureExtractor (the FID Inception,
   eval.inception) gives (N T, D) features and eval.fid / eval.kid score them. It sees frames, not motion.
-- FD-MMNIST-motion: the Frechet distance (eval.fid.frechet_distance) between the penultimate features (D = 64)
+- FD-MMNIST-motion: the Frechet distance (eval.fid.frechet_distance) between the penultimate features (D = 32)
   of MotionNet, a 3-D convolutional network trained here on Moving MNIST to tell which digits a clip shows
   (10-way multi-label) and in which directions they move (8 sectors of 45 degrees, multi-label). Its features
   depend on the order of the frames, so it sees motion: shuffling the frames of real clips raises it. It is NOT
@@ -65,9 +65,9 @@ def fid_frames(real, fake, extractor, *, kid: bool = True, frame_stride: int = 1
 
 
 class MotionNet(nn.Module):
-    """(B, 1, T, H, W) in [-1, 1] -> features (B, 64); heads: digit logits (B, 10), direction logits (B, 8)."""
+    """(B, 1, T, H, W) in [-1, 1] -> features (B, 32); heads: digit logits (B, 10), direction logits (B, 8)."""
 
-    def __init__(self, width: int = 16, features: int = 64):
+    def __init__(self, width: int = 16, features: int = 32):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv3d(1, width, 3, stride=(1, 2, 2), padding=1), nn.SiLU(),
@@ -145,7 +145,7 @@ def _state_sha256(net: nn.Module) -> str:
 
 @dataclass
 class MotionFeatures:
-    """The FeatureExtractor of FD-MMNIST-motion: uint8 clips (N, 1, T, H, W) -> float64 (N, 64)."""
+    """The FeatureExtractor of FD-MMNIST-motion: uint8 clips (N, 1, T, H, W) -> float64 (N, 32)."""
 
     net: MotionNet
     batch_size: int = 64

@@ -54,9 +54,11 @@ class UNet3DConfig(UNetConfig):
     temporal_heads: int = 0             # 0: the spatial layers' rule (num_heads / head_channels)
     temporal_buckets: int = 32          # T5 relative-position buckets (Raffel et al. 2020)
     temporal_max_distance: int = 64     # frame distance beyond which buckets saturate
+    temporal_resolutions: tuple[int, ...] = ()  # feature-map sizes with temporal layers; () = every level
 
     def __post_init__(self):
         super().__post_init__()
+        object.__setattr__(self, "temporal_resolutions", tuple(int(v) for v in self.temporal_resolutions))
         if self.temporal_heads < 0:
             raise ConfigError(f"UNet3DConfig.temporal_heads must be >= 0, got {self.temporal_heads}")
         relative_position_bucket(torch.zeros(1, dtype=torch.int64), self.temporal_buckets, self.temporal_max_distance)
@@ -74,7 +76,12 @@ def build_unet3d(cfg: UNet3DConfig, io: BackboneIO) -> "UNet3D":
                           tuple(s for s in io.conds if s.kind != "frames"))
     image = build_unet(cfg.image_config(), image_io)
     resolved = {f.name: getattr(image.cfg, f.name) for f in fields(UNetConfig)}
-    return UNet3D(replace(cfg, **resolved), image=image)
+    out = replace(cfg, **resolved)
+    missing = [r for r in out.temporal_resolutions if r not in out.resolutions]
+    if missing:
+        raise ConfigError(f"UNet3DConfig.temporal_resolutions {missing} are not feature-map sizes of this U-Net; "
+                          f"valid sizes are {out.resolutions}")
+    return UNet3D(out, image=image)
 
 
 def allowed_pairs(independent: Tensor) -> Tensor:
@@ -114,7 +121,9 @@ class TemporalAttention(nn.Module):
         qkv = self.qkv(tokens(self.norm(h)))                                   # (B*T, HW, 3C)
         qkv = qkv.view(b, frames, hh * ww, 3, self.heads, d).permute(3, 0, 2, 4, 1, 5)  # (3, B, HW, heads, T, d)
         q, k, v = qkv.unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, HW, heads, T, d)
+        # attention written out: for the short sequences along time this is faster on CPU than SDPA's masked path
+        logits = torch.matmul(q, k.transpose(-1, -2)).mul_(d ** -0.5).add_(bias.to(q.dtype))  # (B, HW, heads, T, T)
+        o = torch.matmul(logits.softmax(dim=-1), v)                             # (B, HW, heads, T, d)
         o = o.permute(0, 3, 1, 2, 4).reshape(bt, hh * ww, c)
         return h + untokens(self.proj(o), h)
 
@@ -128,24 +137,27 @@ class UNet3D(nn.Module):
             raise ConfigError(f"UNet3D expects a UNet3DConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.image = image if image is not None else UNet(cfg.image_config())
-        self.temporal = nn.ModuleList()
+        self.temporal = nn.ModuleDict()  # by the position of the U-Net layer it follows (forward order)
         if cfg.temporal_attention:
-            for w in self._layer_widths():
+            for i, (w, size) in enumerate(self._layers()):
+                if cfg.temporal_resolutions and size not in cfg.temporal_resolutions:
+                    continue
                 heads = cfg.temporal_heads or num_heads_for(w, cfg.num_heads, cfg.head_channels)
                 if w % heads:
                     raise ConfigError(f"UNet3DConfig.temporal_heads={heads} must divide every width; {w} is not "
                                       f"a multiple of it")
-                self.temporal.append(TemporalAttention(w, heads, cfg.norm_groups, cfg.temporal_buckets,
-                                                       cfg.temporal_max_distance))
+                self.temporal[str(i)] = TemporalAttention(w, heads, cfg.norm_groups, cfg.temporal_buckets,
+                                                          cfg.temporal_max_distance)
             if cfg.channels_last:
                 self.temporal.to(memory_format=torch.channels_last)
 
-    def _layer_widths(self) -> list[int]:
-        """Output width of every U-Net layer that gets a temporal layer, in forward order."""
-        u = self.image
-        out = [lay.res.conv2.out_channels for layers in u.down for lay in layers]
-        out.append(u.mid2.conv2.out_channels)
-        out += [lay.res.conv2.out_channels for layers in u.up for lay in layers]
+    def _layers(self) -> list[tuple[int, int]]:
+        """(output width, feature-map size) of every U-Net layer that may get a temporal layer, in forward order."""
+        u, sizes = self.image, self.cfg.resolutions
+        out = [(lay.res.conv2.out_channels, sizes[level]) for level, layers in enumerate(u.down) for lay in layers]
+        out.append((u.mid2.conv2.out_channels, sizes[-1]))
+        out += [(lay.res.conv2.out_channels, sizes[len(sizes) - 1 - k]) for k, layers in enumerate(u.up)
+                for lay in layers]
         return out
 
     def load_image_weights(self, state: Mapping[str, Tensor]) -> None:
@@ -186,11 +198,12 @@ class UNet3D(nn.Module):
             raise TorchDiffusionError(f"cond['frame_index'] / cond['independent'] must be (B, T) = ({b}, {t}), "
                                       f"got {got}")
         allowed = allowed_pairs(indep.to(torch.bool)) if indep is not None and bool(indep.any()) else None
-        temporal = iter(self.temporal)
+        position = iter(range(len(self._layers())))
+        fi32 = fi.to(torch.float32)
 
         def mix(h: Tensor) -> Tensor:
-            layer = next(temporal, None)
-            return h if layer is None else layer(h, t, layer.bias(fi.to(torch.float32), allowed))
+            layer = self.temporal[key] if (key := str(next(position))) in self.temporal else None
+            return h if layer is None else layer(h, t, layer.bias(fi32, allowed))
 
         fc = self.frame_cond(cond, b, t)
         u._check_inputs(x[:, :, 0], c_noise, {k: v[::t] for k, v in fc.items()})  # the image net's checks, per clip
