@@ -15,6 +15,7 @@ pixels per frame and their motion direction classes (N, digits) in 0..7 (8 secto
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -40,14 +41,19 @@ def _int(name: str, v, lo: int) -> int:
     return v
 
 
+@functools.lru_cache(maxsize=8)
 def _digit_images(split: str, size: int, path, cache_dir) -> tuple[np.ndarray, np.ndarray]:
-    """(N, size, size) uint8 digits of one MNIST split (area-resized from 28 when size < 28) and labels (N,)."""
+    """(N, size, size) uint8 digits of one MNIST split (area-resized from 28 when size < 28) and labels (N,);
+    kept for the process (read-only arrays), so generating several sets reads MNIST once."""
     ds = load_mnist(split, path=path, cache_dir=cache_dir)
     x = ds.x[:, 0]
     if size != 28:
         x = F.interpolate(x[:, None].float(), size=(size, size), mode="area")[:, 0].round().clamp(0, 255)
         x = x.to(torch.uint8)
-    return x.numpy(), ds.label.numpy()
+    x, y = x.numpy(), ds.label.numpy()
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
 
 
 def _trajectory(p0: np.ndarray, v: np.ndarray, times: np.ndarray, room: int) -> np.ndarray:
@@ -66,7 +72,8 @@ def _generate(split: str, n: int, frames: int, stride: int, resolution: int, dig
     offset = 0
     for part in parts:
         count = n - offset if part == parts[-1] else min(n, DEFAULT_CLIPS[part])
-        images, labels = _digit_images(part, digit_size, path, cache_dir)
+        images, labels = _digit_images(part, digit_size, None if path is None else str(path),
+                                       None if cache_dir is None else str(cache_dir))
         room = resolution - digit_size
         times = np.arange(frames, dtype=np.float64) * stride
         x = np.zeros((count, frames, resolution, resolution), dtype=np.uint8)
