@@ -11,7 +11,7 @@ Bad files, counted and named by category (the image folders' policy, bad_files e
     mixed-size   frames of different sizes inside the file, or (resolution None) a size unlike the first file's
 With bad_files=error any bad file stops loading with one line naming each category's count and first file; with
 skip they are left out and the counts are in the data set's info["bad"].
-PyAV is needed only for the non-GIF formats: without it those files fail in one line that says so.
+A root-level grid.gif (the clips tiled, as `sample` writes it) is not read. PyAV is needed only for the non-GIF formats: without it those files fail in one line that says so.
 """
 from __future__ import annotations
 
@@ -97,6 +97,8 @@ def load_video_folder(path, *, split: str = "train", channels: str = "L", resolu
     clips, index, bad, size0 = [], [], [], None
     with open_image_source(path, extensions=VIDEO_EXTENSIONS) as listing:
         for entry in listing.entries:
+            if entry.relpath == "grid.gif":  # the tiled view `sample` writes beside the clips, never a clip
+                continue
             try:
                 data = entry.read()
                 raw = _frames_gif(data) if entry.relpath.lower().endswith(GIF_EXTENSIONS) else _frames_av(data)
