@@ -42,8 +42,8 @@ from torchdiffusion.data.moving_mnist import load_moving_mnist
 from torchdiffusion.eval import InceptionFeatures
 from torchdiffusion.eval.fid import fid_from_features
 from torchdiffusion.eval.kid import kid_from_features
-from torchdiffusion.eval.video_metrics import (MOTION_METRIC, MotionFeatures, fd_motion, frames_of, motion_accuracy,
-                                               protocol, save_motion_net, train_motion_net)
+from torchdiffusion.eval.video_metrics import (MOTION_METRIC, MotionFeatures, fd_motion, frames_of, load_motion_net,
+                                               motion_accuracy, protocol, save_motion_net, train_motion_net)
 from torchdiffusion.pipelines.clips import frame_grid, save_frame_png, save_gif, tile_clips
 from torchdiffusion.sampling.ode import sample_heun
 from torchdiffusion.pipelines.generate import generate
@@ -104,17 +104,23 @@ def main():
               "video_steps": args.video_steps, "n": args.n, "sampler": f"heun {args.steps} steps (EMA)",
               "torch": torch.__version__, "arms": {}}
 
+    trained = {name: train_arm(name, args.work, round(args.video_steps * 8 / ARMS[name][1])) for name in ARMS}
     train = load_moving_mnist("train", resolution=32, frames=8)
     test = load_moving_mnist("test", resolution=32, frames=8)
     real = test.x[:args.n]
     t0 = time.time()
-    net, rec = train_motion_net(train, steps=args.motion_steps, batch=32)
-    save_motion_net(net, rec, args.work / "motion_net")
+    if (args.work / "motion_net.safetensors").is_file():  # trained beforehand (eval motion-net), or by a last run
+        net = load_motion_net(args.work / "motion_net")
+        net_steps = json.loads((args.work / "motion_net.json").read_text())["steps"]
+    else:
+        net_steps = args.motion_steps
+        net, rec = train_motion_net(train, steps=args.motion_steps, batch=32)
+        save_motion_net(net, rec, args.work / "motion_net")
     motion = MotionFeatures(net)
     acc = motion_accuracy(net, test)
     perm = torch.tensor([3, 6, 0, 5, 1, 7, 2, 4])
     half = len(real) // 2
-    result["motion_net"] = {**acc, "seconds": round(time.time() - t0, 1), "steps": args.motion_steps,
+    result["motion_net"] = {**acc, "seconds": round(time.time() - t0, 1), "steps": net_steps,
                             "sha256": motion.sha256,
                             "fd_real_halves": fd_motion(real[:half], real[half:], motion)[MOTION_METRIC],
                             "fd_real_vs_shuffled_frames": fd_motion(real[:half], real[half:][:, :, perm], motion)[MOTION_METRIC]}
@@ -123,11 +129,16 @@ def main():
     real_frames = None
 
     for name in ARMS:
-        info = train_arm(name, args.work, round(args.video_steps * 8 / ARMS[name][1]))
+        info = trained[name]
         run = load_run(Path(info["run"]), None, "ema", torch.device("cpu"))
         sigmas = build_sigmas(run.config.sample, run.model.process, steps=args.steps)
+        cache = Path(info["run"]) / f"bench_samples_{args.n}_{args.steps}.pt"
         t0 = time.time()
-        clips = generate(run.model, list(range(args.n)), run.sample_shape, sample_heun, sigmas, batch=8)
+        if cache.is_file():
+            clips = torch.load(cache)
+        else:
+            clips = generate(run.model, list(range(args.n)), run.sample_shape, sample_heun, sigmas, batch=8)
+            torch.save(clips, cache)
         sample_s = time.time() - t0
         fd = fd_motion(real, clips, motion)
         if real_frames is None:  # the reference frames' Inception features, once
