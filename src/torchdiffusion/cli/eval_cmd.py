@@ -319,8 +319,8 @@ def eval_recon(run_dir, split, n, no_features, out, feature_weights, classifier,
 
 
 def _add_video_commands() -> None:
-    """eval fid-frames / motion-net / fd-motion (cli.video_cmd)."""
-    from .video_cmd import VIDEO_EVAL_COMMANDS
+    """eval fid-frames / motion-net / fd-motion (cli.video)."""
+    from .video import VIDEO_EVAL_COMMANDS
     for command in VIDEO_EVAL_COMMANDS:
         eval_group.add_command(command)
 

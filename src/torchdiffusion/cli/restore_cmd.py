@@ -205,7 +205,7 @@ def _restore_video(run_dir, ckpt_path, task, method, sampler_name, sampler_opts,
     from ..config.registry import SAMPLERS, lookup
     from ..config.sampler_options import parse_sampler_options
     from .common import resolve_device
-    from .video_cmd import restore_clips
+    from .video import restore_clips
     if task not in ("extend", "interpolate", "superres"):
         raise ConfigError(f"--task {task}: a video run restores extend, interpolate or superres")
     sampler_fn, sampler_kw = None, {}
