@@ -29,7 +29,7 @@ Callback = Optional[Callable[[Mapping[str, Any]], None]]
 
 
 #: The kinds of condition a backbone embeds (conditioners/base.py describes each).
-COND_KINDS = ("class", "scalar", "vector", "concat", "context")
+COND_KINDS = ("class", "scalar", "vector", "concat", "context", "frames")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class CondSpec:
     width, concatenated channels or context width; 1 for a scalar)."""
 
     key: str
-    kind: Literal["class", "scalar", "vector", "concat", "context"]
+    kind: Literal["class", "scalar", "vector", "concat", "context", "frames"]
     size: int = 1
 
     def __post_init__(self):

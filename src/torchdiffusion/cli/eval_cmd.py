@@ -289,6 +289,17 @@ def eval_recon(run_dir, split, n, no_features, out, feature_weights, classifier,
     click.echo(json.dumps(result))
 
 
+def _add_video_commands() -> None:
+    """eval fid-frames / motion-net / fd-motion (cli.video)."""
+    from .video import VIDEO_EVAL_COMMANDS
+    for command in VIDEO_EVAL_COMMANDS:
+        eval_group.add_command(command)
+
+
+_add_video_commands()
+
+
 __all__ = ["eval_group", "load_sample_folder", "load_real_images", "make_extractor"]
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(eval_group())
+

@@ -30,16 +30,24 @@ LATENT_METHODS = ("dps",)
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None,
               help="Run folder: its latest verified checkpoint is used.")
 @click.option("--checkpoint", "ckpt_path", type=click.Path(path_type=Path), default=None, help="A checkpoint folder.")
-@click.option("--task", type=click.Choice(["inpaint", "superres", "deblur", "colorize"]), required=True)
-@click.option("--method", default="repaint", show_default=True,
-              help="replacement (or pocs), ilvr, ccdf, mcg, dps, repaint or reconstruction.")
+@click.option("--task", type=click.Choice(["inpaint", "superres", "deblur", "colorize", "extend", "interpolate"]),
+              required=True, help="Video runs: extend, interpolate or superres (docs/video.md).")
+@click.option("--method", default=None,
+              help="replacement (or pocs), ilvr, ccdf, mcg, dps, repaint or reconstruction (default repaint); video "
+                   "runs: replacement, reconstruction or guidance (default reconstruction).")
 @click.option("--sampler", "sampler_name", default=None,
               help="Sampler under the correction (replacement, pocs, ilvr, ccdf, mcg, dps, reconstruction): any grid "
                    "sampler name of `sample --sampler` (default ddpm); repaint has its own.")
 @click.option("--sampler-opt", "sampler_opts", multiple=True, metavar="KEY=VALUE",
               help="An option of --sampler, e.g. eta=1 for ddim (repeatable).")
 @click.option("--input", "input_dir", type=click.Path(path_type=Path), required=True,
-              help="Folder or ZIP of the clean images to measure and restore (the model's size and channels).")
+              help="Folder or ZIP of the clean images to measure and restore (the model's size and channels); "
+                   "video runs: a folder of clips or moving-mnist[:split].")
+@click.option("--given", type=int, default=None,
+              help="Video extend: frames given (default half the training clip); interpolate: frames given.")
+@click.option("--new-frames", type=int, default=None, help="Video extend: frames to generate (default: the rest of "
+                                                               "the training clip length).")
+@click.option("--stride", type=int, default=2, show_default=True, help="Video interpolate: every STRIDE-th frame given.")
 @click.option("--outdir", type=click.Path(path_type=Path), required=True,
               help="Writes restored/, measurement/, grid.png and restore.json.")
 @click.option("--mask", type=click.Choice(["half", "box", "random"]), default="half", show_default=True)
@@ -72,7 +80,8 @@ LATENT_METHODS = ("dps",)
 @quiet_option
 def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, input_dir, outdir, mask, half, missing,
                 scale, down, blur_sigma, noise_std, steps, sigma_start, seeds, limit, batch, dps_scale, prior_std, jump,
-                resample, weight, sigma_stop, weights, threads, device, labels=None):
+                resample, weight, sigma_stop, weights, threads, device, labels=None, given=None, new_frames=None,
+                stride=2):
     """Measure images with a task's operator and restore them; writes restored and measured images and a grid
     (rows of measurement, restoration, original)."""
     from ..config.loaders import load_run
@@ -89,7 +98,13 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
         torch.set_num_threads(threads)
     if steps < 1 or batch < 1:
         raise ConfigError(f"--steps and --batch must be >= 1, got {steps} and {batch}")
-    method, fn, nfe_of = inverse_method(method)
+    if run_dir is not None and _is_video_run(run_dir):
+        return _restore_video(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, input_dir, outdir, given,
+                              new_frames, stride, scale, steps, weight, seeds, limit, batch, weights, device)
+    if task in ("extend", "interpolate"):
+        raise ConfigError(f"--task {task} is a video task; this run makes images (train a video run, e.g. "
+                          f"--preset moving-mnist)")
+    method, fn, nfe_of = inverse_method(method or "repaint")
     sampler_fn = sampler_nfe = None
     sampler_kw: dict = {}
     if sampler_name is not None:
@@ -172,6 +187,42 @@ def restore_cmd(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, in
     click.echo(f"restored {len(images)} images ({task}, {method}, {record['nfe']} NFE) to {outdir} in "
                f"{record['seconds']:.1f} s; measurement RMS error {record['measurement_rms_error_mean']:.2e} "
                f"(noise {noise_std})")
+
+
+def _is_video_run(run_dir: Path) -> bool:
+    """Whether a run folder's config makes clips (model.data_shape (C, T, H, W)), read before any weight loads."""
+    import yaml
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # load_run says what is wrong with the folder
+    return len((cfg.get("model") or {}).get("data_shape") or ()) == 4
+
+
+def _restore_video(run_dir, ckpt_path, task, method, sampler_name, sampler_opts, input_spec, outdir, given, new_frames,
+                   stride, scale, steps, weight, seeds, limit, batch, weights, device):
+    from ..config.loaders import load_run
+    from ..config.registry import SAMPLERS, lookup
+    from ..config.sampler_options import parse_sampler_options
+    from .common import resolve_device
+    from .video import restore_clips
+    if task not in ("extend", "interpolate", "superres"):
+        raise ConfigError(f"--task {task}: a video run restores extend, interpolate or superres")
+    sampler_fn, sampler_kw = None, {}
+    if sampler_name is not None:
+        sampler_fn, nfe = lookup(SAMPLERS, sampler_name, "sampler")
+        if nfe(2) is None:
+            raise ConfigError(f"--sampler {sampler_name} chooses its own steps and takes no per-step correction; "
+                              f"pick a grid sampler (e.g. ddpm, heun, euler_ancestral)")
+        sampler_kw = parse_sampler_options(sampler_name, sampler_fn, sampler_opts)
+    elif sampler_opts:
+        raise ConfigError("--sampler-opt needs --sampler NAME (the default sampler under the correction is ddpm)")
+    dev = resolve_device(device, 0)
+    run = load_run(run_dir, ckpt_path, weights, dev)
+    restore_clips(run, task=task, method=method or "reconstruction", input_spec=input_spec, outdir=Path(outdir),
+                  given=given, new_frames=new_frames, stride=stride, scale=scale, steps=steps, weight=weight,
+                  seeds=seeds, limit=limit, batch=batch, sampler_fn=sampler_fn, sampler_kw=sampler_kw,
+                  sampler_name=sampler_name, device=dev)
 
 
 def output_names(inputs: list[str]) -> list[str]:

@@ -155,11 +155,13 @@ def default_guide(run, run_dir: Path | None, autoguide_path: Path | None) -> Pat
                    "where the run's sample.autoguide_step names one.")
 @click.option("--autoguide-scale", type=float, default=None,
               help="w in D_bad + w (D_good - D_bad); 1 = the model alone (default: the run's sample.autoguide_scale).")
+@click.option("--frames", type=int, default=None,
+              help="Video runs: frames per clip (default: the training clips'; the frame count is free).")
 @quiet_option
 @guidance_options  # --labels, --guidance-scale/-interval, --classifier(-scale), --reject* (above)
 def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
-           device, grid_file=None, autoguide_path=None, autoguide_scale=None, **guidance):
-    """Generate one PNG per seed, a grid, and samples.json."""
+           device, grid_file=None, autoguide_path=None, autoguide_scale=None, frames=None, **guidance):
+    """Generate one PNG per seed (clips: one GIF), a grid, and samples.json."""
     from ..config.build import build_sigmas
     from ..config.loaders import load_run
     from ..config.registry import GRIDS
@@ -181,6 +183,13 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
         raise ConfigError(f"{run.path} is a super-resolution stage (cond.{sr[0]}): it needs a low-resolution input; "
                           f"sample it with `torchdiffusion cascade sample --stage BASE_RUN --stage SR_RUN` or "
                           f"`cascade sample --low-res DIR --stage SR_RUN`")
+    shape = run.sample_shape
+    if frames is not None:
+        if len(shape) != 4:
+            raise ConfigError(f"--frames applies to video runs (clips (C, T, H, W)); this run makes {tuple(shape)}")
+        if frames < 1:
+            raise ConfigError(f"--frames must be >= 1, got {frames}")
+        shape = (shape[0], frames, *shape[2:])
     scfg = override_sample(run.config.sample, sampler=sampler, steps=steps, grid=grid_kind, grid_file=grid_file,
                            eta=eta, grids=GRIDS)
     fn, options, nfe = build_run_sampler(scfg, sampler_opts)
@@ -198,9 +207,9 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
         record = sample_run(run, guided, seed_list, outdir, sample_config=scfg, sampler=fn, sampler_options=options,
                             sigmas=sigmas, nfe=nfe, seeds_text=seeds, batch=batch, rank=info.rank,
                             world_size=info.world_size, device=dev, counter=counter, progress=progress,
-                            extra=extra)
+                            extra=extra, shape=shape)
     if info.is_main:
-        click.echo(f"wrote {len(seed_list)} images to {outdir} in {record['seconds']:.1f} s "
+        click.echo(f"wrote {len(seed_list)} {'clips' if len(shape) == 4 else 'images'} to {outdir} in {record['seconds']:.1f} s "
                    f"({scfg.sampler}, {scfg.steps} steps, {record['nfe']} NFE)")
 
 

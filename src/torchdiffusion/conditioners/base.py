@@ -12,12 +12,13 @@ the concatenated low-resolution image and its augmentation level). It
 - says what its null is (`null(cond) -> {key: tensor}` for its own keys), which classifier-free guidance uses
   for the unconditional branch.
 
-The CondSpec kinds a backbone may receive (later kinds use the same five):
+The CondSpec kinds a backbone may receive (later kinds use the same six):
   class    (B,) int64 in [0, size]; size = number of classes, `size` itself is the null label
   scalar   (B,) float (e.g. a noise-augmentation level), embedded like the noise level
   vector   (B, size) float (e.g. augmentation parameters), embedded by a linear map
   concat   (B, size, *S) float, concatenated to x along channels (e.g. an up-sampled low-resolution image)
   context  (B, M, size) float, attended to by cross-attention (e.g. text tokens)
+  frames   (B, T) per-frame values of a clip (frame indices, the independent-image mask), for video backbones
 """
 from __future__ import annotations
 

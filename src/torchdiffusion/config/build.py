@@ -96,9 +96,10 @@ def resolve_for_data(cfg: RunConfig, dataset, where: str = "data") -> RunConfig:
     """The config with what the data decide filled in, checked (RELIABILITY 21: before the first forward pass, in
     one line): model.data_shape from the images, each class conditioner's num_classes from the labels, and
     data.class_names from the data's class names (so `--labels` can name classes)."""
-    shape = (int(dataset.channels), *(int(s) for s in dataset.image_size))
+    shape = tuple(getattr(dataset, "sample_shape", (int(dataset.channels), *(int(s) for s in dataset.image_size))))
     if cfg.model.data_shape and tuple(cfg.model.data_shape) != shape:
-        raise ConfigError(f"{where} images are {'x'.join(map(str, shape[1:]))} with {shape[0]} channel(s) but "
+        raise ConfigError(f"{where} {'clips' if len(shape) == 4 else 'images'} are {'x'.join(map(str, shape[1:]))} "
+                          f"with {shape[0]} channel(s) but "
                           f"model.data_shape is {list(cfg.model.data_shape)}; set data.resolution / data.channels "
                           f"to match (or leave model.data_shape unset: it is set from the data)")
     cond = {}
@@ -166,7 +167,14 @@ def build_dataset(kind: str, **options):
 
 def build_data(cfg: DataConfig, split: str | None = None):
     options = dict(split=split or cfg.split, path=cfg.path, channels=cfg.channels, resolution=cfg.resolution,
-                   bad_files=cfg.bad_files, labels=cfg.labels, val_fraction=cfg.val_fraction)
+                   bad_files=cfg.bad_files, labels=cfg.labels, val_fraction=cfg.val_fraction, frames=cfg.frames,
+                   frame_stride=cfg.frame_stride, image_frames=cfg.image_frames, digits=cfg.digits, clips=cfg.clips)
+    video_keys = ("frames", "frame_stride", "image_frames", "digits", "clips")
+    given = [k for k in video_keys if options[k] is not None and k not in (DATASETS[cfg.kind][1] if cfg.kind in
+                                                                            DATASETS else ())]
+    if given:
+        raise ConfigError(f"data.{given[0]} applies to video data sets (moving-mnist, video-folder), not "
+                          f"data.kind={cfg.kind}")
     valid = DATASETS[cfg.kind][1] if cfg.kind in DATASETS else ()
     if cfg.val_fraction is not None and "val_fraction" not in valid:
         raise ConfigError(f"data.val_fraction applies to image folders; data.kind={cfg.kind} has fixed splits "
@@ -183,6 +191,8 @@ def build_data(cfg: DataConfig, split: str | None = None):
     if cfg.limit is not None:
         if cfg.limit < 1:
             raise ConfigError(f"data.limit must be >= 1 (or null for all images), got {cfg.limit}")
+        if hasattr(dataset, "subset"):  # video clips
+            return dataset.subset(cfg.limit)
         dataset = ImageArrayDataset(dataset.x[:cfg.limit], dataset.label[:cfg.limit],
                                     class_names=dataset.class_names, info=dataset.info)
     if cfg.downsample != 1:  # a cascade's base stage: the one down-sampler of data.resize, kept at rest as uint8

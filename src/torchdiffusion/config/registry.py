@@ -136,8 +136,14 @@ def _datasets() -> dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]]:
     from ..data.fashion_mnist import load_fashion_mnist
     from ..data.folder import load_image_folder
     from ..data.mnist import load_mnist
+    from ..data.moving_mnist import load_moving_mnist
+    from ..data.video_folder import load_video_folder
     return {
         "mnist": (load_mnist, ("split", "channels", "resolution", "path", "cache_dir"), ()),
+        "moving-mnist": (load_moving_mnist, ("split", "channels", "resolution", "frames", "frame_stride", "digits",
+                                             "digit_size", "speed", "clips", "image_frames", "path"), ()),
+        "video-folder": (load_video_folder, ("path", "split", "channels", "resolution", "frames", "frame_stride",
+                                             "image_frames", "bad_files"), ("path",)),
         "fashion-mnist": (load_fashion_mnist, ("split", "channels", "resolution", "path"), ()),
         "folder": (load_image_folder, ("path", "channels", "resolution", "bad_files", "labels", "alpha_background",
                                        "min_size", "max_pixels", "max_bytes", "split", "val_fraction"), ("path",)),
@@ -249,15 +255,19 @@ def _register_builtin() -> None:
     from ..autoencoders.vq import VQAutoencoder, VQConfig
     from ..conditioners.classlabel import ClassConditioner, ClassConditionerConfig
     from ..conditioners.low_res import LowResConditioner, LowResConfig
+    from ..conditioners.frames import FramesConditioner, FramesConditionerConfig
     from ..nn.diffusers_unet import DiffusersUNet2DConfig, build_diffusers_unet
     from ..nn.dit import DiTConfig, build_dit
     from ..nn.token_transformer import TokenTransformerConfig, build_token_transformer
     from ..nn.unet import UNetConfig, build_unet
+    from ..nn.unet3d import UNet3DConfig, build_unet3d
     from ..nn.uvit import UViTConfig, build_uvit
 
     for name, cls in PROCESSES.items():  # a process's frozen dataclass is its own config
         _register("process", name, cls, None, (cls.__doc__ or "").strip().split("\n")[0])
     register_backbone("unet", UNetConfig, build_unet, "U-Net with AdaGN residual blocks and attention (ADM)")
+    register_backbone("unet3d", UNet3DConfig, build_unet3d,
+                      "factorised space-time U-Net for clips: per-frame U-Net + temporal attention (Ho et al. 2022)")
     register_backbone("dit", DiTConfig, build_dit, "diffusion transformer with adaLN-Zero blocks (Peebles & Xie 2023)")
     register_backbone("uvit", UViTConfig, build_uvit, "U-ViT: all inputs as tokens, long skips (Bao et al. 2023)")
     register_backbone("token_transformer", TokenTransformerConfig, build_token_transformer,
@@ -276,6 +286,8 @@ def _register_builtin() -> None:
                          "class label with dropout to the null label (classifier-free guidance)")
     register_conditioner("low_res", LowResConfig, LowResConditioner,
                          "super-resolution: the down-sampled image, noise/blur augmented, concatenated (CDM)")
+    register_conditioner("frames", FramesConditionerConfig, FramesConditioner,
+                         "real frame indices and the independent-image mask of video clips (backbone unet3d)")
 
 
 _register_builtin()

@@ -64,6 +64,14 @@ class DataConfig:
     bad_files: Literal["skip", "error"] = "error"  # folder: skip bad files (counted) or fail before step 0
     labels: Literal["none", "folder", "json"] = "none"  # folder: class labels from first-level subfolder names,
     #   or json: from the dataset.json of EDM's dataset_tool layout (what `torchdiffusion data prepare` writes)
+    # video data sets (moving-mnist, video-folder): frames per clip, stride between them in the source video,
+    # independent images appended to every clip of a batch (joint video + image training, Ho et al. 2022), and
+    # moving-mnist's digits per clip and clip count (null: 10k train, 1k val, 1k test)
+    frames: Optional[int] = None
+    frame_stride: Optional[int] = None
+    image_frames: Optional[int] = None
+    digits: Optional[int] = None
+    clips: Optional[int] = None
     class_names: tuple[str, ...] = ()  # names of labels 0..K-1, set from the data when training starts (folder:
     #   the subfolder names); `--labels` accepts them
 

@@ -135,9 +135,14 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
     seeds = list(range(cfg.sample.grid_images))
 
     def sample_grid(ema, step):
-        images = generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device, cond_for=cond_for,
-                          decode=decode)
-        grid = make_grid(images)
+        images = generate(ema, seeds, shape, sampler, sigmas, batch=64 if len(shape) == 3 else 8, device=device,
+                          cond_for=cond_for, decode=decode)
+        if images.ndim == 5:  # clips: a frame grid (a clip per row) and the clips tiled as an animated GIF
+            from ..pipelines.clips import frame_grid, save_gif, tile_clips
+            save_gif(tile_clips(images), run_dir / "samples" / f"clips_{step:08d}.gif")
+            grid = frame_grid(images)
+        else:
+            grid = make_grid(images)
         save_png(grid, run_dir / "samples" / f"grid_{step:08d}.png")
         return grid  # also a TensorBoard image with train.tensorboard
 
@@ -190,6 +195,9 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
     t = cfg.train
     if not t.eval_every:
         return None
+    if len(shape) != 3:
+        raise ConfigError("train.eval_every (in-loop FID) scores images; for clips set train.eval_every=0 and score "
+                          "checkpoints with `torchdiffusion eval fid-frames` / `eval fd-motion`")
     cache_dir = cache_dir or os.environ.get("TORCHDIFFUSION_CACHE_DIR") or None
     scfg = override_sample(cfg.sample, sampler=t.eval_sampler, steps=t.eval_steps,
                            source="train.eval_sampler / train.eval_steps", steps_name="train.eval_steps")

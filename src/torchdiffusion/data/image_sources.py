@@ -52,8 +52,8 @@ def _ignored_part(parts: tuple[str, ...]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+def _is_image_name(name: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
+    return name.lower().endswith(extensions)
 
 
 def _unsafe_member(name: str) -> bool:
@@ -62,7 +62,7 @@ def _unsafe_member(name: str) -> bool:
             or ".." in PurePosixPath(n).parts)
 
 
-def _list_folder(root: Path, max_bytes: int) -> Listing:
+def _list_folder(root: Path, max_bytes: int, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Listing:
     entries, ignored = [], 0
     label_file = None
     lf = root / LABEL_FILE
@@ -73,7 +73,7 @@ def _list_folder(root: Path, max_bytes: int) -> Listing:
         for f in sorted(filenames):
             p = Path(dirpath) / f
             rel = p.relative_to(root).as_posix()
-            if _ignored_part(tuple(rel.split("/"))) or not _is_image_name(f):
+            if _ignored_part(tuple(rel.split("/"))) or not _is_image_name(f, extensions):
                 ignored += 1
                 continue
             try:
@@ -85,7 +85,8 @@ def _list_folder(root: Path, max_bytes: int) -> Listing:
     return Listing(str(root), entries, ignored, label_file)
 
 
-def _list_zip(zf: zipfile.ZipFile, root: str, max_bytes: int) -> Listing:
+def _list_zip(zf: zipfile.ZipFile, root: str, max_bytes: int,
+              extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Listing:
     infos = zf.infolist()
     for info in infos:
         if _unsafe_member(info.filename):
@@ -100,7 +101,7 @@ def _list_zip(zf: zipfile.ZipFile, root: str, max_bytes: int) -> Listing:
         if info.is_dir():
             continue
         rel = info.filename.replace("\\", "/")
-        if _ignored_part(tuple(rel.split("/"))) or not _is_image_name(rel):
+        if _ignored_part(tuple(rel.split("/"))) or not _is_image_name(rel, extensions):
             ignored += 1
             continue
 
@@ -116,11 +117,13 @@ def _list_zip(zf: zipfile.ZipFile, root: str, max_bytes: int) -> Listing:
 
 
 @contextlib.contextmanager
-def open_image_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Listing]:
-    """Context manager giving the Listing of a folder or a .zip file (kept open while in use)."""
+def open_image_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES,
+                      extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Iterator[Listing]:
+    """Context manager giving the Listing of a folder or a .zip file (kept open while in use); `extensions`
+    choose the candidate files (video clips use their own)."""
     p = Path(path)
     if p.is_dir():
-        yield _list_folder(p, max_bytes)
+        yield _list_folder(p, max_bytes, extensions)
         return
     if not p.exists():
         raise DataError(f"image folder or ZIP not found: {p}")
@@ -131,4 +134,4 @@ def open_image_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTE
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f"{p}: not a readable ZIP archive ({e})") from None
     with zf:
-        yield _list_zip(zf, str(p), max_bytes)
+        yield _list_zip(zf, str(p), max_bytes, extensions)

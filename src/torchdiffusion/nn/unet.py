@@ -133,6 +133,9 @@ def build_unet(cfg: UNetConfig, io) -> "UNet":
             if spec.key != "concat":
                 raise ConfigError(f"the unet backbone concatenates cond['concat'], got {spec.key!r}")
             fields["concat_channels"] = spec.size
+        elif spec.kind == "frames":
+            raise ConfigError(f"the unet backbone takes images; cond {spec.key!r} (frames) needs a video backbone "
+                              f"(model.backbone.kind=unet3d)")
         elif spec.kind == "context":
             if spec.key != "context":
                 raise ConfigError(f"the unet backbone cross-attends to cond['context'], got {spec.key!r}")

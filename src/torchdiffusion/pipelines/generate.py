@@ -114,8 +114,10 @@ def save_images(images, path, seeds=None) -> list[Path]:
 
 
 def _is_sample_output(name: str) -> bool:
-    """What `sample` writes into its --outdir: NNNNNN.png per seed, grid.png and samples.json."""
-    return name in ("grid.png", "samples.json") or (name.endswith(".png") and name[:-4].isdigit())
+    """What `sample` writes into its --outdir: NNNNNN.png (clips: .gif) per seed, grid.png (clips: grid.gif and
+    frames.png) and samples.json."""
+    return name in ("grid.png", "grid.gif", "frames.png", "samples.json") or (
+        name.endswith((".png", ".gif")) and name[:-4].isdigit())
 
 
 def prepare_outdir(outdir: Path, overwrite: bool = False) -> None:
@@ -146,7 +148,8 @@ def prepare_outdir(outdir: Path, overwrite: bool = False) -> None:
 def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_config, sampler: Callable,
                sampler_options: dict, sigmas: Tensor, nfe: int | None, seeds_text: str, batch: int = 16,
                rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"), counter=None,
-               progress: Callable[[int, int], None] | None = None, extra: dict | None = None) -> dict:
+               progress: Callable[[int, int], None] | None = None, extra: dict | None = None,
+               shape: tuple[int, ...] | None = None) -> dict:
     """Generate this process's share of `seed_list` (every world_size-th seed from rank) with `guided`
     (pipelines.guided.GuidedSampling) into OUTDIR/<seed>.png; the main process also writes grid.png (one process
     only) and samples.json. Returns the samples.json record.
@@ -154,7 +157,9 @@ def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_co
     run: a config.loaders.LoadedRun; nfe: per image, or None for adaptive samplers: then `counter` is the base
     denoiser of `guided`, counting the rows it evaluates (config.sampler_options.CountingDenoiser), and the
     record gives the measured mean. progress(done, total): after each batch written (pipelines.progress.Progress).
-    extra: more entries for samples.json (e.g. the autoguidance guide and scale)."""
+    extra: more entries for samples.json (e.g. the autoguidance guide and scale).
+    shape: the diffusion-space shape to sample (default the run's; a video run's frame count is free). Clips are
+    written as OUTDIR/<seed>.gif, with grid.gif (the clips tiled) and frames.png (a clip per row)."""
     my_seeds = list(seed_list[rank::world_size])
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -163,13 +168,17 @@ def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_co
 
     def write(chunk, images):
         for s, img in zip(chunk, images):
-            save_png(img, outdir / f"{s:06d}.png")
+            if img.ndim == 4:  # a clip (C, T, H, W): an animated GIF per seed (pipelines.video)
+                from .clips import save_gif
+                save_gif(img.transpose(0, 1), outdir / f"{s:06d}.gif")
+            else:
+                save_png(img, outdir / f"{s:06d}.png")
         written[0] += len(chunk)
         if progress is not None:
             progress(written[0], len(my_seeds))
 
     t0 = time.perf_counter()
-    images = guided.generate(generate, my_seeds, run.sample_shape, sampler, sigmas, batch=batch, device=device,
+    images = guided.generate(generate, my_seeds, shape or run.sample_shape, sampler, sigmas, batch=batch, device=device,
                              on_batch=write, decode=codec_decoder(run.codec))
     seconds = time.perf_counter() - t0
     if nfe is None:
@@ -183,7 +192,11 @@ def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_co
               "processes": world_size, "seconds": round(seconds, 3), "torch": torch.__version__,
               **guided.record(), **(extra or {})}
     if rank == 0:
-        if world_size == 1:
+        if world_size == 1 and images.ndim == 5:
+            from .clips import frame_grid, save_gif, tile_clips
+            save_gif(tile_clips(images[:64]), outdir / "grid.gif")
+            save_png(frame_grid(images[:64]), outdir / "frames.png")
+        elif world_size == 1:
             save_png(make_grid(images[:256]), outdir / "grid.png")
         (outdir / "samples.json").write_text(json.dumps(record, indent=2))
     return record
