@@ -247,7 +247,9 @@ def _register_builtin() -> None:
     from ..autoencoders.identity import IdentityCodec, IdentityCodecConfig
     from ..autoencoders.kl import KLAutoencoder, KLConfig
     from ..autoencoders.vq import VQAutoencoder, VQConfig
+    from ..conditioners.augment import AugmentConditioner
     from ..conditioners.classlabel import ClassConditioner, ClassConditionerConfig
+    from ..data.augment import AugmentConfig
     from ..nn.diffusers_unet import DiffusersUNet2DConfig, build_diffusers_unet
     from ..nn.dit import DiTConfig, build_dit
     from ..nn.token_transformer import TokenTransformerConfig, build_token_transformer
@@ -273,6 +275,8 @@ def _register_builtin() -> None:
     register_autoencoder("vq", VQConfig, VQAutoencoder, "vector-quantised autoencoder, VQGAN (Esser et al. 2021)")
     register_conditioner("class", ClassConditionerConfig, ClassConditioner,
                          "class label with dropout to the null label (classifier-free guidance)")
+    register_conditioner("augment", AugmentConfig, AugmentConditioner,
+                         "non-leaking augmentation, its parameters as a vector condition (zero at sampling)")
 
 
 _register_builtin()
