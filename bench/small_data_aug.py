@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 SIZES = {  # U-Net sizes at 14x14 (two levels: 14, 7)
     "S": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
           "norm_groups": 8, "mid_attention": False},
-    "L": {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+    "L": {"model_channels": 24, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
           "norm_groups": 8, "mid_attention": True, "num_heads": 4},
 }
 
@@ -62,7 +62,7 @@ class SmallCNN(torch.nn.Module):
         return self.out(self.features(x))
 
 
-def train_classifier(x, y, xt, yt, epochs: int = 2, seed: int = 0) -> tuple[SmallCNN, float]:
+def train_classifier(x, y, xt, yt, epochs: int = 1, seed: int = 0) -> tuple[SmallCNN, float]:
     torch.manual_seed(seed)
     net = SmallCNN()
     opt = torch.optim.Adam(net.parameters(), 2e-3)
@@ -279,7 +279,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ema-images", type=float, default=4000)
@@ -307,7 +307,14 @@ def main(argv=None) -> dict:
         for size in args.sizes.split(","):
             for aug in (False, True):
                 results.append(run_cell(args.workdir, n, size, aug, args, ((xtr, ytr), (xte, yte)), feats, ref_feats))
-    meta = {"command": "OMP_NUM_THREADS=1 nice -n 10 python bench/small_data_aug.py " + " ".join(sys.argv[1:]),
+                write_outputs(results, make_meta(args, acc, t_all), args.out)  # after every cell: partial results
+    meta = make_meta(args, acc, t_all)
+    write_outputs(results, meta, args.out)
+    return {"meta": meta, "cells": results}
+
+
+def make_meta(args, acc: float, t_all: float) -> dict:
+    return {"command": "OMP_NUM_THREADS=1 nice -n 10 python bench/small_data_aug.py " + " ".join(sys.argv[1:]),
             "final_n": args.final_n, "p": args.p, "steps": args.steps, "batch": args.batch,
             "classifier_test_accuracy": acc, "total_cpu_s": round(time.process_time() - t_all, 1),
             "torch": torch.__version__,
@@ -319,8 +326,6 @@ def main(argv=None) -> dict:
                      f"share of held-out test images (the test's false-positive rate). Onset: first in-loop "
                      f"evaluation ({args.eval_n} samples) with near-copy share > 0.05; val rise: first validation "
                      f"> 1.02 x the running minimum.")}
-    write_outputs(results, meta, args.out)
-    return {"meta": meta, "cells": results}
 
 
 if __name__ == "__main__":
