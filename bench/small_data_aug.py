@@ -211,7 +211,8 @@ def onsets(curves: dict, tol: float = 0.02, share: float = 0.05) -> dict:
 # ----------------------------------------------------------------------------------------- report
 def write_outputs(results: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "small_data_aug.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=1) + "\n")
+    name = meta.get("name", "small_data_aug")
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=1) + "\n")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -237,7 +238,7 @@ def write_outputs(results: list[dict], meta: dict, out: Path) -> None:
     fig.suptitle("Fashion-MNIST 14x14: augmentation as a condition (solid) vs none (dashed); dotted lines: "
                  "validation minimum")
     fig.tight_layout()
-    fig.savefig(out / "small_data_aug.png", dpi=90)
+    fig.savefig(out / f"{name}.png", dpi=90)
     lines = ["# Small data: non-leaking augmentation vs memorisation (Fashion-MNIST 14x14)", "",
              f"Command: `{meta['command']}`", "",
              f"{meta['note']}", "",
@@ -250,8 +251,8 @@ def write_outputs(results: list[dict], meta: dict, out: Path) -> None:
                      f"| {f['fid']:.2f} | {f['kid']:.4f} +- {f['kid_std']:.4f} | {f['near_copy_share']:.3f} "
                      f"({f['heldout_near_copy_share']:.3f}) | {r['val_min_step']} | {r['val_rise_step']} "
                      f"| {r['memorisation_onset_step']} | {r['train_cpu_s'] + r['final_eval_cpu_s']:.0f} |")
-    lines += ["", "![curves](small_data_aug.png)", "", "## Verdict", ""] + verdict(results)
-    (out / "small_data_aug.md").write_text("\n".join(lines) + "\n")
+    lines += ["", f"![curves]({name}.png)", "", "## Verdict", ""] + verdict(results)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def verdict(results: list[dict]) -> list[str]:
@@ -293,6 +294,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", default="S,L")
     ap.add_argument("--n-train", default="500,2000")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="small_data_aug", help="file name of the results (json/md/png)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_all = time.process_time()
@@ -314,7 +316,9 @@ def main(argv=None) -> dict:
 
 
 def make_meta(args, acc: float, t_all: float) -> dict:
-    return {"command": "OMP_NUM_THREADS=1 nice -n 10 python bench/small_data_aug.py " + " ".join(sys.argv[1:]),
+    argv = ["WORKDIR" if i > 0 and sys.argv[i - 1] == "--workdir" else a for i, a in enumerate(sys.argv)][1:]
+    return {"command": "OMP_NUM_THREADS=1 nice -n 10 python bench/small_data_aug.py " + " ".join(argv),
+            "name": args.name,
             "final_n": args.final_n, "p": args.p, "steps": args.steps, "batch": args.batch,
             "classifier_test_accuracy": acc, "total_cpu_s": round(time.process_time() - t_all, 1),
             "torch": torch.__version__,
