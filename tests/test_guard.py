@@ -108,3 +108,24 @@ def test_near_copy_share_stops_the_run(tmp_path):
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [float(r["near_copy_share"]) for r in rows if r["near_copy_share"]] == pytest.approx([0.1, 0.2, 0.3])
     assert rows[-1]["guard"] == "2"
+
+
+class FlatFeatures:
+    name, sha256, resize = "flat-pixels", "0" * 64, "none"
+
+    def __call__(self, images):
+        return torch.as_tensor(images).flatten(1).to(torch.float64).numpy() / 255
+
+
+def test_inloop_audit_counts_copies_of_training_images():
+    from torchdiffusion.eval import InLoopEvaluator, compute_reference
+    from torchdiffusion.eval.refstats import extract_features
+    g = torch.Generator().manual_seed(0)
+    train, fresh, real = (torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8) for n in (40, 30, 50))
+    ex = FlatFeatures()
+    ref = compute_reference(real, ex, source="real")
+    for samples, lo, hi in ((train[:30], 1.0, 1.0), (fresh, 0.0, 0.1)):
+        ev = InLoopEvaluator(lambda m, seeds, s=samples: s[:len(seeds)], ex, ref, 30, kid_subsets=2,
+                             audit_train=extract_features(ex, train))
+        scores = ev.score(ev.features(None))
+        assert lo <= scores["near_copy_share"] <= hi and scores["heldout_near_copy_share"] <= 0.1
