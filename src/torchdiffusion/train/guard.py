@@ -90,7 +90,7 @@ class TrainingGuard:
     def meta(self) -> dict:
         if self.best_val_step is None and self.reason is None:
             return {}
-        return {"guard": {"best_val": self.best_val, "best_val_step": self.best_val_step,
+        return {"guard": {"best_val": self.best_val if math.isfinite(self.best_val) else None, "best_val_step": self.best_val_step,
                           "val_risen": self.val_risen, "reason": self.reason, "detail": self.detail}}
 
     def load(self, trainer_meta: dict) -> None:
