@@ -97,6 +97,20 @@ class Conditioning:
         return self._to({k: v for name, c in self.items.items()
                          for k, v in c.for_sampling(seeds, values.get(name)).items()})
 
+    @property
+    def augments(self) -> bool:
+        """True when a conditioner augments the training images (the augment kind)."""
+        return any(hasattr(c, "augment") for c in self.items.values())
+
+    def augment(self, x0: Tensor, batch: Mapping[str, Tensor], step: int) -> tuple[Tensor, dict]:
+        """The diffusion step's augmentation hook: every augmenting conditioner's augment(x0, batch, step) in
+        config order (x0 augmented, the batch with their parameters for from_batch)."""
+        batch = dict(batch)
+        for c in self.items.values():
+            if hasattr(c, "augment"):
+                x0, batch = c.augment(x0, batch, step)
+        return x0, batch
+
     def cond_for(self, seeds: Sequence[int]) -> Optional[dict[str, Tensor]]:
         """The default sampling cond of training grids and evaluation (no user input)."""
         return self.for_sampling(seeds) if self.items else None

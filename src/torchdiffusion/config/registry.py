@@ -253,9 +253,11 @@ def _register_builtin() -> None:
     from ..autoencoders.identity import IdentityCodec, IdentityCodecConfig
     from ..autoencoders.kl import KLAutoencoder, KLConfig
     from ..autoencoders.vq import VQAutoencoder, VQConfig
+    from ..conditioners.augment import AugmentConditioner
     from ..conditioners.classlabel import ClassConditioner, ClassConditionerConfig
     from ..conditioners.low_res import LowResConditioner, LowResConfig
     from ..conditioners.frames import FramesConditioner, FramesConditionerConfig
+    from ..data.augment import AugmentConfig
     from ..nn.diffusers_unet import DiffusersUNet2DConfig, build_diffusers_unet
     from ..nn.dit import DiTConfig, build_dit
     from ..nn.token_transformer import TokenTransformerConfig, build_token_transformer
@@ -288,6 +290,8 @@ def _register_builtin() -> None:
                          "super-resolution: the down-sampled image, noise/blur augmented, concatenated (CDM)")
     register_conditioner("frames", FramesConditionerConfig, FramesConditioner,
                          "real frame indices and the independent-image mask of video clips (backbone unet3d)")
+    register_conditioner("augment", AugmentConfig, AugmentConditioner,
+                         "non-leaking augmentation, its parameters as a vector condition (zero at sampling)")
 
 
 _register_builtin()

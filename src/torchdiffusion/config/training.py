@@ -155,7 +155,8 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
                           data_fingerprint=dataset_fingerprint(train_set), sample_grid=sample_grid, dist=info,
                           device=device, should_stop=should_stop, progress=progress,
                           until_step=until_step, evaluator=evaluator,
-                          complete_config=lambda stored: complete_config(type(cfg), stored, resolved))
+                          complete_config=lambda stored: complete_config(type(cfg), stored, resolved),
+                          augment=conditioning.augment if conditioning.augments else None)
         return trainer.fit(resume_from, allow_changes)
     finally:
         distributed.shutdown(info)
@@ -223,7 +224,12 @@ def build_inloop_evaluator(cfg, model, shape, train_set, info, device, cond_for=
         return generate(ema, seeds, shape, sampler, sigmas, batch=64, device=device, cond_for=cond_for,
                         decode=decode)
 
-    return InLoopEvaluator(sample_images, extractor, reference, t.eval_images, kid_subsets=t.eval_kid_subsets)
+    audit_train = None
+    if t.eval_audit:  # the training images the in-loop audit compares the samples with (train.guard)
+        from ..eval.refstats import extract_features
+        audit_train = extract_features(extractor, train_set.x[:t.eval_audit])
+    return InLoopEvaluator(sample_images, extractor, reference, t.eval_images, kid_subsets=t.eval_kid_subsets,
+                           audit_train=audit_train)
 
 
 def _progress(what: str):

@@ -3,7 +3,7 @@
     write_report(run_dir, out_dir=None) -> Path of index.html      (out_dir defaults to run_dir/report)
 
 Reads only what a run folder holds (DESIGN: run_dir/config.yaml, metrics.csv with columns step, loss, val_loss
-and, with in-loop evaluation, fid, kid, kid_std; samples/grid_<step>.png; eval/best.json; audit/audit.json and
+and, with in-loop evaluation, fid, kid, kid_std; samples/grid_<step>.png; eval/best.json; eval/guard.json (train.guard); audit/audit.json and
 its PNGs from `torchdiffusion audit`). Writes index.html and every image it shows into out_dir, linked by
 relative paths: the folder can be moved, archived or opened from disk, and the page loads nothing from the
 network (no scripts, fonts or styles from elsewhere; the one inline script only counts images that failed to
@@ -355,6 +355,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, audit_d
     else:
         note = "matplotlib is not installed" if series else "metrics.csv is missing or empty"
         sections.append(f'<h2>Curves</h2><p class="note">No curves: {note}.</p>')
+
+    # ---- memorisation over training (validation loss, FID/KID, near-copy share; the training guard's stop)
+    from .report_memorisation import memorisation_section
+    over_training = memorisation_section(run_dir, series, out_dir)
+    if over_training:
+        sections.append("<h2>Memorisation over training</h2>" + over_training)
 
     # ---- memorisation
     sections.append("<h2>Memorisation audit</h2>" + _audit_section(Path(audit_dir) if audit_dir else

@@ -34,7 +34,9 @@ class DiffusionStep:
     encode_batch(batch, step) -> x0, when given, replaces it and sees the whole batch and the global step (None for
     validation): a latent codec's cached latents and per-step posterior samples (config.codecs.LatentEncoder).
     make_cond(batch, step) -> cond: step is the global training step (e.g. to seed condition dropout), None for
-    validation (the validation loss is the conditional model's: no dropout)."""
+    validation (the validation loss is the conditional model's: no dropout). augment(x0, batch, step) -> (x0, batch),
+    when given, augments the training images and leaves their parameters in the batch for make_cond
+    (conditioners.augment); validation is never augmented."""
 
     metric_columns = ()
 
@@ -43,13 +45,15 @@ class DiffusionStep:
                  ema_halflife_images: float = 50_000.0, ema_rampup: Optional[float] = 0.05,
                  make_cond: Callable[[dict, Optional[int]], Cond] | None = None,
                  encode: Callable[[Tensor], Tensor] = to_model_range, val_set=None, val_images: int = 512,
-                 encode_batch: Callable[[dict, Optional[int]], Tensor] | None = None):
+                 encode_batch: Callable[[dict, Optional[int]], Tensor] | None = None,
+                 augment: Callable[[Tensor, dict, int], tuple[Tensor, dict]] | None = None):
         self.model, self.objective, self.schedule = model, objective, schedule
         self.lr, self.betas, self.eps, self.weight_decay, self.grad_clip = lr, betas, eps, weight_decay, grad_clip
         self.ema_halflife_images, self.ema_rampup = ema_halflife_images, ema_rampup
         self.make_cond = make_cond or (lambda batch, step: None)
         self.encode, self.val_set, self.val_images = encode, val_set, val_images
         self.encode_batch = encode_batch or (lambda batch, step: self.encode(batch["x"]))
+        self.augment = augment  # (x0, batch, step) -> (x0, batch): non-leaking augmentation (data.augment)
         self.ctx: LoopContext | None = None
 
     @classmethod
@@ -99,6 +103,8 @@ class DiffusionStep:
     def train_step(self, batch: dict, step: int) -> dict[str, float] | None:
         ctx = self.ctx
         x0 = self.encode_batch(batch, step).to(ctx.device)
+        if self.augment is not None:
+            x0, batch = self.augment(x0, batch, step)
         cond = self.make_cond(batch, step)
         sigma, noise = self.noise(step, tuple(x0.shape))
         set_lr(self.opt, self.schedule(step))

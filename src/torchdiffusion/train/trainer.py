@@ -28,6 +28,7 @@ from ..errors import EXIT_PREEMPTED as _EXIT_PREEMPTED, TorchDiffusionError
 from ..protocols import Cond
 from ..seeding import linear_step_seed
 from . import checkpoint as ckpt
+from . import guard
 from .distributed import DistInfo, barrier
 from .ema import ema_beta, ema_update
 from .logger import METRIC_COLUMNS, RunLogger
@@ -77,6 +78,11 @@ class TrainConfig:
     eval_reference: Optional[str] = None  # data split of the real side; default data.val_split, else data.split
     eval_reference_images: int = 10000  # first N images of that split; 0 = all
     eval_kid_subsets: int = 20
+    eval_audit: int = 0  # > 0: in-loop audit of the eval samples against this many training images (near-copy share)
+    # the training guard (train.guard): stop on a rising validation loss or on near-copies; 0 = off
+    val_patience: int = 0  # stop after this many validations in a row above (1 + val_tolerance) x the best
+    val_tolerance: float = 0.02
+    stop_near_copy_share: float = 0.0  # stop when the in-loop audit's near-copy share exceeds this
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "val_every", "sample_every", "ckpt_every",
@@ -95,6 +101,7 @@ class TrainConfig:
         if self.eval_images < 2 or self.eval_kid_subsets < 1:
             raise ValueError(f"train.eval_images must be >= 2 and train.eval_kid_subsets >= 1, got "
                              f"{self.eval_images} and {self.eval_kid_subsets}")
+        guard.check_config(self)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
                              f"({self.grad_accum})")
@@ -113,7 +120,8 @@ RESUMABLE_CHANGES = ("train.steps", "train.parallel", "train.max_minutes", "trai
                      "train.ckpt_every", "train.keep_last", "train.keep_steps", "train.nan_policy", "train.max_nan_skips",
                      "train.eval_every", "train.eval_images", "train.eval_metric", "train.eval_patience",
                      "train.eval_sampler", "train.eval_steps", "train.eval_features", "train.eval_reference",
-                     "train.eval_reference_images", "train.eval_kid_subsets", "sample.",
+                     "train.eval_reference_images", "train.eval_kid_subsets", "train.eval_audit",
+                     "train.val_patience", "train.val_tolerance", "train.stop_near_copy_share", "sample.",
                      "model.codec.cache")  # a latent cache holds what encoding on the fly computes
 
 
@@ -161,7 +169,7 @@ def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
 @dataclass
 class TrainResult:
     step: int
-    stopped: str  # "done", "time", "signal", "until", "patience"
+    stopped: str  # "done", "time", "signal", "until", "patience", "guard"
     checkpoint: Optional[Path]
 
 
@@ -183,14 +191,15 @@ class Trainer:
                  dist: DistInfo = DistInfo(), device: torch.device = torch.device("cpu"),
                  should_stop: Callable[[], bool] | None = None, progress: bool | None = None,
                  until_step: int | None = None, evaluator: Evaluator | None = None,
-                 complete_config: Callable[[dict], dict] | None = None):
+                 complete_config: Callable[[dict], dict] | None = None,
+                 augment: Callable[[Tensor, dict, int], tuple[Tensor, dict]] | None = None):
         self.cfg = cfg
         if step is None:
             if model is None or objective is None:
                 raise TrainingError("Trainer needs a training step, or a model and an objective for the diffusion step")
             from .diffusion_step import DiffusionStep
             step = DiffusionStep.from_config(cfg, model, objective, make_cond=make_cond, val_set=val_set,
-                                             encode_batch=encode_batch,
+                                             encode_batch=encode_batch, augment=augment,
                                              **({} if encode is None else {"encode": encode}))
         elif model is not None or objective is not None:
             raise TrainingError("Trainer takes either a step or a model and an objective, not both")
@@ -209,6 +218,7 @@ class Trainer:
         self.evaluator = evaluator if cfg.eval_every > 0 else None
         # best in-loop metric so far (lower is better), its step, and evaluations since it improved
         self.best_value, self.best_step, self.evals_since_best = math.inf, None, 0
+        self.guard = guard.TrainingGuard.from_config(cfg)  # stop rules against memorisation (train.guard)
         per_rank = cfg.batch_size // dist.world_size
         if cfg.batch_size % dist.world_size or per_rank % cfg.grad_accum:
             raise TrainingError(f"train.batch_size {cfg.batch_size} must split evenly over {dist.world_size} "
@@ -218,6 +228,7 @@ class Trainer:
                                precision=cfg.precision, dist=dist, device=device, parallel=cfg.parallel)
         step.setup(self.ctx)
         self.columns = METRIC_COLUMNS + [c for c in step.metric_columns if c not in METRIC_COLUMNS]
+        self.columns += [c for c, on in (("near_copy_share", cfg.eval_audit > 0), ("guard", self.guard.enabled)) if on]
         self.step = 0
         self.nan_skips = 0
         self.wall_before = 0.0  # training seconds of the runs this one resumed from
@@ -245,7 +256,8 @@ class Trainer:
         return {"step": self.step, "nan_skips": self.nan_skips, "images_seen": self.step * self.cfg.batch_size,
                 "wall_s": round(self.wall_s(), 3),
                 **({"best_value": self.best_value, "best_step": self.best_step,
-                    "evals_since_best": self.evals_since_best} if self.best_step is not None else {})}
+                    "evals_since_best": self.evals_since_best} if self.best_step is not None else {}),
+                **self.guard.meta()}
 
     def wall_s(self) -> float:
         """Training seconds up to now: those of the runs this one resumed from (the checkpoint's trainer.wall_s)
@@ -290,6 +302,7 @@ class Trainer:
         self.step = int(c.meta["trainer"]["step"])
         self.nan_skips = int(c.meta["trainer"].get("nan_skips", 0))
         self.wall_before = float(c.meta["trainer"].get("wall_s", 0.0))  # 0 for checkpoints of earlier releases
+        self.guard.load(c.meta["trainer"])
         if c.meta["trainer"].get("best_step") is not None:
             self.best_value = float(c.meta["trainer"]["best_value"])
             self.best_step = int(c.meta["trainer"]["best_step"])
@@ -385,6 +398,11 @@ class Trainer:
                         columns=self.columns, tensorboard=cfg.tensorboard)
         if resume_from is not None:
             log.info(f"resumed from {resume_from} at step {self.step}")
+            if guard.resumed_stop(self):
+                log.info(f"the training guard stopped this run at step {self.step} ({self.guard.detail}); "
+                         f"switch the rule off (train.val_patience=0 / train.stop_near_copy_share=0) to go on")
+                log.close()
+                return TrainResult(self.step, "guard", None)
         else:
             n_params = sum(p.numel() for m in stepper.modules().values() for p in m.parameters())
             log.info(f"training from scratch: {n_params:,} parameters, "
@@ -419,15 +437,17 @@ class Trainer:
                 self.step += 1
                 row = {"step": self.step, "images": self.step * cfg.batch_size, **out}
                 evaluating = self.evaluator is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
-                if self.step % cfg.val_every == 0 or self.step == cfg.steps or evaluating:
+                validating = self.step % cfg.val_every == 0 or self.step == cfg.steps or evaluating
+                if validating:
                     if self.dist.is_main:
                         row.update(self.validation())
-                out_of_patience = False
+                out_of_patience, scores = False, None
                 if evaluating:
                     scores = self.evaluate()
                     row.update({k: float(scores[k]) for k in ("fid", "kid", "kid_std")})
                     self._record_evaluation(scores, log)
                     out_of_patience = 0 < cfg.eval_patience <= self.evals_since_best
+                guarded = guard.on_checks(self, row, scores, log) if validating else False
                 now = time.perf_counter()
                 row["wall_s"] = round(self.wall_before + now - t_start, 3)
                 logged_row = self.step % cfg.log_every == 0 or self.step == cfg.steps
@@ -456,6 +476,8 @@ class Trainer:
                     stopped = "until"
                 if out_of_patience and self.step < cfg.steps and stopped == "done":
                     stopped = "patience"
+                if guarded and self.step < cfg.steps and stopped == "done":
+                    stopped = "guard"
                 if self.step % cfg.ckpt_every == 0 or self.step in cfg.keep_steps or self.step == cfg.steps or stopped != "done":
                     last_ckpt = self.save()
                     if last_ckpt is not None:
@@ -468,6 +490,10 @@ class Trainer:
                         log.info(f"stopped at step {self.step}: no {cfg.eval_metric} improvement in "
                                  f"{self.evals_since_best} evaluations (train.eval_patience); best at step "
                                  f"{self.best_step}, see eval/best.json")
+                        break
+                    if stopped == "guard":
+                        log.info(f"stopped at step {self.step} by the training guard (train.guard); see "
+                                 f"eval/guard.json")
                         break
                     why = {"time": "time budget", "signal": "signal", "until": "--until-step"}[stopped]
                     log.info(f"stopped at step {self.step} ({why}); "
