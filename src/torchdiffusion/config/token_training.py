@@ -279,16 +279,29 @@ def token_run_from_checkpoint(c, cpath: Path, device="cpu", weights: str = "ema"
 
 def sample_token_run(run: TokenRun, seeds: Sequence[int], outdir: Path, *, sample_cfg=None, device="cpu",
                      overwrite: bool = False, callback=None, labels: Optional[Sequence[int]] = None) -> list[Path]:
-    """One decoded PNG per seed (<seed>.png, as `sample` writes them, so `eval` reads the folder) and grid.png;
-    labels (class-conditional runs): cycled over the seeds (seed_labels), default seed % K."""
+    """One decoded PNG per seed (<seed>.png, as `sample` writes them, so `eval` reads the folder), grid.png and
+    samples.json (what made them; seconds and CPU-seconds of sampling and decoding); labels (class-conditional
+    runs): cycled over the seeds (seed_labels), default seed % K."""
+    import json
+    import time
+
     from ..pipelines.generate import make_grid, prepare_outdir, save_images, save_png
     from ..pipelines.tokens import decode_tokens
     sample_cfg = sample_cfg or run.config.sample
     per_seed = seed_labels(run.conditioning, seeds, labels)
     prepare_outdir(outdir, overwrite)
+    t0, c0 = time.perf_counter(), time.process_time()
     x = sample_tokens(sample_cfg, run.model, run.process, run.config.token_grid, seeds, device=device,
                       callback=callback, conditioning=run.conditioning, labels=per_seed)
     images = decode_tokens(run.first_stage.module, x, device=device)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     paths = save_images(images, outdir, seeds)
     save_png(make_grid(images[:64]), Path(outdir) / "grid.png")
+    record = {"checkpoint": str(run.checkpoint), "step": run.step, "weights": run.weights,
+              "vq_run": run.config.vq_run, **dataclasses.asdict(sample_cfg), "count": len(seeds),
+              "seeds": f"{seeds[0]}-{seeds[-1]}" if seeds else "",
+              "labels": [per_seed[s] for s in seeds] if per_seed else ("seed % num_classes" if run.num_classes
+                                                                        else None),
+              "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "torch": torch.__version__}
+    (Path(outdir) / "samples.json").write_text(json.dumps(record, indent=1) + "\n")
     return paths
