@@ -126,3 +126,16 @@ def test_sample_tokens_bad_labels_are_one_line(runs, tmp_path, labels, message):
 def test_sample_tokens_labels_need_a_class_conditional_run(runs, tmp_path):
     r = invoke(["sample-tokens", "--run", runs["plain"], "--outdir", tmp_path / "o", "--labels", "1"], expect=2)
     assert "--labels needs a class-conditional token run" in r.output and "Traceback" not in r.output
+
+
+def test_eval_fake_run_of_a_diffusion_run_generates_the_images_sample_writes(tiny_run, runs, tmp_path):
+    from torchdiffusion.cli.eval_cmd import generate_fake
+    invoke(["sample", "--run", tiny_run, "--seeds", "0-2", "--outdir", tmp_path / "s", "--steps", "2", "--batch", "3"])
+    images, info = generate_fake(tiny_run, 3, None, 2, 2, "cpu")
+    assert torch.equal(images, load_sample_folder(tmp_path / "s")[0])
+    assert info["fake_generated"]["family"] == "diffusion" and info["fake_generated"]["steps"] == 2
+    # a diffusion run's loader refuses a token run in one line
+    from torchdiffusion.config.loaders import load_run
+    from torchdiffusion.errors import ConfigError
+    with pytest.raises(ConfigError, match="is a token run's checkpoint"):
+        load_run(runs["plain"])
