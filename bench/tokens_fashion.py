@@ -97,8 +97,10 @@ def markdown(result: dict, lvp_path: Path) -> str:
     c, tok, vq = result["config"], result["tokens"], result["first_stage"]
     lines = [f"# Token diffusion on VQ-f4 tokens of Fashion-MNIST 32x32 ({result['date'][:10]})", "",
              f"`{result['command']}`", "",
-             f"Token model (D3PM absorbing, T = 100, hybrid loss, `fashion-vq-tokens`): {tok['steps']} steps in "
-             f"{c['minutes']} wall-minutes, {tok['cpu_minutes']:.2f} CPU-minutes; its VQ-f4 first stage: "
+             f"Token model (D3PM absorbing, T = 100, hybrid loss, `fashion-vq-tokens`"
+             f"{' with ' + ', '.join(c.get('token_overrides') or []) if c.get('token_overrides') else ''}): "
+             f"{tok['steps']} steps (at most {c['minutes']} wall-minutes), {tok['cpu_minutes']:.2f} CPU-minutes; "
+             f"its VQ-f4 first stage: "
              f"{vq['steps']} steps in {c['ae_minutes']} wall-minutes, {vq['cpu_minutes']:.2f} CPU-minutes "
              f"(held-out PSNR {_f(vq['recon'].get('val_psnr'), '.1f')} dB, code usage "
              f"{_f(vq['recon'].get('val_code_usage'), '.2f')}); {c['threads']} thread(s). FID-{c['n']} and KID "
