@@ -76,3 +76,36 @@ def test_sample_command_autoguide(tiny_run, tmp_path):
     assert "its data differs" in r.output and "Traceback" not in r.output
     r = invoke(["sample", "--run", tiny_run, "--outdir", tmp_path / "y", "--autoguide", tmp_path / "nope"], expect=2)
     assert "no such run or checkpoint folder" in r.output
+
+
+def test_run_default_guide_kept_checkpoint_and_samples_json(tmp_path):
+    """A run with sample.autoguide_step = 1 and train.keep_steps = [1]: the step-1 checkpoint survives keep_last = 1
+    (off the ckpt_every cadence); `sample` then guides with it by default, exactly as `--autoguide` naming it at the
+    run's autoguide_scale does, and says so in samples.json; `--autoguide none` is plain sampling; sampling the guide
+    checkpoint itself is plain; a run whose guide checkpoint is gone is refused in one line."""
+    import json
+    import shutil
+
+    from tiny_runs import TINY_RUN, invoke
+
+    run = tmp_path / "run"
+    args = ["train", "--run", run, "--no-progress"]
+    for s in TINY_RUN + ["train.steps=4", "train.keep_last=1", "train.keep_steps=[1]", "sample.autoguide_step=1",
+                         "sample.autoguide_scale=3"]:
+        args += ["--set", s]
+    invoke(args)
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert steps == ["step_00000001", "step_00000004"]
+    guide = run / "checkpoints" / "step_00000001"
+    default = _sample(run, tmp_path / "default")
+    record = json.loads((tmp_path / "default" / "samples.json").read_text())
+    assert record["autoguidance"] == {"guide": str(guide), "scale": 3.0}
+    assert _sample(run, tmp_path / "explicit", "--autoguide", guide, "--autoguide-scale", "3") == default
+    plain = _sample(run, tmp_path / "plain", "--autoguide", "none")
+    assert plain != default and "autoguidance" not in json.loads((tmp_path / "plain" / "samples.json").read_text())
+    assert _sample(run, tmp_path / "w1", "--autoguide-scale", "1") == plain  # w = 1: the model alone
+    invoke(["sample", "--checkpoint", guide, "--outdir", tmp_path / "g", "--seeds", "0-1", "--quiet"])
+    assert "autoguidance" not in json.loads((tmp_path / "g" / "samples.json").read_text())
+    shutil.rmtree(guide)
+    r = invoke(["sample", "--run", run, "--outdir", tmp_path / "gone"], expect=2)
+    assert "no checkpoint step_00000001" in r.output and "Traceback" not in r.output

@@ -107,6 +107,25 @@ def autoguided(run, path: Path, scale: float, weights: str, device):
     return AutoGuidance(run.model, bad.model, scale)
 
 
+def default_guide(run, run_dir: Path | None, autoguide_path: Path | None) -> Path | None:
+    """The guide `sample` uses: --autoguide PATH; none for --autoguide none; else the run's own checkpoint of step
+    sample.autoguide_step where the config names one (kept by train.keep_steps), found from --run (a run sampled by
+    --checkpoint uses the run folder above it); none when the sampled checkpoint is not later than that step."""
+    if autoguide_path is not None:
+        return None if str(autoguide_path) == "none" else autoguide_path
+    step = run.config.sample.autoguide_step
+    if step is None:
+        return None
+    if run.step <= step:
+        return None  # the sampled checkpoint is the guide or older than it: nothing weaker to guide away from
+    root = run_dir if run_dir is not None else Path(run.path).parent.parent
+    guide = root / "checkpoints" / f"step_{step:08d}"
+    if not guide.is_dir():
+        raise ConfigError(f"sample.autoguide_step {step}: the run has no checkpoint {guide.name} to guide with "
+                          f"(train with train.keep_steps containing {step}); or sample with --autoguide none")
+    return guide
+
+
 # --------------------------------------------------------------------------------------------- sample
 @click.command()
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None,
@@ -132,13 +151,14 @@ def autoguided(run, path: Path, scale: float, weights: str, device):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--autoguide", "autoguide_path", type=click.Path(path_type=Path), default=None,
               help="Autoguidance (Karras et al. 2024): a weaker model of the same task (a run folder or a checkpoint "
-                   "folder, e.g. an early checkpoint of the same run) to guide away from.")
-@click.option("--autoguide-scale", type=float, default=2.0, show_default=True,
-              help="With --autoguide: w in D_bad + w (D_good - D_bad); 1 = the model alone.")
+                   "folder, e.g. an early checkpoint of the same run) to guide away from; 'none': no guide even "
+                   "where the run's sample.autoguide_step names one.")
+@click.option("--autoguide-scale", type=float, default=None,
+              help="w in D_bad + w (D_good - D_bad); 1 = the model alone (default: the run's sample.autoguide_scale).")
 @quiet_option
 @guidance_options  # --labels, --guidance-scale/-interval, --classifier(-scale), --reject* (above)
 def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, grid_kind, eta, sampler_opts, weights, threads,
-           device, grid_file=None, autoguide_path=None, autoguide_scale=2.0, **guidance):
+           device, grid_file=None, autoguide_path=None, autoguide_scale=None, **guidance):
     """Generate one PNG per seed, a grid, and samples.json."""
     from ..config.build import build_sigmas
     from ..config.loaders import load_run
@@ -161,14 +181,19 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
     fn, options, nfe = build_run_sampler(scfg, sampler_opts)
     sigmas = build_sigmas(scfg, run.model.process)
     base = run.model
-    if autoguide_path is not None:
-        base = autoguided(run, autoguide_path, autoguide_scale, weights, dev)
+    guide = default_guide(run, run_dir, autoguide_path)
+    extra = None
+    if guide is not None:
+        w = run.config.sample.autoguide_scale if autoguide_scale is None else autoguide_scale
+        base = autoguided(run, guide, w, weights, dev)
+        extra = {"autoguidance": {"guide": str(guide), "scale": w}}
     counter = CountingDenoiser(base) if nfe is None else None  # adaptive samplers: measure the NFE
     guided = guided_sampling(run, counter or base, seed_list, dev, world_size=info.world_size, **guidance)
     with progress_for(len(seed_list[info.rank::info.world_size]), "sample", off=not info.is_main) as progress:
         record = sample_run(run, guided, seed_list, outdir, sample_config=scfg, sampler=fn, sampler_options=options,
                             sigmas=sigmas, nfe=nfe, seeds_text=seeds, batch=batch, rank=info.rank,
-                            world_size=info.world_size, device=dev, counter=counter, progress=progress)
+                            world_size=info.world_size, device=dev, counter=counter, progress=progress,
+                            extra=extra)
     if info.is_main:
         click.echo(f"wrote {len(seed_list)} images to {outdir} in {record['seconds']:.1f} s "
                    f"({scfg.sampler}, {scfg.steps} steps, {record['nfe']} NFE)")

@@ -90,6 +90,14 @@ class SampleConfig:
     eta: float = 0.0  # ddim
     variance: Optional[Literal["small", "large", "learned"]] = None  # ddpm (default: the sampler's, small)
     grid_images: int = 64  # fixed seeds 0..grid_images-1 for training-time grids
+    # Autoguidance by default (Karras et al. 2024): `sample` guides with this run's checkpoint of this step (keep it
+    # with train.keep_steps) at autoguide_scale unless --autoguide is given; None = no default guide
+    autoguide_step: Optional[int] = None
+    autoguide_scale: float = 2.0
+
+    def __post_init__(self):
+        if self.autoguide_step is not None and (not isinstance(self.autoguide_step, int) or self.autoguide_step < 1):
+            raise ValueError(f"sample.autoguide_step must be a step >= 1 or null, got {self.autoguide_step!r}")
 
 
 @dataclass(frozen=True)

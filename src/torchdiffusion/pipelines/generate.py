@@ -146,14 +146,15 @@ def prepare_outdir(outdir: Path, overwrite: bool = False) -> None:
 def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_config, sampler: Callable,
                sampler_options: dict, sigmas: Tensor, nfe: int | None, seeds_text: str, batch: int = 16,
                rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"), counter=None,
-               progress: Callable[[int, int], None] | None = None) -> dict:
+               progress: Callable[[int, int], None] | None = None, extra: dict | None = None) -> dict:
     """Generate this process's share of `seed_list` (every world_size-th seed from rank) with `guided`
     (pipelines.guided.GuidedSampling) into OUTDIR/<seed>.png; the main process also writes grid.png (one process
     only) and samples.json. Returns the samples.json record.
 
     run: a config.loaders.LoadedRun; nfe: per image, or None for adaptive samplers: then `counter` is the base
     denoiser of `guided`, counting the rows it evaluates (config.sampler_options.CountingDenoiser), and the
-    record gives the measured mean. progress(done, total): after each batch written (pipelines.progress.Progress)."""
+    record gives the measured mean. progress(done, total): after each batch written (pipelines.progress.Progress).
+    extra: more entries for samples.json (e.g. the autoguidance guide and scale)."""
     my_seeds = list(seed_list[rank::world_size])
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,7 @@ def sample_run(run, guided, seed_list: Sequence[int], outdir: Path, *, sample_co
               "grid": scfg.grid, "rho": scfg.rho, "spacing": scfg.spacing, "eta": scfg.eta,
               "sigmas": [float(s) for s in sigmas], "seeds": seeds_text, "count": len(seed_list), "batch": batch,
               "processes": world_size, "seconds": round(seconds, 3), "torch": torch.__version__,
-              **guided.record()}
+              **guided.record(), **(extra or {})}
     if rank == 0:
         if world_size == 1:
             save_png(make_grid(images[:256]), outdir / "grid.png")

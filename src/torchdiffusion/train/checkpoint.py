@@ -601,8 +601,9 @@ def save_checkpoint(
     return final
 
 
-def prune(run_ckpt_dir: Path | str, keep_last: int, *, verify: bool = True) -> list[Path]:
+def prune(run_ckpt_dir: Path | str, keep_last: int, *, verify: bool = True, keep_steps=()) -> list[Path]:
     """Delete committed checkpoints older than the keep_last newest complete ones; returns what was deleted.
+    Checkpoints of keep_steps are neither counted nor deleted (kept for good, e.g. an autoguidance guide).
 
     An old checkpoint goes only once keep_last newer ones verify (RELIABILITY 10); folders without
     a manifest are left alone. Each is renamed before removal, so a crash mid-delete leaves no
@@ -614,7 +615,9 @@ def prune(run_ckpt_dir: Path | str, keep_last: int, *, verify: bool = True) -> l
     if not run_ckpt_dir.is_dir():
         return []
     kept, deleted = 0, []
-    for _, p in _step_dirs(run_ckpt_dir):
+    for step, p in _step_dirs(run_ckpt_dir):
+        if step in keep_steps:
+            continue
         if kept < keep_last:
             try:
                 verify_checkpoint(p, hashes=verify)

@@ -61,6 +61,9 @@ class TrainConfig:
     sample_every: int = 1000
     ckpt_every: int = 1000
     keep_last: int = 2
+    # steps whose checkpoints are also written (off the ckpt_every cadence) and never pruned by keep_last, e.g. the
+    # early checkpoint a preset's autoguidance uses as its guide (sample.autoguide_step)
+    keep_steps: tuple[int, ...] = ()
     nan_policy: Literal["stop", "skip"] = "stop"
     max_nan_skips: int = 10
     # In-loop evaluation (FID/KID of eval_images EMA samples against cached reference statistics); 0 = off.
@@ -80,6 +83,8 @@ class TrainConfig:
                      "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if any(not isinstance(k, int) or k < 1 for k in self.keep_steps):
+            raise ValueError(f"train.keep_steps must be steps >= 1, got {list(self.keep_steps)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.log_seconds < 0:
@@ -105,7 +110,7 @@ EXIT_PREEMPTED = _EXIT_PREEMPTED
 #: config keys that may change between a checkpoint and its resumption (cadence and budgets, not the maths)
 RESUMABLE_CHANGES = ("train.steps", "train.parallel", "train.max_minutes", "train.log_every", "train.log_seconds",
                      "train.tensorboard", "train.val_every", "train.sample_every",
-                     "train.ckpt_every", "train.keep_last", "train.nan_policy", "train.max_nan_skips",
+                     "train.ckpt_every", "train.keep_last", "train.keep_steps", "train.nan_policy", "train.max_nan_skips",
                      "train.eval_every", "train.eval_images", "train.eval_metric", "train.eval_patience",
                      "train.eval_sampler", "train.eval_steps", "train.eval_features", "train.eval_reference",
                      "train.eval_reference_images", "train.eval_kid_subsets", "sample.",
@@ -263,7 +268,7 @@ class Trainer:
                 meta={"config": self.resolved_config, **extra, "rng": rng_json, "trainer": trainer_meta,
                       "data_fingerprint": self.data_fingerprint},
                 data_fingerprint=self.data_fingerprint)
-            ckpt.prune(self.ckpt_dir, self.cfg.keep_last)
+            ckpt.prune(self.ckpt_dir, self.cfg.keep_last, keep_steps=self.cfg.keep_steps)
         barrier(self.dist)
         return path
 
@@ -451,7 +456,7 @@ class Trainer:
                     stopped = "until"
                 if out_of_patience and self.step < cfg.steps and stopped == "done":
                     stopped = "patience"
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopped != "done":
+                if self.step % cfg.ckpt_every == 0 or self.step in cfg.keep_steps or self.step == cfg.steps or stopped != "done":
                     last_ckpt = self.save()
                     if last_ckpt is not None:
                         log.info(f"checkpoint {last_ckpt}")
