@@ -26,7 +26,10 @@ def test_train_and_sample_tokens_through_the_vq_decoder(tmp_path):
     r = invoke(["sample-tokens", "--run", run, "--seeds", "0-3", "--outdir", out, "--sampler", "ancestral",
                 "--steps", "4"])
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png", "000003.png",
-                                                     "grid.png"]
+                                                     "grid.png", "samples.json"]
+    made = __import__("json").loads((out / "samples.json").read_text())
+    assert (made["sampler"], made["steps"], made["count"], made["seeds"], made["step"]) == ("ancestral", 4, 4, "0-3", 2)
+    assert made["seconds"] > 0 and made["labels"] is None
     assert "wrote 4 images" in r.output
     # a VQ run with another codebook size in the same place: one line, exit code 2
     shutil.rmtree(vq)

@@ -2,6 +2,7 @@
 
     torchdiffusion audit --run runs/mnist                                  # 256 EMA samples, pixel + Inception
     torchdiffusion audit --run runs/mnist --n 512 --sampler euler --steps 32 --features none
+    torchdiffusion audit --run runs/tokens --n 256 --sampler maskgit        # a token run (decoded images)
     torchdiffusion audit --images DIR --data mnist                          # a folder of images vs MNIST
     torchdiffusion audit --images DIR --train-dir TRAIN --heldout-dir HELD   # a folder vs image folders
 
@@ -109,7 +110,8 @@ def _extractors(kind: str, feature_weights, classifier, channels: int, batch: in
 
 @click.command("audit")
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="Run folder: its EMA model makes the samples, its data section gives the training set.")
+              help="Run folder (`train` or `train-tokens`): its EMA model makes the samples (decoded images), its "
+                   "data section gives the training set.")
 @click.option("--checkpoint", "ckpt_path", type=click.Path(path_type=Path), default=None, help="A checkpoint folder.")
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
               help="Audit this folder of images instead of generating samples.")
@@ -119,7 +121,8 @@ def _extractors(kind: str, feature_weights, classifier, channels: int, batch: in
 @click.option("--heldout-split", default=None, help="Held-out split (default: the run's data.val_split, or val).")
 @click.option("--n", type=int, default=256, show_default=True, help="Samples to generate (or first N images).")
 @click.option("--seed", "seed0", type=int, default=0, show_default=True, help="First seed; seeds are SEED..SEED+n-1.")
-@click.option("--sampler", default=None, help="Sampler (default: the run's sample.sampler).")
+@click.option("--sampler", default=None, help="Sampler (default: the run's sample.sampler; a token run's: maskgit "
+                                             "or ancestral).")
 @click.option("--steps", type=int, default=None, help="Sampler steps (default: the run's sample.steps).")
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--heldout", "n_heldout", type=int, default=1000, show_default=True,
@@ -164,8 +167,8 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
                     "torch": torch.__version__}
     run = None
     if run_dir is not None or ckpt_path is not None:
-        from ..config.loaders import load_run
-        run = load_run(run_dir, ckpt_path, weights, dev)
+        from ..config.run_images import open_run
+        run = open_run(run_dir, ckpt_path, weights=weights, sampler=sampler, steps=steps, device=dev)
     elif images_dir is None:
         raise ConfigError("give --run RUN (generate samples from its model) or --images DIR (audit a folder)")
     train_set, held_set, data_info = _data_sets(run.config if run is not None else None, data, train_dir,
@@ -182,24 +185,12 @@ def audit_cmd(run_dir, ckpt_path, images_dir, data, train_dir, heldout_dir, held
         record["source"] = {"images": str(images_dir), "count": int(len(samples)), **{k: v for k, v in info.items()
                                                                                        if k != "fake_files"}}
     else:
-        from ..config.build import build_sampler, build_sigmas
-        from ..pipelines.generate import codec_decoder, generate
-        from ..pipelines.settings import override_sample
-        scfg = override_sample(run.config.sample, sampler=sampler, steps=steps)
-        fn, sigmas = build_sampler(scfg), build_sigmas(scfg, run.model.process)
         seeds = list(range(seed0, seed0 + n))
-        k = run.num_classes
-        cond_for = (lambda chunk: {"label": torch.tensor([s % k for s in chunk], device=dev)}) if k > 0 else None
-        _echo(f"audit: generating {n} samples ({scfg.sampler}, {scfg.steps} steps) from {run.path}")
+        _echo(f"audit: generating {n} samples ({run.sampler}, {run.steps} steps) from {run.checkpoint}")
         tg = time.perf_counter()
         with progress_for(n, "audit: sample") as progress:
-            samples = generate(run.model, seeds, run.sample_shape, fn, sigmas, batch=batch, cond_for=cond_for,
-                               device=dev, decode=codec_decoder(run.codec),
-                               on_batch=lambda chunk, images: progress.update(len(chunk)))
-        record["source"] = {"run": str(run_dir) if run_dir else None, "checkpoint": str(run.path), "step": run.step,
-                            "weights": weights, "checkpoint_sha256": run.hashes(), "sampler": scfg.sampler,
-                            "steps": scfg.steps, "grid": scfg.grid, "seeds": f"{seed0}-{seed0 + n - 1}",
-                            "labels": "seed % num_classes" if k > 0 else None, "count": n,
+            samples = run.generate(seeds, batch=batch, on_batch=lambda chunk, images: progress.update(len(chunk)))
+        record["source"] = {"run": str(run_dir) if run_dir else None, **run.record(seeds),
                             "generate_s": round(time.perf_counter() - tg, 3)}
     if tuple(samples.shape[2:]) != tuple(train_set.image_size):
         raise DataError(f"the audited images are {tuple(samples.shape[2:])} but the training images "

@@ -64,6 +64,26 @@ def get_reference(real: str, extractor, cache_dir, split=None, limit=None):
     return reference_of(real_side(real, split, limit), extractor, cache_dir)
 
 
+def is_run_folder(path: Path) -> bool:
+    """A run folder (it holds checkpoints/) or a checkpoint folder (MANIFEST.json), not a folder of images."""
+    path = Path(path)
+    return (path / "checkpoints").is_dir() or (path / "MANIFEST.json").is_file()
+
+
+def generate_fake(path: Path, n: int, sampler, steps, batch: int, device) -> tuple[torch.Tensor, dict]:
+    """--fake RUN: n decoded images of the run's EMA model (config.run_images, either family), seeds 0..n-1."""
+    from ..config.run_images import open_run
+    is_run = (Path(path) / "checkpoints").is_dir()
+    src = open_run(path if is_run else None, None if is_run else path, sampler=sampler, steps=steps, device=device)
+    seeds = list(range(n))
+    _echo_err(f"generating {n} images ({src.family} run, {src.sampler}, {src.steps} steps) from {src.checkpoint}")
+    t0 = time.perf_counter()
+    with progress_for(n, "generate") as progress:
+        images = src.generate(seeds, batch=batch, on_batch=lambda chunk, _images: progress.update(len(chunk)))
+    return images, {"fake_run": str(path), "fake_generated": {**src.record(seeds),
+                                                              "generate_s": round(time.perf_counter() - t0, 3)}}
+
+
 def _common(f):
     opts = [
         click.option("--feature-weights", type=click.Path(path_type=Path), default=None,
@@ -148,14 +168,19 @@ def _score_command(name: str):
 
     @eval_group.command(name, help=_SCORE_HELP[name], short_help=_SCORE_HELP[name])
     @click.option("--real", required=True, help="mnist:test, fashion-mnist:SPLIT, a folder of images, or a STATS.npz.")
-    @click.option("--fake", required=True, type=click.Path(path_type=Path), help="Folder of generated images.")
-    @click.option("--n", type=int, default=None, help="Score only the first N generated images (seed order).")
+    @click.option("--fake", required=True, type=click.Path(path_type=Path),
+                  help="Folder of generated images, or a run folder (`train` or `train-tokens`; or one of its "
+                       "checkpoints) whose EMA model generates --n decoded images, seeds 0..n-1.")
+    @click.option("--n", type=int, default=None, help="Score only the first N generated images (seed order); "
+                  "with --fake RUN the number generated (default: --min-n, else 2048).")
     @click.option("--real-limit", type=int, default=None, help="Use only the first N real images.")
+    @click.option("--sampler", default=None, help="With --fake RUN: the sampler (default: the run's).")
+    @click.option("--steps", type=int, default=None, help="With --fake RUN: sampling steps (default: the run's).")
     @add_options
     @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON result here.")
     @_common
-    def command(real, fake, n, real_limit, out, feature_weights, classifier, cache_dir, batch, threads, device,
-                **metric_options):
+    def command(real, fake, n, real_limit, sampler, steps, out, feature_weights, classifier, cache_dir, batch,
+                threads, device, **metric_options):
         from ..eval import extract_features, score
         from ..eval.kid import SmallSampleWarning
         from ..eval.metrics import check_before_features, check_sample_size
@@ -165,14 +190,24 @@ def _score_command(name: str):
         metrics = name
         dev = _setup(threads, device)
         t0 = time.perf_counter()
-        fake_images, fake_info = load_sample_folder(fake, n)
+        from_run = is_run_folder(fake)
+        if from_run:  # the run's model generates --n images (seeds 0..n-1), after every cheap check below
+            n_fake = n if n is not None else opts["min_n"]
+        else:
+            if sampler is not None or steps is not None:
+                raise ConfigError("--sampler / --steps are for --fake RUN (a run folder); --fake is a folder of "
+                                  "images")
+            fake_images, fake_info = load_sample_folder(fake, n)
+            n_fake = len(fake_images)
         if metrics in ("fid", "all") and not opts["allow_small_n"]:  # before even the real side is read
-            check_sample_size(len(fake_images), "generated samples", opts["min_n"], False)
+            check_sample_size(n_fake, "generated samples", opts["min_n"], False)
         side = real_side(real, None, real_limit)
         # both sides' counts are known: every cheap precondition fails here, before any feature is computed
-        check_before_features(metrics, len(fake_images), side["n"], min_n=opts["min_n"],
+        check_before_features(metrics, n_fake, side["n"], min_n=opts["min_n"],
                               allow_small_n=opts["allow_small_n"], kid_subsets=opts["kid_subsets"],
                               pr_k=opts["pr_k"])
+        if from_run:
+            fake_images, fake_info = generate_fake(fake, n_fake, sampler, steps, batch, dev)
         extractor = make_extractor(feature_weights, classifier, batch, dev)
         ref, ref_info = reference_of(side, extractor, cache_dir)
         t1 = time.perf_counter()

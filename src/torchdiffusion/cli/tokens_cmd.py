@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import (dist_info, parse_seeds, preset_or_saved, resolve_device, run_training, set_threads,
-                     training_options)
+from .common import (dist_info, parse_labels, parse_seeds, preset_or_saved, resolve_device, run_training,
+                     set_threads, training_options)
 
 
 @click.command("train-tokens")
@@ -47,15 +47,22 @@ def train_tokens_cmd(preset, overrides, run_dir, resume, allow_config_change, pr
 @click.option("--top-p", type=float, default=None, help="Nucleus truncation of p(x0 | x_t), in (0, 1].")
 @click.option("--guidance-scale", type=float, default=None,
               help="Classifier-free guidance on logits, l_u + w (l_c - l_u) (conditional runs; 1 = conditional).")
+@click.option("--labels", default=None,
+              help="Class labels of a class-conditional run, cycled over the seeds: 0-9, 3, 0,5,7 (default: seed % K).")
 @click.option("--overwrite", is_flag=True, help="Replace the samples an earlier run of this command wrote there.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--device", default="auto", show_default=True)
-def sample_tokens_cmd(run_dir, seeds, outdir, sampler, steps, temperature, top_p, guidance_scale, overwrite, device):
+def sample_tokens_cmd(run_dir, seeds, outdir, sampler, steps, temperature, top_p, guidance_scale, labels, overwrite,
+                      threads, device):
     """Sample tokens and decode them through the VQ decoder: OUTDIR/<seed>.png and grid.png (`eval` reads them)."""
     import dataclasses
 
     from ..config.token_training import load_token_run, sample_token_run
     from ..errors import ConfigError
 
+    set_threads(threads)
+    seed_list = parse_seeds(seeds)
+    label_list = parse_labels(labels)
     dev = resolve_device(device)
     run = load_token_run(run_dir, dev)
     s = run.config.sample
@@ -66,5 +73,5 @@ def sample_tokens_cmd(run_dir, seeds, outdir, sampler, steps, temperature, top_p
         raise ConfigError(f"--sampler maskgit needs a process with a mask token; this run's is {run.process.kind} "
                           f"(use --sampler ancestral)")
     out = outdir or run_dir / "generated"
-    paths = sample_token_run(run, parse_seeds(seeds), out, sample_cfg=s, device=dev, overwrite=overwrite)
+    paths = sample_token_run(run, seed_list, out, sample_cfg=s, device=dev, overwrite=overwrite, labels=label_list)
     click.echo(f"wrote {len(paths)} images and grid.png to {out}")

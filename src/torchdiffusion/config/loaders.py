@@ -84,8 +84,17 @@ def load_run(run_dir: Path | None = None, checkpoint: Path | None = None,
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights {weights!r} is not valid; valid: ema, raw")
     path = resolve_checkpoint(run_dir, checkpoint)
-    c = ckpt.load_checkpoint(path)
-    cfg = from_dict(RunConfig, c.meta["config"])
+    return run_from_checkpoint(ckpt.load_checkpoint(path), path, weights, device)
+
+
+def run_from_checkpoint(c: ckpt.Checkpoint, path: Path, weights: Literal["ema", "raw"] = "ema",
+                        device: torch.device | str = "cpu") -> LoadedRun:
+    """load_run of an already loaded (verified) checkpoint; a token run's is refused in one line."""
+    stored = c.meta.get("config")
+    if isinstance(stored, dict) and "vq_run" in stored:
+        raise ConfigError(f"{path} is a token run's checkpoint (train-tokens); use sample-tokens, or audit / eval "
+                          f"--fake RUN, which take both kinds of run")
+    cfg = from_dict(RunConfig, stored)
     model = build_run_model(cfg)
     model.load_state_dict(c.tensors["ema" if weights == "ema" else "model"])
     model.eval().requires_grad_(False).to(device)

@@ -93,23 +93,44 @@ def build_token_model(cfg: TokenRunConfig, conds=()):
     return TokenModel(backbone, process.steps), process
 
 
+def seed_labels(conditioning, seeds: Sequence[int], labels: Optional[Sequence[int]]) -> Optional[dict]:
+    """{seed: label} of `labels` cycled over the seeds (a seed keeps its label at any batch size), checked against
+    the run's class conditioner in one line; None for labels None (each seed's default, seed % K)."""
+    if labels is None:
+        return None
+    classes = [c for c in (conditioning.items.values() if conditioning else ()) if hasattr(c, "num_classes")]
+    if not classes:
+        raise ConfigError("--labels needs a class-conditional token run (train with --set cond.label.kind=class); "
+                          "this one takes no class condition")
+    k = int(classes[0].num_classes)
+    bad = [v for v in labels if not 0 <= v < k]
+    if bad:
+        raise ConfigError(f"--labels {bad[0]} is out of range; this token model has {k} classes (0..{k - 1})")
+    return {s: int(labels[i % len(labels)]) for i, s in enumerate(seeds)}
+
+
 def sample_tokens(sample_cfg, net, process, grid: Sequence[int], seeds: Sequence[int], *, device="cpu",
-                  batch: int = 64, callback=None, conditioning=None) -> torch.Tensor:
+                  batch: int = 64, callback=None, conditioning=None, labels: Optional[dict] = None) -> torch.Tensor:
     """int64 (len(seeds), *grid) tokens, one generator per seed (a seed's tokens do not depend on the batch).
-    With conditioners: each seed's default condition (labels seed % K) and classifier-free guidance at
-    sample_cfg.guidance_scale (guidance.token_cfg)."""
+    With conditioners: each seed's condition (labels: {seed: label} from seed_labels, default seed % K) and
+    classifier-free guidance at sample_cfg.guidance_scale (guidance.token_cfg)."""
     from ..guidance.token_cfg import TokenCFG
     from ..sampling.discrete import sample_ancestral, sample_maskgit
     w = sample_cfg.guidance_scale
     if w is not None and not conditioning:
         raise ConfigError("guidance scale: this token run takes no conditions (its config has no cond section)")
+    label_key = next((name for name, c in conditioning.items.items() if hasattr(c, "num_classes")), None) \
+        if conditioning and labels is not None else None
     if w is not None and w != 1.0:
         net = TokenCFG(net, w, conditioning.null)
     out = []
     for i in range(0, len(seeds), batch):
         chunk = list(seeds[i:i + batch])
         gens = [torch.Generator().manual_seed(int(s)) for s in chunk]
-        cond = conditioning.cond_for(chunk) if conditioning else None
+        if label_key is not None:
+            cond = conditioning.for_sampling(chunk, {label_key: [labels[s] for s in chunk]})
+        else:
+            cond = conditioning.cond_for(chunk) if conditioning else None
         if cond is not None:
             cond = {k: v.to(device) for k, v in cond.items()}
         kw = dict(steps=sample_cfg.steps, generator=gens, temperature=sample_cfg.temperature,
@@ -215,9 +236,17 @@ class TokenRun:
     config: TokenRunConfig
     checkpoint: Path
     conditioning: object = None
+    step: int = 0
+    weights: str = "ema"
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the run's class condition ('label'), 0 without one."""
+        label = self.config.cond.get("label")
+        return int(getattr(label, "num_classes", 0) or 0)
 
 
-def load_token_run(path: Path | str, device="cpu") -> TokenRun:
+def load_token_run(path: Path | str, device="cpu", weights: str = "ema") -> TokenRun:
     """A token run folder (its latest verified checkpoint) or one of its checkpoint folders."""
     from ..train import checkpoint as ckpt
     path = Path(path)
@@ -229,7 +258,11 @@ def load_token_run(path: Path | str, device="cpu") -> TokenRun:
         cpath = path
     else:
         raise CheckpointError(f"{path}: no such token run (train one with `torchdiffusion train-tokens`)")
-    c = ckpt.load_checkpoint(cpath)
+    return token_run_from_checkpoint(ckpt.load_checkpoint(cpath), cpath, device, weights)
+
+
+def token_run_from_checkpoint(c, cpath: Path, device="cpu", weights: str = "ema") -> TokenRun:
+    """load_token_run of an already loaded (verified) checkpoint; weights: "ema" (when stored) or "raw"."""
     stored = c.meta.get("config") or {}
     if not isinstance(stored, dict) or "vq_run" not in stored:
         raise CheckpointError(f"{cpath}: not a token run's checkpoint (its config has no vq_run)")
@@ -238,21 +271,37 @@ def load_token_run(path: Path | str, device="cpu") -> TokenRun:
     fs = _first_stage(cfg, device)
     conditioning = build_conditioning(cfg.cond, seed=cfg.seed, device=device)
     model, process = build_token_model(cfg, conditioning.specs)
-    group = "ema_tokens" if "ema_tokens" in c.tensors else "model_tokens"
+    group = "ema_tokens" if weights == "ema" and "ema_tokens" in c.tensors else "model_tokens"
     model.load_state_dict(c.tensors[group])
-    return TokenRun(model.eval().requires_grad_(False).to(device), process, fs, cfg, cpath, conditioning)
+    return TokenRun(model.eval().requires_grad_(False).to(device), process, fs, cfg, Path(cpath), conditioning,
+                    int(c.step), "ema" if group == "ema_tokens" else "raw")
 
 
 def sample_token_run(run: TokenRun, seeds: Sequence[int], outdir: Path, *, sample_cfg=None, device="cpu",
-                     overwrite: bool = False, callback=None) -> list[Path]:
-    """One decoded PNG per seed (<seed>.png, as `sample` writes them, so `eval` reads the folder) and grid.png."""
+                     overwrite: bool = False, callback=None, labels: Optional[Sequence[int]] = None) -> list[Path]:
+    """One decoded PNG per seed (<seed>.png, as `sample` writes them, so `eval` reads the folder), grid.png and
+    samples.json (what made them; seconds and CPU-seconds of sampling and decoding); labels (class-conditional
+    runs): cycled over the seeds (seed_labels), default seed % K."""
+    import json
+    import time
+
     from ..pipelines.generate import make_grid, prepare_outdir, save_images, save_png
     from ..pipelines.tokens import decode_tokens
     sample_cfg = sample_cfg or run.config.sample
+    per_seed = seed_labels(run.conditioning, seeds, labels)
     prepare_outdir(outdir, overwrite)
+    t0, c0 = time.perf_counter(), time.process_time()
     x = sample_tokens(sample_cfg, run.model, run.process, run.config.token_grid, seeds, device=device,
-                      callback=callback, conditioning=run.conditioning)
+                      callback=callback, conditioning=run.conditioning, labels=per_seed)
     images = decode_tokens(run.first_stage.module, x, device=device)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     paths = save_images(images, outdir, seeds)
     save_png(make_grid(images[:64]), Path(outdir) / "grid.png")
+    record = {"checkpoint": str(run.checkpoint), "step": run.step, "weights": run.weights,
+              "vq_run": run.config.vq_run, **dataclasses.asdict(sample_cfg), "count": len(seeds),
+              "seeds": f"{seeds[0]}-{seeds[-1]}" if seeds else "",
+              "labels": [per_seed[s] for s in seeds] if per_seed else ("seed % num_classes" if run.num_classes
+                                                                        else None),
+              "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "torch": torch.__version__}
+    (Path(outdir) / "samples.json").write_text(json.dumps(record, indent=1) + "\n")
     return paths

@@ -235,33 +235,61 @@ def _first_stage_section(run_dir: Path, out_dir: Path) -> str:
             ("scale estimated from", f"the first {rec.get('scale_images')} training images"
                                      + (" (shift too)" if rec.get("estimate_shift") else "")),
             ("KL posterior", rec.get("posterior", "-")), ("latent cache", rec.get("cache") or "none (encoded on the fly)")]
-    parts = [_table(rows)]
-    ae_dir = Path(str(rec.get("run") or ""))
-    series = read_metrics(ae_dir / "metrics.csv") if rec.get("run") else {}
+    return "\n".join([_table(rows)] + _ae_run_parts(rec.get("run"), out_dir))
+
+
+def _ae_run_parts(ae_run, out_dir: Path) -> list[str]:
+    """The first stage's (a `train-ae` run folder's) last reconstruction metrics and its last reconstruction grid."""
+    parts = []
+    ae_dir = Path(str(ae_run or ""))
+    series = read_metrics(ae_dir / "metrics.csv") if ae_run else {}
     recon = [(label, f"{_fmt(series[k][-1][1])} (step {series[k][-1][0]})") for k, label in RECON_COLUMNS if k in series]
     if recon:
         parts.append("<p>The autoencoder run's last reconstruction metrics:</p>" + _table(recon))
     else:
         parts.append('<p class="note">No reconstruction metrics in the autoencoder run (metrics.csv).</p>')
-    grids = sorted((ae_dir / "samples").glob("recon_*.png")) if rec.get("run") and (ae_dir / "samples").is_dir() else []
+    grids = sorted((ae_dir / "samples").glob("recon_*.png")) if ae_run and (ae_dir / "samples").is_dir() else []
     if grids:
         name = _copy(grids[-1], out_dir, "first_stage_" + grids[-1].name)
         parts.append(f"<figure>{_img(name, 'held-out images over their reconstructions', 240)}"
                      f"<figcaption>{_esc(grids[-1].name)}: held-out images over their reconstructions</figcaption>"
                      f"</figure>")
-    return "\n".join(parts)
+    return parts
+
+
+def _token_section(cfg: dict, out_dir: Path) -> str:
+    """A `train-tokens` run (its config has vq_run): the VQ first stage, K, the token grid, the process, loss and
+    sampler, and the VQ run's reconstruction metrics and grid. Empty for other runs."""
+    if not isinstance(cfg, dict) or "vq_run" not in cfg:
+        return ""
+    proc, loss, samp, bb = (cfg.get(k) or {} for k in ("process", "loss", "sample", "backbone"))
+    cond = ", ".join(f"{k}: {(v or {}).get('kind')}" for k, v in (cfg.get("cond") or {}).items()) or "none"
+    rows = [("VQ run", cfg.get("vq_run")), ("VQ weights fingerprint", str(cfg.get("vq_fingerprint", ""))[:16]),
+            ("codebook size K", cfg.get("num_classes")),
+            ("token grid", "x".join(map(str, cfg.get("token_grid") or []))),
+            ("image shape", "x".join(map(str, cfg.get("data_shape") or []))),
+            ("process", f"{proc.get('kind')}, T = {proc.get('steps')}"), ("loss", loss.get("kind")),
+            ("backbone", f"width {bb.get('width')}, depth {bb.get('depth')}, heads {bb.get('heads')}"),
+            ("conditions", cond),
+            ("sampler (grids, sample-tokens default)", f"{samp.get('sampler')}, {samp.get('steps')} steps")]
+    return "\n".join([_table(rows)] + _ae_run_parts(cfg.get("vq_run"), out_dir))
+
+
+def _run_config(run_dir: Path) -> dict:
+    import yaml
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _autoencoder_section(run_dir: Path, series: dict, out_dir: Path) -> str:
     """A `train-ae` run (its config has an "ae" section): the last held-out reconstruction metrics of metrics.csv,
     the result of `eval recon` (eval/recon.json: rFID, rKID, PSNR, SSIM, code usage at its N) and the
     reconstruction grids over training (samples/recon_*.png). Empty for other runs."""
-    import yaml
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    except (OSError, yaml.YAMLError):
-        cfg = {}
-    if not isinstance(cfg, dict) or "ae" not in cfg:
+    cfg = _run_config(run_dir)
+    if "ae" not in cfg:
         return ""
     ae = cfg.get("ae") or {}
     parts = [_table([("kind", ae.get("kind")), ("perceptual term", (cfg.get("loss") or {}).get("perceptual", "-"))])]
@@ -336,13 +364,19 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, audit_d
     if first_stage:
         sections.append("<h2>First stage (latent diffusion)</h2>" + first_stage)
 
+    # ---- token runs (train-tokens)
+    tokens = _token_section(_run_config(run_dir), out_dir)
+    if tokens:
+        sections.append("<h2>First stage and token model (discrete diffusion)</h2>" + tokens)
+
     # ---- grids
     grids = pick_grids(run_dir / "samples")
     if grids:
         figs = "".join(f"<figure>{_img(_copy(p, out_dir, p.name), f'samples at step {s}', 240)}"
                        f"<figcaption>step {s}</figcaption></figure>" for s, p in grids)
+        what = " (tokens decoded through the VQ decoder)" if tokens else ""
         sections.append(f'<h2>Samples over training</h2><p class="note">Fixed seeds, EMA weights, the run\'s '
-                        f'sampler.</p><div class="row">{figs}</div>')
+                        f'sampler{what}.</p><div class="row">{figs}</div>')
     else:
         sections.append('<h2>Samples over training</h2><p class="note">No training grids (samples/grid_*.png).</p>')
 
