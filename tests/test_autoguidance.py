@@ -106,6 +106,12 @@ def test_run_default_guide_kept_checkpoint_and_samples_json(tmp_path):
     assert _sample(run, tmp_path / "w1", "--autoguide-scale", "1") == plain  # w = 1: the model alone
     invoke(["sample", "--checkpoint", guide, "--outdir", tmp_path / "g", "--seeds", "0-1", "--quiet"])
     assert "autoguidance" not in json.loads((tmp_path / "g" / "samples.json").read_text())
+    # eval --fake RUN and audit --run make their images through config.run_images: the same default guide
+    from torchdiffusion.config.run_images import open_run
+    from torchdiffusion.pipelines.images import load_sample_folder
+    src = open_run(run)
+    assert src.record([0, 1])["autoguidance"] == {"guide": str(guide), "scale": 3.0}
+    assert torch.equal(src.generate([0, 1], batch=2), load_sample_folder(tmp_path / "default")[0])
     shutil.rmtree(guide)
     r = invoke(["sample", "--run", run, "--outdir", tmp_path / "gone"], expect=2)
     assert "no checkpoint step_00000001" in r.output and "Traceback" not in r.output

@@ -1,7 +1,7 @@
 """The augmentation conditioner: cond[NAME] = (B, AUG_DIM) float, the augmentation vector of each training image.
 
 Non-leaking augmentation (Karras et al. 2020; Karras et al. 2022, Appendix F.2; data.augment): the training data
-path augments each image (the diffusion step calls `augment(x0, batch, step)` before it builds the cond) and
+path augments each image (the diffusion step calls `augment_batch(x0, batch, step)` before it builds the cond) and
 puts the vectors in the batch; `from_batch` hands them to the backbone as a `vector` condition. Validation
 (step None), sampling and the null condition use the zero vector: no augmentation, the clean distribution.
 
@@ -30,7 +30,7 @@ class AugmentConditioner:
     def specs(self) -> tuple[CondSpec, ...]:
         return (CondSpec(self.key, "vector", AUG_DIM),)
 
-    def augment(self, x0: Tensor, batch: Mapping[str, Tensor], step: int) -> tuple[Tensor, dict]:
+    def augment_batch(self, x0: Tensor, batch: Mapping[str, Tensor], step: int) -> tuple[Tensor, dict]:
         """The training step's augmentation: (augmented x0, the batch with its vectors under batch_key)."""
         x, vec = self.pipe(x0, step)
         return x, {**batch, self.batch_key: vec}

@@ -100,15 +100,15 @@ class Conditioning:
     @property
     def augments(self) -> bool:
         """True when a conditioner augments the training images (the augment kind)."""
-        return any(hasattr(c, "augment") for c in self.items.values())
+        return any(hasattr(c, "augment_batch") for c in self.items.values())
 
     def augment(self, x0: Tensor, batch: Mapping[str, Tensor], step: int) -> tuple[Tensor, dict]:
-        """The diffusion step's augmentation hook: every augmenting conditioner's augment(x0, batch, step) in
+        """The diffusion step's augmentation hook: every augmenting conditioner's augment_batch(x0, batch, step) in
         config order (x0 augmented, the batch with their parameters for from_batch)."""
         batch = dict(batch)
         for c in self.items.values():
-            if hasattr(c, "augment"):
-                x0, batch = c.augment(x0, batch, step)
+            if hasattr(c, "augment_batch"):
+                x0, batch = c.augment_batch(x0, batch, step)
         return x0, batch
 
     def cond_for(self, seeds: Sequence[int]) -> Optional[dict[str, Tensor]]:

@@ -78,19 +78,26 @@ def _diffusion_images(c, path, weights, sampler, steps, device, hashes) -> RunIm
     from ..pipelines.settings import override_sample
     from .build import build_sampler, build_sigmas
     from .loaders import run_from_checkpoint
+    from .autoguide import autoguided, default_guide
     run = run_from_checkpoint(c, path, weights, device)
     scfg = override_sample(run.config.sample, sampler=sampler, steps=steps)
     fn, sigmas = build_sampler(scfg), build_sigmas(scfg, run.model.process)
     k = run.num_classes
     cond_for = (lambda chunk: {"label": torch.tensor([s % k for s in chunk], device=device)}) if k > 0 else None
     decode = codec_decoder(run.codec)
+    extra = {"grid": scfg.grid}
+    model = run.model
+    guide = default_guide(run, None, None)  # the run's own autoguidance guide, as `sample` uses it by default
+    if guide is not None:
+        model = autoguided(run, guide, scfg.autoguide_scale, weights, device)
+        extra["autoguidance"] = {"guide": str(guide), "scale": scfg.autoguide_scale}
 
     def gen(seeds, batch, on_batch):
-        return generate(run.model, seeds, run.sample_shape, fn, sigmas, batch=batch, cond_for=cond_for,
+        return generate(model, seeds, run.sample_shape, fn, sigmas, batch=batch, cond_for=cond_for,
                         device=device, decode=decode, on_batch=on_batch)
 
     return RunImages("diffusion", run.config, path, run.step, weights, scfg.sampler, scfg.steps, k, hashes,
-                     {"grid": scfg.grid}, gen)
+                     extra, gen)
 
 
 def _token_images(c, path, weights, sampler, steps, device, hashes) -> RunImages:
