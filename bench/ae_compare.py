@@ -2,7 +2,7 @@
 built to the same architecture (widths, blocks per level, mid attention, latent channels, GroupNorm groups) and so
 the same FLOPs (counted below, not assumed), trained with the same loss on the same batches.
 
-    PYTHONPATH=src /work/peers-venv/bin/python bench/ae_compare.py [--steps 15] [--quality-steps 0] [--threads 1]
+    PYTHONPATH=src ../peers-venv/bin/python bench/ae_compare.py [--steps 15] [--quality-steps 0] [--threads 1]
 
 Throughput: training images per CPU-second (process time, so other jobs on a shared machine do not count;
 with one thread it is images/s on an idle core) of one optimiser step (forward, L1 reconstruction + the model's
