@@ -99,7 +99,7 @@ def test_run_default_guide_kept_checkpoint_and_samples_json(tmp_path):
     guide = run / "checkpoints" / "step_00000001"
     default = _sample(run, tmp_path / "default")
     record = json.loads((tmp_path / "default" / "samples.json").read_text())
-    assert record["autoguidance"] == {"guide": str(guide), "scale": 3.0}
+    assert record["autoguidance"] == {"guide": str(guide), "scale": 3.0, "networks_per_nfe": 2}
     assert _sample(run, tmp_path / "explicit", "--autoguide", guide, "--autoguide-scale", "3") == default
     plain = _sample(run, tmp_path / "plain", "--autoguide", "none")
     assert plain != default and "autoguidance" not in json.loads((tmp_path / "plain" / "samples.json").read_text())
@@ -110,7 +110,7 @@ def test_run_default_guide_kept_checkpoint_and_samples_json(tmp_path):
     from torchdiffusion.config.run_images import open_run
     from torchdiffusion.pipelines.images import load_sample_folder
     src = open_run(run)
-    assert src.record([0, 1])["autoguidance"] == {"guide": str(guide), "scale": 3.0}
+    assert src.record([0, 1])["autoguidance"] == {"guide": str(guide), "scale": 3.0, "networks_per_nfe": 2}
     assert torch.equal(src.generate([0, 1], batch=2), load_sample_folder(tmp_path / "default")[0])
     shutil.rmtree(guide)
     r = invoke(["sample", "--run", run, "--outdir", tmp_path / "gone"], expect=2)

@@ -160,7 +160,7 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
     if guide is not None:
         w = run.config.sample.autoguide_scale if autoguide_scale is None else autoguide_scale
         base = autoguided(run, guide, w, weights, dev)
-        extra = {"autoguidance": {"guide": str(guide), "scale": w}}
+        extra = {"autoguidance": {"guide": str(guide), "scale": w, "networks_per_nfe": 2}}  # good and guide each call
     counter = CountingDenoiser(base) if nfe is None else None  # adaptive samplers: measure the NFE
     guided = guided_sampling(run, counter or base, seed_list, dev, world_size=info.world_size, **guidance)
     with progress_for(len(seed_list[info.rank::info.world_size]), "sample", off=not info.is_main) as progress:
@@ -170,7 +170,7 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
                             extra=extra, shape=shape)
     if info.is_main:
         click.echo(f"wrote {len(seed_list)} {'clips' if len(shape) == 4 else 'images'} to {outdir} in {record['seconds']:.1f} s "
-                   f"({scfg.sampler}, {scfg.steps} steps, {record['nfe']} NFE)")
+                   f"({scfg.sampler}, {scfg.steps} steps, {record['nfe']} NFE{', x2 networks: autoguided' if guide else ''})")
 
 
 __all__ = ["sample"]

@@ -90,7 +90,7 @@ def _diffusion_images(c, path, weights, sampler, steps, device, hashes) -> RunIm
     guide = default_guide(run, None, None)  # the run's own autoguidance guide, as `sample` uses it by default
     if guide is not None:
         model = autoguided(run, guide, scfg.autoguide_scale, weights, device)
-        extra["autoguidance"] = {"guide": str(guide), "scale": scfg.autoguide_scale}
+        extra["autoguidance"] = {"guide": str(guide), "scale": scfg.autoguide_scale, "networks_per_nfe": 2}
 
     def gen(seeds, batch, on_batch):
         return generate(model, seeds, run.sample_shape, fn, sigmas, batch=batch, cond_for=cond_for,
