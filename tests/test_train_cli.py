@@ -23,7 +23,7 @@ TINY = [
     "model.backbone.attn_resolutions=[14]", "model.backbone.norm_groups=4", "model.backbone.num_heads=2",
     "train.batch_size=8", "train.lr=0.001", "train.warmup_steps=5", "train.log_every=10", "train.val_every=10",
     "train.val_images=32", "train.sample_every=1000", "train.ckpt_every=20", "train.keep_last=5",
-    "sample.steps=3", "sample.grid_images=4", "train.max_minutes=0", "train.precision=fp32",
+    "sample.steps=3", "sample.grid_images=4", "train.max_minutes=0", "train.fit_minutes=0", "train.precision=fp32",
 ]
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..core import grids
 from ..core.objectives import LossHistory, Objective
-from ..core.precond import LearnedVariance, Preconditioned, Preconditioner
+from ..core.precond import AUTO, LearnedVariance, Preconditioned, Preconditioner
 from ..core.vdm import VDM, VDMModel
 from ..core.processes import VPDiscrete
 from ..data import ImageArrayDataset, open_dataset
@@ -22,7 +22,7 @@ from ..protocols import BackboneIO, CondSpec
 from .registry import DATASETS, GRIDS, SAMPLERS, lookup
 from .schema import DataConfig, ModelConfig, ObjectiveConfig, RunConfig, SampleConfig
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": AUTO}  # auto: core.precond
 
 
 def build_process(cfg):

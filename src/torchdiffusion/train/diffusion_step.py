@@ -11,6 +11,7 @@ Checkpoint groups: "model", "ema", "optim" (+ its JSON skeleton), "objective" (i
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -74,6 +75,10 @@ class DiffusionStep:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, eps=self.eps,
                                      weight_decay=self.weight_decay)
         self.scaler = ctx.scaler("model")
+
+    def set_total_steps(self, steps: int) -> None:
+        """Re-plan the lr schedule to end at `steps` (train.fit_minutes; train.budget)."""
+        self.schedule = dataclasses.replace(self.schedule, total_steps=steps)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}

@@ -12,6 +12,7 @@ as a run on one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -22,13 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from ..core.objectives import Objective
-from ..core.precond import Preconditioned
+from ..core.precond import Preconditioned, describe_precision
 from ..data.order import iterate_batches
 from ..errors import EXIT_PREEMPTED as _EXIT_PREEMPTED, TorchDiffusionError
 from ..protocols import Cond
 from ..seeding import linear_step_seed
 from . import checkpoint as ckpt
 from . import guard
+from .budget import CALIBRATION_STEPS, BudgetPlanner
 from .distributed import DistInfo, barrier
 from .ema import ema_beta, ema_update
 from .logger import METRIC_COLUMNS, RunLogger
@@ -51,9 +53,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     ema_halflife_images: float = 50_000.0  # EDM uses 500k images on CIFAR-10; shorter runs want less
     ema_rampup: Optional[float] = 0.05  # Karras et al. 2022, Appendix F.3
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # auto: bf16 where native, else fp32 (core.precond)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # several processes: replicate (DDP) or shard (FSDP2, train.fsdp)
     max_minutes: float = 0.0  # stop (and checkpoint) after this much training time; 0 = no limit
+    # fit the run's length (at most `steps`) to this many training minutes, measured on the machine (train.budget)
+    fit_minutes: float = 0.0
     log_every: int = 50
     log_seconds: float = 30.0  # also a log line when this many seconds passed since the last; 0 = by steps only
     tensorboard: bool = False  # also write metrics.csv's rows and the sample grids to RUN/tensorboard
@@ -101,6 +105,9 @@ class TrainConfig:
         if self.eval_images < 2 or self.eval_kid_subsets < 1:
             raise ValueError(f"train.eval_images must be >= 2 and train.eval_kid_subsets >= 1, got "
                              f"{self.eval_images} and {self.eval_kid_subsets}")
+        if self.fit_minutes < 0 or self.max_minutes < 0:
+            raise ValueError(f"train.fit_minutes and train.max_minutes must be >= 0 (0: off), got "
+                             f"{self.fit_minutes} and {self.max_minutes}")
         guard.check_config(self)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
@@ -219,6 +226,10 @@ class Trainer:
         # best in-loop metric so far (lower is better), its step, and evaluations since it improved
         self.best_value, self.best_step, self.evals_since_best = math.inf, None, 0
         self.guard = guard.TrainingGuard.from_config(cfg)  # stop rules against memorisation (train.guard)
+        self.budget = BudgetPlanner(cfg.fit_minutes, cfg.steps)  # train.fit_minutes (train.budget)
+        if self.budget.enabled and not callable(getattr(step, "set_total_steps", None)):
+            raise TrainingError(f"train.fit_minutes needs a training step whose schedule can be re-planned "
+                                f"(set_total_steps); {type(step).__name__} has none: set train.fit_minutes=0")
         per_rank = cfg.batch_size // dist.world_size
         if cfg.batch_size % dist.world_size or per_rank % cfg.grad_accum:
             raise TrainingError(f"train.batch_size {cfg.batch_size} must split evenly over {dist.world_size} "
@@ -257,7 +268,7 @@ class Trainer:
                 "wall_s": round(self.wall_s(), 3),
                 **({"best_value": self.best_value, "best_step": self.best_step,
                     "evals_since_best": self.evals_since_best} if self.best_step is not None else {}),
-                **self.guard.meta()}
+                **self.guard.meta(), **self.budget.meta()}
 
     def wall_s(self) -> float:
         """Training seconds up to now: those of the runs this one resumed from (the checkpoint's trainer.wall_s)
@@ -303,10 +314,19 @@ class Trainer:
         self.nan_skips = int(c.meta["trainer"].get("nan_skips", 0))
         self.wall_before = float(c.meta["trainer"].get("wall_s", 0.0))  # 0 for checkpoints of earlier releases
         self.guard.load(c.meta["trainer"])
+        planned = c.meta["trainer"].get("planned_steps")
+        if planned is not None and self.budget.enabled:  # a planned run keeps its plan (bit-exact resume)
+            self.budget.planned = int(planned)
+            self._apply_plan(int(planned))
         if c.meta["trainer"].get("best_step") is not None:
             self.best_value = float(c.meta["trainer"]["best_value"])
             self.best_step = int(c.meta["trainer"]["best_step"])
             self.evals_since_best = int(c.meta["trainer"]["evals_since_best"])
+
+    def _apply_plan(self, steps: int) -> None:
+        """Make `steps` the run's length: the loop's end and cadence, and the step's lr schedules."""
+        self.cfg = dataclasses.replace(self.cfg, steps=steps)
+        self.train_step_obj.set_total_steps(steps)
 
     # ----------------------------------------------------------------- one step
     def _train_step(self, batch: dict) -> dict[str, float] | None:
@@ -394,6 +414,7 @@ class Trainer:
         stepper = self.train_step_obj
         if resume_from is not None:
             self.restore(resume_from, allow_changes)
+            cfg = self.cfg  # a planned run's length (train.fit_minutes) comes back with its checkpoint
         log = RunLogger(self.run_dir, cfg.steps, self.step, enabled=self.dist.is_main, progress=self.progress,
                         columns=self.columns, tensorboard=cfg.tensorboard)
         if resume_from is not None:
@@ -412,6 +433,9 @@ class Trainer:
             log.info(f"warning: {cfg.steps} steps are fewer than the {cfg.warmup_steps} warm-up steps, so the learning "
                      f"rate ends at {lr_at(cfg, cfg.steps - 1) / cfg.lr:.0%} of its peak {cfg.lr:g}; lower the "
                      f"warm-up (train.warmup_steps) or train longer (train.steps)")
+        note = describe_precision(cfg.precision, self.device)
+        if note is not None:
+            log.info(note)
         for m in stepper.modules().values():
             m.train()
         t_start = self._t_fit = time.perf_counter()
@@ -435,6 +459,15 @@ class Trainer:
                              f"({self.nan_skips}/{cfg.max_nan_skips})")
                     out = stepper.nan_metrics(self.step)
                 self.step += 1
+                planned = self.budget.observe(self.step, self.wall_s())
+                if planned is not None:
+                    self._apply_plan(planned)
+                    cfg = self.cfg
+                    if log.bar is not None:
+                        log.bar.total = planned
+                    log.info(f"train.fit_minutes {cfg.fit_minutes:g}: {self.budget.rate * cfg.batch_size:.1f} img/s "
+                             f"measured over {CALIBRATION_STEPS} steps, so this run trains {planned} steps "
+                             f"(train.steps {self.budget.cap})")
                 row = {"step": self.step, "images": self.step * cfg.batch_size, **out}
                 evaluating = self.evaluator is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
                 validating = self.step % cfg.val_every == 0 or self.step == cfg.steps or evaluating
