@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml scripts/system
 
 install: $(STAMP)
 
-# The main job: train the default MNIST model (about 12 min of training on 2 CPU cores), then sample 64 seeds.
+# The main job: train the default MNIST model (10 minutes of training, train.fit_minutes), then sample 64 seeds.
 # Running it again resumes the run folder (and does nothing more once it is finished).
 demo: $(STAMP)
 	$(TD) train --preset mnist --run $(RUN)

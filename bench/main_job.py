@@ -66,13 +66,27 @@ def to_model_range(u8: torch.Tensor) -> torch.Tensor:
     return u8.float() / 127.5 - 1.0
 
 
-def judge(clf, u8: torch.Tensor) -> dict:
+def judge(clf, u8: torch.Tensor, labels: list[int] | None = None) -> dict:
+    """The classifier's verdict; with the labels a class-conditional model was asked for, also the share of
+    samples classified as their label, and the share both confident and classified as their label."""
     with torch.no_grad():
         p = torch.cat([torch.softmax(clf(to_model_range(u8[i:i + 500])), 1) for i in range(0, len(u8), 500)])
     conf, pred = p.max(1)
     hist = torch.bincount(pred[conf > CONFIDENCE], minlength=p.shape[1]).tolist()
-    return {"confident_share": float((conf > CONFIDENCE).float().mean()), "confident_per_class": hist,
-            "classes_present": int(sum(h > 0 for h in hist)), "mean_max_prob": float(conf.mean())}
+    out = {"confident_share": float((conf > CONFIDENCE).float().mean()), "confident_per_class": hist,
+           "classes_present": int(sum(h > 0 for h in hist)), "mean_max_prob": float(conf.mean())}
+    if labels is not None:
+        match = pred == torch.as_tensor(labels[:len(pred)])
+        out["label_match_share"] = float(match.float().mean())
+        out["confident_and_label_share"] = float((match & (conf > CONFIDENCE)).float().mean())
+    return out
+
+
+def requested_labels(outdir: Path) -> list[int] | None:
+    """The label of each seed from a `sample` folder's samples.json (class-conditional sampling), or None."""
+    record = json.loads((outdir / "samples.json").read_text())
+    labels = record.get("label_per_seed")
+    return [int(v) for v in labels] if labels else None
 
 
 def classifier_accuracy(clf) -> float:
@@ -110,6 +124,7 @@ def measure(args) -> dict:
             out = Path(tmp) / "samples"
             sample(args.run / "checkpoints" / f"step_{step:08d}", out, args.n, args.threads, extra)
             u8, _ = mq.load_samples(mq.sample_files(out, args.n), crop=True)
+            labels = requested_labels(out)
             if args.keep_grid is not None and step == steps[-1]:
                 args.keep_grid.parent.mkdir(parents=True, exist_ok=True)
                 (out / "grid.png").replace(args.keep_grid)
@@ -117,7 +132,7 @@ def measure(args) -> dict:
         images = int(float(rows[step]["images"])) if step in rows else None
         point = {"step": step, "images": images, "wall_s": float(rows[step]["wall_s"]) if step in rows else None,
                  "minutes": images / args.img_per_s / 60 if images and args.img_per_s else None,
-                 "fid": fid_from_statistics(stats, ref), **judge(clf, u8)}
+                 "fid": fid_from_statistics(stats, ref), **judge(clf, u8, labels)}
         res["points"].append(point)
         print(json.dumps(point), file=sys.stderr, flush=True)
     return res

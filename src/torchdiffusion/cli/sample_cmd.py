@@ -86,6 +86,20 @@ def guided_sampling(run, base, seed_list: Sequence[int], device, *, labels=None,
                           warn=lambda msg: click.echo(msg, err=True))
 
 
+def default_guidance_scale(run, given: float | None) -> float | None:
+    """--guidance-scale if given, else the run's sample.guidance_scale (checked: a class-conditional run trained
+    with label dropout), else None."""
+    if given is not None:
+        return given
+    w = run.config.sample.guidance_scale
+    if w is None:
+        return None
+    if not run.num_classes:
+        raise ConfigError(f"sample.guidance_scale {w:g} in {run.path}'s config needs a class-conditional run "
+                          f"(cond.label: {{kind: class, p_uncond: 0.1}}); this run is unconditional")
+    return w
+
+
 # --------------------------------------------------------------------------------------------- sample
 @click.command()
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path), default=None,
@@ -162,6 +176,7 @@ def sample(run_dir, ckpt_path, outdir, overwrite, seeds, batch, sampler, steps, 
         base = autoguided(run, guide, w, weights, dev)
         extra = {"autoguidance": {"guide": str(guide), "scale": w, "networks_per_nfe": 2}}  # good and guide each call
     counter = CountingDenoiser(base) if nfe is None else None  # adaptive samplers: measure the NFE
+    guidance = {**guidance, "guidance_scale": default_guidance_scale(run, guidance.get("guidance_scale"))}
     guided = guided_sampling(run, counter or base, seed_list, dev, world_size=info.world_size, **guidance)
     with progress_for(len(seed_list[info.rank::info.world_size]), "sample", off=not info.is_main) as progress:
         record = sample_run(run, guided, seed_list, outdir, sample_config=scfg, sampler=fn, sampler_options=options,

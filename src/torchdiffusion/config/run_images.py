@@ -91,6 +91,12 @@ def _diffusion_images(c, path, weights, sampler, steps, device, hashes) -> RunIm
     if guide is not None:
         model = autoguided(run, guide, scfg.autoguide_scale, weights, device)
         extra["autoguidance"] = {"guide": str(guide), "scale": scfg.autoguide_scale, "networks_per_nfe": 2}
+    w = scfg.guidance_scale if k > 0 else None  # the run's default classifier-free guidance, as `sample` uses it
+    if w is not None and w != 1.0:
+        from ..guidance.cfg import ClassifierFreeGuidance, null_label
+        model = ClassifierFreeGuidance(model, w, run.conditioning.null if run.conditioning else null_label(k))
+    if w is not None:
+        extra["guidance_scale"] = w
 
     def gen(seeds, batch, on_batch):
         return generate(model, seeds, run.sample_shape, fn, sigmas, batch=batch, cond_for=cond_for,

@@ -105,8 +105,15 @@ class SampleConfig:
     # with train.keep_steps) at autoguide_scale unless --autoguide is given; None = no default guide
     autoguide_step: Optional[int] = None
     autoguide_scale: float = 2.0
+    # Classifier-free guidance by default (Ho & Salimans 2022): a class-conditional run trained with label dropout
+    # is sampled at this scale w (D_u + w (D_c - D_u)) unless --guidance-scale is given; None = conditional, no CFG
+    guidance_scale: Optional[float] = None
 
     def __post_init__(self):
+        if self.guidance_scale is not None and (isinstance(self.guidance_scale, bool) or
+                                                not isinstance(self.guidance_scale, (int, float))
+                                                or self.guidance_scale < 0):
+            raise ValueError(f"sample.guidance_scale must be a number >= 0 or null, got {self.guidance_scale!r}")
         if self.autoguide_step is not None and (not isinstance(self.autoguide_step, int) or self.autoguide_step < 1):
             raise ValueError(f"sample.autoguide_step must be a step >= 1 or null, got {self.autoguide_step!r}")
 
