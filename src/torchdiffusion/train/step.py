@@ -49,7 +49,8 @@ class EMAPair:
 class TrainStep(Protocol):
     """A model family's training step (train.diffusion_step, train.classifier, train.multi_step).
 
-    Optional: `eval_model` (the module sample grids and in-loop evaluation use, e.g. the EMA)."""
+    Optional: `eval_model` (the module sample grids and in-loop evaluation use, e.g. the EMA); `set_total_steps(n)`
+    (re-plan the lr schedules to end at step n; train.fit_minutes needs it, train.budget)."""
 
     #: extra metrics.csv columns this step reports (after the loop's step, images, loss, grad_norm, lr, ...)
     metric_columns: Sequence[str]
