@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -115,6 +116,11 @@ def restore(model, fn, op, y, seeds, shape, sigmas, options, batch):
     return torch.cat(outs)
 
 
+def u8_diff(a, b) -> int:
+    """The largest difference of two uint8 image sets in grey levels (0: identical)."""
+    return int((a.int() - b.int()).abs().max())
+
+
 def label_grid(path: Path, labels, scale: int = 2) -> None:
     """The grid scaled up with one label per row on its left (rows of 28 + 2 pixels)."""
     from PIL import Image, ImageDraw
@@ -197,14 +203,16 @@ def main():
     def record(name, u8, seconds, nfe, backward, extra=None):
         x01 = u8.double() / 255
         m = score(u8)
-        row = {"method": name, "n": a.n, "psnr": round(float(psnr(x01, gt01).mean()), 3),
+        db = float(psnr(x01, gt01).mean())
+        row = {"method": name, "n": a.n, "psnr": round(db, 3) if math.isfinite(db) else None,  # JSON has no inf
                "ssim": round(float(ssim(x01, gt01).mean()), 4), "meas_rmse": measurement_rmse(op, u8, y),
                "fid": round(m["fid"], 3), "kid": m["kid"], "s_per_image": round(seconds / a.n, 4), "nfe": nfe,
                "backward": backward, **(extra or {})}
         rows.append(row)
         shown[name] = u8[:a.columns]
-        log(f"  {name:22s} PSNR {row['psnr']:6.2f} SSIM {row['ssim']:.3f} RMSE {row['meas_rmse']:.4f} "
-            f"FID {row['fid']:7.2f} {row['s_per_image']:.3f} s/img NFE {nfe}")
+        log(f"  {name:26s} PSNR {db:6.2f} SSIM {row['ssim']:.3f} RMSE {row['meas_rmse']:.4f} "
+            f"FID {row['fid']:7.2f} {row['s_per_image']:.3f} s/img NFE {nfe}"
+            + (f" rerun diff {row['rerun_max_diff']}" if "rerun_max_diff" in row else ""))
 
     log("methods")
     up = to_uint8(upsample(y, 2))
@@ -213,12 +221,16 @@ def main():
 
     # the trained SR stage
     stages, stage_rec = load_stages([sr], ["dpmpp_2m"], [a.sr_sample_steps], "ema", torch.device("cpu"))
+    k = min(2, a.n)  # per-seed determinism: the first k images again, one per batch
     for level in a.levels.split(","):
         t = parse_level(level.strip())
         t0 = time.perf_counter()
         imgs = cascade_generate(stages, seeds, levels=t, low_res=lr, batch=a.sample_batch, offset=1)["images"][0]
-        record(f"SR stage, {level_text(t)}", imgs, time.perf_counter() - t0, stage_rec[0]["nfe"], False,
-               {"sampler": "dpmpp_2m", "steps": a.sr_sample_steps, "level_t": t})
+        sec = time.perf_counter() - t0
+        again = cascade_generate(stages, seeds[:k], levels=t, low_res=lr[:k], batch=1, offset=1)["images"][0]
+        record(f"SR stage, {level_text(t)}", imgs, sec, stage_rec[0]["nfe"], False,
+               {"sampler": "dpmpp_2m", "steps": a.sr_sample_steps, "level_t": t,
+                "rerun_max_diff": u8_diff(again, imgs[:k])})
 
     # zero-shot: the unconditional pixel model with each solver
     run = load_run(pixel)
@@ -231,8 +243,10 @@ def main():
         t0 = time.perf_counter()
         x = restore(model, fn, op, y, seeds, tuple(run.image_shape), sigmas, options, a.sample_batch)
         sec = time.perf_counter() - t0
+        again = restore(model, fn, op, y[:k], seeds[:k], tuple(run.image_shape), sigmas, options, 1)
         record(method, to_uint8(x), sec, nfe_of(a.solver_steps, **options), name in ("dps", "mcg"),
-               {"sampler": "ddpm", "steps": a.solver_steps, **{k: v for k, v in options.items()}})
+               {"sampler": "ddpm", "steps": a.solver_steps, **options,
+                "rerun_max_diff": u8_diff(to_uint8(again), to_uint8(x[:k]))})
 
     # ---------------------------------------------------------------- outputs
     a.out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +256,8 @@ def main():
     grid = make_grid(torch.cat([shown[k] for k in order]), nrow=min(a.columns, a.n))
     grid_path = a.out / f"{stem}_grid.png"
     save_png(grid, grid_path)
-    label_grid(grid_path, ["low-res (nearest)" if k == "nearest upsampling" else k for k in order])
+    label_grid(grid_path, [{"nearest upsampling": "low-res (nearest)", "original (floor)": "original"}.get(k, k)
+                           for k in order])
     result = {"bench": "cascade_vs_inverse", "tiny": a.tiny, "n": a.n, "inputs": f"fashion-mnist:test[:{a.n}]",
               "low_res": "data.resize.downsample_uint8(x, 2) (area average); solvers: AvgPoolDown(2) on the same y",
               "reference": f"fashion-mnist:test[{a.n}:{a.n + a.ref}]", "extractor": extractor.name,
@@ -254,12 +269,16 @@ def main():
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     md = [f"# Fashion-MNIST 14 -> 28: trained SR stage vs zero-shot inverse solvers" + (" (tiny)" if a.tiny else ""),
           "", f"N = {a.n} test images (test[:{a.n}]), area-averaged to 14x14; classifier FID / KID against "
-          f"test[{a.n}:{a.n + a.ref}]; measurement RMSE of the uint8 outputs in [-1, 1]; {a.threads} thread(s).", "",
-          "| method | PSNR dB | SSIM | meas. RMSE | FID | KID x1e3 | s / image | NFE |", "|---|---|---|---|---|---|---|---|"]
+          f"test[{a.n}:{a.n + a.ref}]; measurement RMSE of the uint8 outputs in [-1, 1]; {a.threads} thread(s). "
+          f"Rerun diff: the largest grey-level difference when the first images are restored again one per batch "
+          f"(0: the output depends on the seed and the input only).", "",
+          "| method | PSNR dB | SSIM | meas. RMSE | FID | KID x1e3 | s / image | NFE | rerun diff |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nfe = f"{r['nfe']}" + (" (+ backward)" if r["backward"] else "")
-        md.append(f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['meas_rmse']:.4f} | {r['fid']:.2f} | "
-                  f"{1e3 * r['kid']:.2f} | {r['s_per_image']:.3f} | {nfe} |")
+        db = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
+        md.append(f"| {r['method']} | {db} | {r['ssim']:.3f} | {r['meas_rmse']:.4f} | {r['fid']:.2f} | "
+                  f"{1e3 * r['kid']:.2f} | {r['s_per_image']:.3f} | {nfe} | {r.get('rerun_max_diff', '')} |")
     md += ["", f"Training seconds: {train_s}; total {result['total_seconds']} s.", ""]
     (a.out / f"{stem}.md").write_text("\n".join(md))
     log(f"total {time.perf_counter() - t_start:.0f} s; {rel(a.out / (stem + '.md'))}")
