@@ -109,6 +109,25 @@ def test_the_same_down_sampler_in_training_and_in_the_cascade():
     assert torch.allclose(to_model_range(to_uint8(measured)), low, atol=1e-6)
 
 
+@pytest.mark.parametrize("factor,shape", [(2, (3, 1, 28, 28)), (2, (2, 3, 8, 12)), (4, (2, 2, 16, 8))])
+def test_avgpool_operator_is_the_area_down_sampler_on_random_images(factor, shape):
+    """The inverse solvers' super-resolution operator is data.resize's down-sampler on any float image (not only
+    on data-set images after quantisation), and its pseudo-inverse is data.resize's up-sampler; so a comparison of
+    an SR stage with zero-shot solvers measures both with one A."""
+    from torchdiffusion.inverse.operators import AvgPoolDown
+    g = torch.Generator().manual_seed(factor + shape[1])
+    x = torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1
+    op = AvgPoolDown(factor)
+    y = op(x)
+    assert torch.allclose(y, downsample(x, factor), atol=1e-12, rtol=0)
+    # block means computed by hand: the reshape of each f x f block
+    b, c, h, w = shape
+    blocks = x.reshape(b, c, h // factor, factor, w // factor, factor).mean(dim=(3, 5))
+    assert torch.allclose(y, blocks, atol=1e-12, rtol=0)
+    assert torch.equal(op.pinv(y), upsample(y, factor))
+    assert torch.allclose(op(upsample(y, factor)), y, atol=1e-12, rtol=0)
+
+
 def test_blur_preserves_constants_and_sigma_zero_is_the_identity():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, 6, 6, generator=g)
