@@ -30,10 +30,10 @@ demo: $(STAMP)
 	@echo "samples: $(RUN)/final/grid.png; training grids: $(RUN)/samples/; metrics: $(RUN)/metrics.csv"
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 -m slow
 
 # Sample-for-sample parity of our samplers with k-diffusion's (tests/test_peer_parity.py), torchmetrics' FID/KID and
 # diffusers' UNet2DModel + DDIMScheduler (tests/test_diffusers_parity.py), run in the peers venv

@@ -1,7 +1,18 @@
 """Fixtures shared by several test files."""
+import os
+
 import pytest
 import torch
 from tiny_runs import TINY_RUN, invoke
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs `-n 2`), each worker is one of the CPU's cores: one torch thread per
+    worker, and the same for the subprocesses it starts (OMP_NUM_THREADS), so workers never oversubscribe the
+    cores with spinning thread pools. A test that wants more threads sets them itself."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

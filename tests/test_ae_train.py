@@ -278,6 +278,7 @@ def test_train_ae_resumes_from_the_run_folder_alone(kl_run, tmp_path):
     assert "cannot resume, the config changed in: ae.z_channels" in r.output
 
 
+@pytest.mark.slow  # make test-slow: multi-process, ~10-25 s
 @pytest.mark.parametrize("kind", ["kl", "vq"])
 def test_train_ae_runs_under_torchrun_with_two_processes(tmp_path, kind):
     """The adaptive weight's autograd.grad and the no-grad reconstructions work through DDP (each process weighs

@@ -67,6 +67,7 @@ def test_fsdp_checkpoint_is_consolidated_in_the_ddp_layout(runs):
     assert all(not hasattr(v, "device_mesh") for v in b.tensors["model"].values())
 
 
+@pytest.mark.slow  # make test-slow: multi-process, ~10-25 s
 def test_fsdp_resumes_a_ddp_checkpoint_and_follows_the_same_curve(runs, tmp_path):
     """Stop a DDP run at step 4, resume it under FSDP: steps 5-8 match the uninterrupted DDP run's."""
     d = tmp_path / "mixed"

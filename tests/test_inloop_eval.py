@@ -215,6 +215,7 @@ distributed.shutdown(info)
 '''
 
 
+@pytest.mark.slow  # make test-slow: multi-process, ~10-25 s
 def test_torchrun_two_processes_gather_all_samples(tmp_path):
     script = tmp_path / "ddp_eval.py"
     script.write_text(DDP_SCRIPT.replace("TINY", textwrap.dedent(TINY_FEATURES)))

@@ -273,6 +273,7 @@ distributed.shutdown(info)
 '''
 
 
+@pytest.mark.slow  # make test-slow: multi-process, ~10-25 s
 def test_classifier_trains_under_torchrun_with_two_processes(tmp_path):
     import os
     script = tmp_path / "ddp_classifier.py"
