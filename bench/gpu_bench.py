@@ -115,14 +115,13 @@ def main(argv=None):
         return sorted(ts)[len(ts) // 2]
 
     def matmul_tflops(dtype):
-        # 8192^3 on CUDA; 1024^3 on CPU, and 256^3 for bf16 there (emulated bf16 can be ~100x slower than fp32)
+        # 8192^3 on CUDA; 1024^3 on CPU, and 256^3 for bf16 there (emulated bf16 ran 1024^3 ~75x slower than fp32)
         n = 8192 if cuda else (256 if dtype == torch.bfloat16 else 1024)
         A = torch.randn(n, n, device=dev, dtype=dtype)
         return 2 * n ** 3 / bench(lambda: A @ A, 10 if cuda else 3) / 1e12
 
     # MFU's denominator is the best dense-matmul rate the device shows at any precision the modes use: on a GPU
-    # that is bf16; on a CPU without native bf16 (emulated bf16 runs ~10x slower than fp32) it is fp32, and a
-    # bf16-only peak there would put fp32 modes far above 100%.
+    # that is bf16; on a CPU without native bf16 it is fp32, and a bf16-only peak there put fp32 modes at 900-4400%.
     peak_bf16 = matmul_tflops(torch.bfloat16)
     peak_fp32 = 0.0 if cuda else matmul_tflops(torch.float32)
     peak = max(peak_bf16, peak_fp32)

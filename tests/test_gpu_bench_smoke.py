@@ -23,6 +23,6 @@ def test_gpu_bench_runs_on_cpu(tmp_path, model, preset):
     assert [r["mode"] for r in rows] == ["fp32", "bf16"]
     for r in rows:
         assert r["train_img_s"] > 0 and r["sample_img_s_nfe10"] > 0 and r["fwd_bwd_gflop_per_img"] > 0
-        # MFU is measured against the best matmul rate of the device at any precision (fp32 on a CPU with emulated
-        # bf16), so it stays a fraction; rounded to 3 decimals, tiny models on a busy CPU may show 0.0
-        assert 0 <= r["mfu_measured"] < 1.5  # headroom for a matmul peak timed while other work shares the CPU
+        # MFU is against the device's best matmul rate at any precision (fp32 on a CPU with emulated bf16), so it is
+        # a fraction: < 1.5 leaves room for a peak timed on a busy CPU; rounded to 3 decimals, tiny models may show 0
+        assert 0 <= r["mfu_measured"] < 1.5

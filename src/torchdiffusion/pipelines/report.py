@@ -52,7 +52,8 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def _moving_average(values: Sequence[float], window: int) -> list[float]:
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The mean of each value and the window - 1 values before it (fewer at the start)."""
     out, acc = [], 0.0
     for i, v in enumerate(values):
         acc += v
@@ -80,7 +81,7 @@ def plot_curves(series: dict[str, list[tuple[int, float]]], out_dir: Path) -> di
         fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=100)
         if key == "loss" and len(values) > 20:
             ax.plot(steps, values, color="0.75", lw=0.6, label="per step")
-            ax.plot(steps, _moving_average(values, max(5, len(values) // 50)), color="C0", lw=1.4,
+            ax.plot(steps, moving_average(values, max(5, len(values) // 50)), color="C0", lw=1.4,
                     label="moving average")
             ax.legend(fontsize=8)
         else:
