@@ -22,7 +22,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml scripts/system
 install: $(STAMP)
 
 # The main job: train the class-conditional MNIST model (10 minutes of training, train.fit_minutes), then sample
-# 64 seeds (labels 0-9 cycled), autoguided by the run's step-200 checkpoint (the preset's sample.autoguide_step).
+# 64 seeds (labels 0-9 cycled), autoguided by the run's checkpoint at 30 % of its length (the preset's
+# sample.autoguide_fraction).
 # Running it again resumes the run folder (and does nothing more once it is finished).
 demo: $(STAMP)
 	$(TD) train --preset mnist-cond --run $(RUN)

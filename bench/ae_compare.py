@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from torchdiffusion.autoencoders.blocks import AttnBlock
+from torchdiffusion.autoencoders.blocks import Upsample as OurUpsample
 from torchdiffusion.autoencoders.kl import KLAutoencoder, KLConfig
 from torchdiffusion.autoencoders.metrics import psnr, ssim, to_unit
 from torchdiffusion.autoencoders.vq import VQAutoencoder, VQConfig
@@ -41,6 +42,9 @@ def count_flops(model: nn.Module, forward, x: torch.Tensor) -> int:
     def conv(m, i, o):
         total[0] += 2 * o.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
 
+    def upsample(m, i, o):  # ours runs nearest x2 + 3x3 conv as four 2x2 convs (nearest_upsample_conv2d) without
+        conv(m.conv, i, o)  # calling its Conv2d: count the nominal 3x3 conv at the output size, as the peer's
+
     def lin(m, i, o):
         total[0] += 2 * o.numel() * m.in_features
 
@@ -54,8 +58,11 @@ def count_flops(model: nn.Module, forward, x: torch.Tensor) -> int:
         from diffusers.models.attention_processor import Attention
     except Exception:  # noqa: BLE001 - diffusers absent: only ours is counted
         Attention = ()
+    sub_pixel = {id(m.conv) for m in model.modules() if isinstance(m, OurUpsample)}
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, OurUpsample):
+            hooks.append(m.register_forward_hook(upsample))
+        elif isinstance(m, nn.Conv2d) and id(m) not in sub_pixel:
             hooks.append(m.register_forward_hook(conv))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(lin))

@@ -44,7 +44,9 @@ def test_sample_is_the_sample_command_bit_for_bit(tiny_run, tmp_path):
     invoke(["sample", "--run", tiny_run, "--outdir", out, "--seeds", "3-7", "--batch", "2", "--sampler", "dpmpp_2m",
             "--steps", "3", "--quiet"])
     pipe = torchdiffusion.load(tiny_run)
-    images = pipe.sample(range(3, 8), sampler="dpmpp_2m", steps=3, batch=4)
+    # the command's batch: across batch sizes a seed's floats agree to ~1e-7 (the network's GEMM/conv kernels differ
+    # by batch shape), which can flip an 8-bit level; test_seeds_do_not_depend_on_the_batch covers batching
+    images = pipe.sample(range(3, 8), sampler="dpmpp_2m", steps=3, batch=2)
     assert images.dtype == torch.uint8 and images.shape == (5, *pipe.data_shape)
     assert torch.equal(images, torch.stack([read_png(out / f"{s:06d}.png") for s in range(3, 8)]))
     written = pipe.save(images, tmp_path / "api", seeds=range(3, 8))  # the same PNG bytes as the command's

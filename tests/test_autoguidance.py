@@ -1,5 +1,8 @@
 """Autoguidance (guidance.autoguidance): identities at w = 0 and 1, the interval, and the closed form on Gaussian
 data, where D_w must be the exact denoiser of p_1^w p_0^(1-w)."""
+import re
+
+import pytest
 import torch
 
 from torchdiffusion.guidance.autoguidance import AutoGuidance
@@ -115,3 +118,59 @@ def test_run_default_guide_kept_checkpoint_and_samples_json(tmp_path):
     shutil.rmtree(guide)
     r = invoke(["sample", "--run", run, "--outdir", tmp_path / "gone"], expect=2)
     assert "no checkpoint step_00000001" in r.output and "Traceback" not in r.output
+
+
+def test_guide_as_a_fraction_of_the_run_follows_its_planned_length(tmp_path):
+    """train.keep_fractions = [0.25] on an 8-step run keeps step 2 (off the cadence, past keep_last = 1) and
+    sample.autoguide_fraction = 0.25 guides with it, as --autoguide naming it does; with a planned length in the
+    checkpoint (train.fit_minutes) the fraction is of that length, not of train.steps; a missing guide names the key."""
+    from types import SimpleNamespace
+
+    from tiny_runs import TINY_RUN, invoke
+
+    from torchdiffusion.config.autoguide import default_guide
+    from torchdiffusion.errors import ConfigError
+    from torchdiffusion.train.budget import fraction_step
+
+    assert [fraction_step(0.3, n) for n in (661, 1600, 1, 3)] == [198, 480, 1, 1]
+    run = tmp_path / "run"
+    args = ["train", "--run", run, "--no-progress"]
+    for s in TINY_RUN + ["train.steps=8", "train.ckpt_every=8", "train.keep_last=1", "train.keep_fractions=[0.25]",
+                         "train.keep_steps=[]", "sample.autoguide_step=null",
+                         "sample.autoguide_fraction=0.25", "sample.autoguide_scale=3"]:
+        args += ["--set", s]
+    invoke(args)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000008"]
+    guide = run / "checkpoints" / "step_00000002"
+    assert _sample(run, tmp_path / "default") == _sample(run, tmp_path / "explicit", "--autoguide", guide,
+                                                         "--autoguide-scale", "3")
+    assert _sample(run, tmp_path / "plain", "--autoguide", "none") != _sample(run, tmp_path / "d2")
+
+    def fake(planned, step):
+        sample = SimpleNamespace(autoguide_step=None, autoguide_fraction=0.25)
+        cfg = SimpleNamespace(sample=sample, train=SimpleNamespace(steps=1600))
+        meta = {"trainer": {"step": step, **({"planned_steps": planned} if planned else {})}}
+        return SimpleNamespace(config=cfg, checkpoint=SimpleNamespace(meta=meta), step=step, path=tmp_path)
+
+    (tmp_path / "r2" / "checkpoints" / "step_00000165").mkdir(parents=True)
+    assert default_guide(fake(660, 660), tmp_path / "r2", None) == tmp_path / "r2" / "checkpoints" / "step_00000165"
+    assert default_guide(fake(660, 100), tmp_path / "r2", None) is None  # not later than the guide: the model alone
+    with pytest.raises(ConfigError, match=r"autoguide_fraction 0.25 \(step 400\).*train.keep_fractions"):
+        default_guide(fake(None, 1600), tmp_path / "r2", None)  # unplanned: a quarter of train.steps
+
+
+@pytest.mark.parametrize("sets, words", [
+    ({"autoguide_fraction": 1.0}, "in (0, 1)"),
+    ({"autoguide_fraction": 0.3, "autoguide_step": 200}, "both name a guide"),
+])
+def test_autoguide_fraction_config_errors(sets, words):
+    from torchdiffusion.config.schema import SampleConfig
+    with pytest.raises(ValueError, match=re.escape(words)):
+        SampleConfig(**sets)
+
+
+def test_keep_fractions_config_errors():
+    from torchdiffusion.train.trainer import TrainConfig
+    for bad in ((0.0,), (1.5,), (True,)):
+        with pytest.raises(ValueError, match=r"train.keep_fractions must be fractions of the run in \(0, 1\)"):
+            TrainConfig(keep_fractions=bad)

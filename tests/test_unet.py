@@ -238,3 +238,39 @@ def test_state_dict_round_trip_rebuilds_the_same_function():
     cond = full_cond()
     with torch.no_grad():
         assert torch.equal(a(x, c, cond), b(x, c, cond))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 6), (1, 4, 4, 1, 1), (3, 2, 7, 5, 3)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_sub_pixel_upsample_conv_is_the_resize_conv(shape, with_bias):
+    """nearest x2 then 3x3 conv (padding 1) == four folded 2x2 convs at the input size, value and gradients, in
+    float64 (so a wrong tap, phase or padding shows as O(1), rounding as 1e-14); odd and 1x1 sizes included."""
+    from torch.nn import functional as F
+
+    from torchdiffusion.nn.resblock import nearest_upsample_conv2d
+    b_, c, o, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b_, c, h, w, dtype=torch.float64, generator=g, requires_grad=True)
+    wt = torch.randn(o, c, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(o, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), wt, bias, padding=1)
+    out = nearest_upsample_conv2d(x, wt, bias)
+    assert out.shape == (b_, o, 2 * h, 2 * w)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    up = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    params = [p for p in (x, wt, bias) if p is not None]
+    for a, r in zip(torch.autograd.grad((out * up).sum(), params), torch.autograd.grad((ref * up).sum(), params)):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-11)
+
+
+def test_sub_pixel_upsample_keeps_channels_last_and_the_module_matches_its_conv():
+    from torch.nn import functional as F
+
+    from torchdiffusion.nn.resblock import Upsample
+    torch.manual_seed(0)
+    up = Upsample(8).double()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = up(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), rtol=0, atol=1e-12)
+    assert not up(x.contiguous()).is_contiguous(memory_format=torch.channels_last) or x.shape[-1] == 1

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
+from ..nn.resblock import nearest_upsample_conv2d
 
 
 def norm_groups(channels: int, groups: int = 32) -> int:
@@ -98,7 +99,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return nearest_upsample_conv2d(x, self.conv.weight, self.conv.bias)   # same function, 16/36 of the MACs
 
 
 def _check(base_channels: int, ch_mult: Sequence[int], num_res_blocks: int) -> None:

@@ -126,7 +126,7 @@ def default_guidance_scale(run, given: float | None) -> float | None:
 @click.option("--autoguide", "autoguide_path", type=click.Path(path_type=Path), default=None,
               help="Autoguidance (Karras et al. 2024): a weaker model of the same task (a run folder or a checkpoint "
                    "folder, e.g. an early checkpoint of the same run) to guide away from; 'none': no guide even "
-                   "where the run's sample.autoguide_step names one.")
+                   "where the run's sample.autoguide_step or autoguide_fraction names one.")
 @click.option("--autoguide-scale", type=float, default=None,
               help="w in D_bad + w (D_good - D_bad); 1 = the model alone (default: the run's sample.autoguide_scale).")
 @click.option("--frames", type=int, default=None,

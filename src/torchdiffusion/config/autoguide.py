@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..train.budget import fraction_step
 
 
 def autoguided(run, path: Path, scale: float, weights: str, device):
@@ -33,11 +34,17 @@ def autoguided(run, path: Path, scale: float, weights: str, device):
 
 def default_guide(run, run_dir: Path | None, autoguide_path: Path | None) -> Path | None:
     """The guide `sample` uses: --autoguide PATH; none for --autoguide none; else the run's own checkpoint of step
-    sample.autoguide_step where the config names one (kept by train.keep_steps), found from --run (a run sampled by
+    sample.autoguide_step (or of sample.autoguide_fraction of the run's planned length) where the config names one
+    (kept by train.keep_steps / train.keep_fractions), found from --run (a run sampled by
     --checkpoint uses the run folder above it); none when the sampled checkpoint is not later than that step."""
     if autoguide_path is not None:
         return None if str(autoguide_path) == "none" else autoguide_path
-    step = run.config.sample.autoguide_step
+    sample = run.config.sample
+    step, keep = sample.autoguide_step, "train.keep_steps"
+    fraction = getattr(sample, "autoguide_fraction", None)
+    if fraction is not None:  # of the run's length as planned (train.fit_minutes) or configured
+        total = run.checkpoint.meta.get("trainer", {}).get("planned_steps") or run.config.train.steps
+        step, keep = fraction_step(fraction, int(total)), "train.keep_fractions"
     if step is None:
         return None
     if run.step <= step:
@@ -45,8 +52,10 @@ def default_guide(run, run_dir: Path | None, autoguide_path: Path | None) -> Pat
     root = run_dir if run_dir is not None else Path(run.path).parent.parent
     guide = root / "checkpoints" / f"step_{step:08d}"
     if not guide.is_dir():
-        raise ConfigError(f"sample.autoguide_step {step}: the run has no checkpoint {guide.name} to guide with "
-                          f"(train with train.keep_steps containing {step}); or sample with --autoguide none")
+        what = f"sample.autoguide_step {step}" if fraction is None else f"sample.autoguide_fraction {fraction} (step {step})"
+        value = step if fraction is None else fraction
+        raise ConfigError(f"{what}: the run has no checkpoint {guide.name} to guide with "
+                          f"(train with {keep} containing {value}); or sample with --autoguide none")
     return guide
 
 

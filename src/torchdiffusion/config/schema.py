@@ -104,6 +104,8 @@ class SampleConfig:
     # Autoguidance by default (Karras et al. 2024): `sample` guides with this run's checkpoint of this step (keep it
     # with train.keep_steps) at autoguide_scale unless --autoguide is given; None = no default guide
     autoguide_step: Optional[int] = None
+    # or the checkpoint at this fraction of the run's (planned) length (keep it with train.keep_fractions)
+    autoguide_fraction: Optional[float] = None
     autoguide_scale: float = 2.0
     # Classifier-free guidance by default (Ho & Salimans 2022): a class-conditional run trained with label dropout
     # is sampled at this scale w (D_u + w (D_c - D_u)) unless --guidance-scale is given; None = conditional, no CFG
@@ -116,6 +118,12 @@ class SampleConfig:
             raise ValueError(f"sample.guidance_scale must be a number >= 0 or null, got {self.guidance_scale!r}")
         if self.autoguide_step is not None and (not isinstance(self.autoguide_step, int) or self.autoguide_step < 1):
             raise ValueError(f"sample.autoguide_step must be a step >= 1 or null, got {self.autoguide_step!r}")
+        f = self.autoguide_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1):
+            raise ValueError(f"sample.autoguide_fraction must be a fraction of the run in (0, 1) or null, got {f!r}")
+        if f is not None and self.autoguide_step is not None:
+            raise ValueError(f"sample.autoguide_step ({self.autoguide_step}) and sample.autoguide_fraction ({f}) both "
+                             f"name a guide; set one of them to null")
 
 
 @dataclass(frozen=True)

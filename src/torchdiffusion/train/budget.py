@@ -28,6 +28,12 @@ CALIBRATION_STEPS = 20
 MARGIN = 0.92
 
 
+def fraction_step(fraction: float, total: int) -> int:
+    """The step at `fraction` of a run of `total` steps (train.keep_fractions, sample.autoguide_fraction): the same
+    point of the schedule whatever length train.fit_minutes planned, e.g. 0.3 -> 198 of 661, 480 of 1,600."""
+    return max(1, min(total, round(fraction * total)))
+
+
 def planned_steps(cap: int, step: int, elapsed_s: float, steps_per_s: float, minutes: float) -> int:
     """The run's length: at most `cap`, at least step + 1 (one more step than done), else what fits the budget."""
     if not steps_per_s > 0:

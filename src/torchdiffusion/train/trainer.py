@@ -30,7 +30,7 @@ from ..protocols import Cond
 from ..seeding import linear_step_seed
 from . import checkpoint as ckpt
 from . import guard
-from .budget import CALIBRATION_STEPS, BudgetPlanner
+from .budget import CALIBRATION_STEPS, BudgetPlanner, fraction_step
 from .distributed import DistInfo, barrier
 from .ema import ema_beta, ema_update
 from .logger import METRIC_COLUMNS, RunLogger
@@ -69,6 +69,9 @@ class TrainConfig:
     # steps whose checkpoints are also written (off the ckpt_every cadence) and never pruned by keep_last, e.g. the
     # early checkpoint a preset's autoguidance uses as its guide (sample.autoguide_step)
     keep_steps: tuple[int, ...] = ()
+    # the same, as fractions of the run's length (its planned length under fit_minutes; train.budget.fraction_step),
+    # so a guide sits at the same point of the schedule on a slow and on a fast machine (sample.autoguide_fraction)
+    keep_fractions: tuple[float, ...] = ()
     nan_policy: Literal["stop", "skip"] = "stop"
     max_nan_skips: int = 10
     # In-loop evaluation (FID/KID of eval_images EMA samples against cached reference statistics); 0 = off.
@@ -95,6 +98,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if any(not isinstance(k, int) or k < 1 for k in self.keep_steps):
             raise ValueError(f"train.keep_steps must be steps >= 1, got {list(self.keep_steps)}")
+        if any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1 for f in self.keep_fractions):
+            raise ValueError(f"train.keep_fractions must be fractions of the run in (0, 1), got {list(self.keep_fractions)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.log_seconds < 0:
@@ -124,7 +129,7 @@ EXIT_PREEMPTED = _EXIT_PREEMPTED
 #: config keys that may change between a checkpoint and its resumption (cadence and budgets, not the maths)
 RESUMABLE_CHANGES = ("train.steps", "train.parallel", "train.max_minutes", "train.log_every", "train.log_seconds",
                      "train.tensorboard", "train.val_every", "train.sample_every",
-                     "train.ckpt_every", "train.keep_last", "train.keep_steps", "train.nan_policy", "train.max_nan_skips",
+                     "train.ckpt_every", "train.keep_last", "train.keep_steps", "train.keep_fractions", "train.nan_policy", "train.max_nan_skips",
                      "train.eval_every", "train.eval_images", "train.eval_metric", "train.eval_patience",
                      "train.eval_sampler", "train.eval_steps", "train.eval_features", "train.eval_reference",
                      "train.eval_reference_images", "train.eval_kid_subsets", "train.eval_audit",
@@ -291,7 +296,7 @@ class Trainer:
                 meta={"config": self.resolved_config, **extra, "rng": rng_json, "trainer": trainer_meta,
                       "data_fingerprint": self.data_fingerprint},
                 data_fingerprint=self.data_fingerprint)
-            ckpt.prune(self.ckpt_dir, self.cfg.keep_last, keep_steps=self.cfg.keep_steps)
+            ckpt.prune(self.ckpt_dir, self.cfg.keep_last, keep_steps=self.kept_steps)
         barrier(self.dist)
         return path
 
@@ -322,6 +327,11 @@ class Trainer:
             self.best_value = float(c.meta["trainer"]["best_value"])
             self.best_step = int(c.meta["trainer"]["best_step"])
             self.evals_since_best = int(c.meta["trainer"]["evals_since_best"])
+
+    @property
+    def kept_steps(self) -> set[int]:
+        """train.keep_steps, and train.keep_fractions of the run's current length (planned, under fit_minutes)."""
+        return set(self.cfg.keep_steps) | {fraction_step(f, self.cfg.steps) for f in self.cfg.keep_fractions}
 
     def _apply_plan(self, steps: int) -> None:
         """Make `steps` the run's length: the loop's end and cadence, and the step's lr schedules."""
@@ -511,7 +521,7 @@ class Trainer:
                     stopped = "patience"
                 if guarded and self.step < cfg.steps and stopped == "done":
                     stopped = "guard"
-                if self.step % cfg.ckpt_every == 0 or self.step in cfg.keep_steps or self.step == cfg.steps or stopped != "done":
+                if self.step % cfg.ckpt_every == 0 or self.step in self.kept_steps or self.step == cfg.steps or stopped != "done":
                     last_ckpt = self.save()
                     if last_ckpt is not None:
                         log.info(f"checkpoint {last_ckpt}")
