@@ -144,14 +144,17 @@ def plot(files: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    sizes = set()
     for f in files:
         r = json.loads(f.read_text())
+        sizes.add(r["n"])
         xs = [p["minutes"] if p["minutes"] is not None else p["step"] for p in r["points"]]
         a.plot(xs, [p["fid"] for p in r["points"]], "o-", label=r["label"])
         b.plot(xs, [100 * p["confident_share"] for p in r["points"]], "o-", label=r["label"])
     a.axhline(20, color="gray", ls="--", lw=1)
     b.axhline(85, color="gray", ls="--", lw=1)
-    a.set(xlabel="training minutes (idle 2-core rate)", ylabel="Inception FID-2k vs MNIST test", yscale="log")
+    n = "/".join(f"{k // 1000}k" if k % 1000 == 0 else str(k) for k in sorted(sizes))
+    a.set(xlabel="training minutes (idle 2-core rate)", ylabel=f"Inception FID-{n} vs MNIST test", yscale="log")
     b.set(xlabel="training minutes (idle 2-core rate)", ylabel=f"% samples with classifier p > {CONFIDENCE}")
     b.legend(fontsize=7)
     fig.tight_layout()

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from fixtures_images import assert_same_seed_image
 
 from torchdiffusion.cli.main import cli
 from torchdiffusion.config.loaders import load_run
@@ -69,7 +70,7 @@ def test_sample_with_cfg_classifier_guidance_and_rejection(runs, tmp_path):
     invoke(common + ["--outdir", tmp_path / "a", "--labels", "3", "--guidance-scale", "1"])
     invoke(common + ["--outdir", tmp_path / "b", "--labels", "3", "--guidance-scale", "1", "--batch", "6"])
     for s in range(6):  # a seed's image does not depend on the batch, with labels too
-        assert (tmp_path / "a" / f"{s:06d}.png").read_bytes() == (tmp_path / "b" / f"{s:06d}.png").read_bytes()
+        assert_same_seed_image(tmp_path / "a" / f"{s:06d}.png", tmp_path / "b" / f"{s:06d}.png")
     invoke(common + ["--outdir", tmp_path / "c", "--labels", "0-2", "--guidance-scale", "3", "--guidance-interval",
                      "0.5,20", "--classifier", runs / "clf", "--classifier-scale", "2", "--reject",
                      "--reject-budget", "4"])

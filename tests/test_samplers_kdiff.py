@@ -14,6 +14,7 @@ import pytest
 import torch
 from analytic import GaussianData, gaussian_3d, mixture_2d
 from tiny_runs import invoke as cli_run
+from fixtures_images import assert_same_seed_image
 
 from torchdiffusion.config.registry import SAMPLERS
 from torchdiffusion.config.sampler_options import parse_sampler_options, sampler_options
@@ -465,7 +466,7 @@ def test_cli_sampler_options_and_record(tiny_run, tmp_path):
         cli_run(["sample", "--run", tiny_run, "--outdir", tmp_path / name, "--seeds", "0-2", "--batch", batch,
                  "--sampler", "dpmpp_2m_sde", "--steps", "3", "--sampler-opt", "eta=0.5"])
     for s in range(3):
-        assert (tmp_path / "b1" / f"{s:06d}.png").read_bytes() == (tmp_path / "b3" / f"{s:06d}.png").read_bytes()
+        assert_same_seed_image(tmp_path / "b1" / f"{s:06d}.png", tmp_path / "b3" / f"{s:06d}.png")
 
 
 def test_cli_adaptive_records_the_measured_nfe(tiny_run, tmp_path):

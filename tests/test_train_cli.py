@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from fixtures_images import assert_same_seed_image
 
 from torchdiffusion.cli.main import cli
 from torchdiffusion.train.checkpoint import load_checkpoint, resolve_latest
@@ -92,7 +93,7 @@ def test_same_seed_same_png_at_any_batch(uninterrupted, tmp_path, sampler):
     run(["sample", "--run", uninterrupted, "--outdir", tmp_path / "b1", "--seeds", "0-7", "--batch", "1"] + extra)
     run(["sample", "--run", uninterrupted, "--outdir", tmp_path / "b8", "--seeds", "0-7", "--batch", "8"] + extra)
     for s in range(8):
-        assert (tmp_path / "b1" / f"{s:06d}.png").read_bytes() == (tmp_path / "b8" / f"{s:06d}.png").read_bytes()
+        assert_same_seed_image(tmp_path / "b1" / f"{s:06d}.png", tmp_path / "b8" / f"{s:06d}.png")
     assert (tmp_path / "b8" / "grid.png").exists()
     import json
     rec = json.loads((tmp_path / "b8" / "samples.json").read_text())
