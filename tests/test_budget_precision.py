@@ -16,7 +16,11 @@ from torchdiffusion.core import precond
 from torchdiffusion.core.precond import AUTO, Preconditioned, Preconditioner, describe_precision, resolve_autocast
 from torchdiffusion.core.processes import EDM
 from torchdiffusion.train import budget, trainer
-from torchdiffusion.train.budget import CALIBRATION_STEPS, MARGIN, BudgetPlanner, planned_steps
+from torchdiffusion.train.budget import (CALIBRATION_STEPS, FORWARD_SHARE, MARGIN, REPLAN_MARGIN, BudgetPlanner,
+                                        LoopEvent, events_between, planned_steps, replanned_steps, reserve_s)
+from torchdiffusion.config.build import build_sampler, build_sigmas
+from torchdiffusion.config.loaders import load_run
+from torchdiffusion.pipelines.generate import denoiser_calls
 from torchdiffusion.train.checkpoint import load_checkpoint, resolve_latest
 
 from test_train_cli import TINY, metrics
@@ -39,8 +43,55 @@ def test_planner_measures_after_the_first_step_and_plans_once():
     t = 30.0 + 0.5 * CALIBRATION_STEPS
     plan = p.observe(k, t)
     assert plan == k + math.floor(MARGIN * (60 - t) * 2.0)  # 2 steps/s measured from the end of step 1
-    assert p.observe(k + 1, t + 0.5) is None and p.meta() == {"planned_steps": plan}
+    assert p.observe(k + 1, t + 0.5) is None and p.meta() == {"planned_steps": plan, "replanned": True}
     assert BudgetPlanner(0.0, 100).observe(50, 1.0) is None  # off
+
+
+def test_events_between_counts_the_cadence_and_the_last_step():
+    for every, k, n in [(10, 0, 100), (10, 5, 95), (7, 21, 64), (250, 100, 642), (100, 100, 100), (3, 9, 10)]:
+        brute = sum(1 for s in range(k + 1, n + 1) if s % every == 0 or s == n)
+        assert events_between(every, k, n) == brute
+    events = [LoopEvent(100, 512), LoopEvent(250, 64 * 35)]
+    # 642 steps from step 100: validations at 200..600 and 642 (6), grids at 250, 500, 642 (3)
+    assert reserve_s(events, 100, 642, 0.9, 64) == pytest.approx((6 * 512 + 3 * 64 * 35) * FORWARD_SHARE * 0.9 / 64)
+
+
+def test_replanned_steps_is_the_longest_run_that_fits():
+    events = [LoopEvent(100, 512), LoopEvent(250, 64 * 35)]
+    for step_s, elapsed in [(0.8, 90.0), (1.2, 130.0), (0.5, 40.0)]:
+        n = replanned_steps(5000, 100, elapsed, step_s, 10.0, events, 64)
+
+        def cost(m):
+            return (m - 100) * step_s + reserve_s(events, 100, m, step_s, 64)
+        left = REPLAN_MARGIN * (600 - elapsed)
+        assert cost(n) <= left < cost(n + 1)
+    assert replanned_steps(300, 100, 90.0, 0.8, 10.0, events, 64) == 300  # the cap wins
+    assert replanned_steps(5000, 100, 700.0, 0.8, 10.0, events, 64) == 101  # over budget: one more step
+
+
+def test_planner_replans_at_the_end_of_the_warm_up_without_the_loops_own_work():
+    """Steps of 0.5 s; 20 s of validation/grid work between the plans is reported as own work and not counted
+    in the rate; the re-plan replaces the first plan, and the plan is then final."""
+    events = [LoopEvent(10, 64)]
+    p = BudgetPlanner(minutes=2.0, cap=10_000, replan_at=60, events=events, batch=8)
+    own = 0.0
+    plans = {}
+    for k in range(1, 80):
+        if k == 40:
+            own += 20.0  # e.g. a sample grid
+        t = 0.5 * k + own
+        out = p.observe(k, t, own)
+        if out is not None:
+            plans[k] = out
+    k1 = 1 + CALIBRATION_STEPS
+    assert plans[k1] == k1 + math.floor(MARGIN * (120 - 0.5 * k1) * 2.0)
+    t60 = 0.5 * 60 + 20.0
+    assert plans[60] == replanned_steps(10_000, 60, t60, 0.5, 2.0, events, 8)  # rate 2 steps/s, own work apart
+    assert set(plans) == {k1, 60} and p.meta() == {"planned_steps": plans[60], "replanned": True}
+    # a warm-up that ends within CALIBRATION_STEPS of the first plan: no re-plan
+    q = BudgetPlanner(minutes=2.0, cap=10_000, replan_at=30)
+    got = [q.observe(k, 0.5 * k) for k in range(1, 80)]
+    assert sum(g is not None for g in got) == 1 and q.meta()["replanned"] is True
 
 
 # ------------------------------------------------------------------------------------------------ in the loop
@@ -86,6 +137,41 @@ def test_a_planned_run_resumes_bit_exactly(one_second_per_step, tmp_path):
     a = load_file(str(resolve_latest(tmp_path / "full" / "checkpoints") / "ema.safetensors"))
     b = load_file(str(resolve_latest(tmp_path / "split" / "checkpoints") / "ema.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+REPLAN = ["train.warmup_steps=45", "train.fit_minutes=2.0"]  # first plan at 21 (112 steps), re-plan at 45
+
+
+def test_fit_minutes_replans_at_the_end_of_a_long_warm_up(one_second_per_step, tmp_path):
+    fit_run(tmp_path / "r", extra=REPLAN)
+    first = 1 + CALIBRATION_STEPS + math.floor(MARGIN * (120 - (1 + CALIBRATION_STEPS)))
+    # the re-plan: 1 s per step, the TINY run's validations (every 10 steps, 32 images, batch 8) and its one
+    # sample grid at the end (4 images x the sampler's denoiser calls) reserved
+    run = load_run(tmp_path / "r", None, "ema", torch.device("cpu"))
+    calls = denoiser_calls(build_sampler(run.config.sample), build_sigmas(run.config.sample, run.model.process))
+    second = replanned_steps(500, 45, 45.0, 1.0, 2.0, [LoopEvent(10, 32), LoopEvent(1000, 4 * calls)], 8)
+    assert first == 112 and second < first
+    rows = metrics(tmp_path / "r")
+    assert int(rows[-1]["step"]) == second
+    log = (tmp_path / "r" / "log.txt").read_text()
+    assert f"trains {first} steps" in log and f"trains {second} steps" in log and "first plan (112 steps)" in log
+    meta = load_checkpoint(resolve_latest(tmp_path / "r" / "checkpoints")).meta
+    assert meta["trainer"]["planned_steps"] == second and meta["trainer"]["replanned"] is True
+
+
+@pytest.mark.parametrize("until", [22, 50])  # stopped before the re-plan (made again, from 22 measured steps), after it
+def test_a_replanned_run_resumes_bit_exactly(one_second_per_step, tmp_path, until):
+    fit_run(tmp_path / "full", extra=REPLAN)
+    fit_run(tmp_path / "split", extra=REPLAN, until=until)
+    fit_run(tmp_path / "split", extra=REPLAN, resume="latest")
+    assert metrics(tmp_path / "split") == metrics(tmp_path / "full")
+
+
+def test_a_resume_too_close_to_the_re_plan_keeps_the_first_plan(one_second_per_step, tmp_path):
+    """Resumed at step 30, the process measures only 14 steps before the warm-up ends at 45: the first plan stands."""
+    fit_run(tmp_path / "split", extra=REPLAN, until=30)
+    fit_run(tmp_path / "split", extra=REPLAN, resume="latest")
+    assert int(metrics(tmp_path / "split")[-1]["step"]) == 112
 
 
 def test_fit_minutes_off_keeps_train_steps(one_second_per_step, tmp_path):

@@ -90,7 +90,7 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
     from .codecs import LatentEncoder, is_latent, prepare_latent_run, write_codec_record
     from .strict import to_dict
     from ..data import dataset_fingerprint
-    from ..pipelines.generate import codec_decoder, generate, make_grid, save_png
+    from ..pipelines.generate import codec_decoder, denoiser_calls, generate, make_grid, save_png
     from ..train import checkpoint as ckpt
     from ..train import distributed
     from ..train.trainer import Trainer
@@ -145,6 +145,9 @@ def _train_run(cfg: RunConfig, run_dir: Path, *, resume: str, allow_changes: boo
             grid = make_grid(images)
         save_png(grid, run_dir / "samples" / f"grid_{step:08d}.png")
         return grid  # also a TensorBoard image with train.tensorboard
+
+    # what a grid costs, in forward passes of one image (train.budget reserves it when it plans the run's length)
+    sample_grid.forward_images = len(seeds) * denoiser_calls(sampler, sigmas)
 
     distributed.init(info, device)
     try:

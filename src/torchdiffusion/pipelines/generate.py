@@ -24,6 +24,22 @@ def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
+def denoiser_calls(sampler: Callable, sigmas: Tensor, shape: tuple[int, ...] = (1, 1, 1)) -> int:
+    """How many times `sampler` calls its denoiser on `sigmas` (counted on one zero image with a denoiser that
+    returns zeros; a sampler that needs more of the denoiser than a plain call counts 2 per step)."""
+    calls = [0]
+
+    def counting(x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+        calls[0] += 1
+        return torch.zeros_like(x)
+
+    try:
+        sampler(counting, torch.zeros((1, *shape)), sigmas, cond=None, generator=seed_generators([0]))
+    except Exception:  # e.g. a learned-variance sampler (denoise.with_variance): the 2nd-order upper bound
+        return 2 * (len(sigmas) - 1)
+    return calls[0]
+
+
 @torch.no_grad()
 def generate(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, ...], sampler: Callable, sigmas: Tensor, *,
              batch: int = 16, cond_for: Callable[[Sequence[int]], Cond] | None = None,

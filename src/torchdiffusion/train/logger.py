@@ -121,6 +121,26 @@ class RunLogger:
             self.writer = None
 
 
+def format_metrics(metrics: dict) -> str:
+    """'loss 0.1234 grad_norm 1.234 lr 1.00e-03' for a log line: learning rates in e-notation, norms to 3
+    decimals, everything else to 4."""
+    parts = []
+    for k, v in metrics.items():
+        if not isinstance(v, (int, float)):
+            continue
+        fmt = ".2e" if k == "lr" or k.endswith("_lr") else ".3f" if "grad_norm" in k else ".4f"
+        parts.append(f"{k} {v:{fmt}}")
+    return " ".join(parts)
+
+
+def step_message(step: int, total: int, metrics: dict, row: dict, images_per_s: float, batch: int) -> str:
+    """A log line of the loop: 'step 50/600 loss ... 74.3 img/s val_loss ... ETA 7.2 min'."""
+    eta = (total - step) * batch / max(images_per_s, 1e-9)
+    return (f"step {step}/{total} {format_metrics(metrics)} {images_per_s} img/s"
+            + "".join(f" {k} {row[k]:.4f}" for k in row if k.startswith("val_") and isinstance(row[k], float))
+            + (f" ETA {eta / 60:.1f} min" if step < total else ""))
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""
